@@ -1,0 +1,305 @@
+//! The limiter: the running rule set, the per-key state, and the decision for
+//! one request across every limit that applies to it.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use crate::algorithms::Verdict;
+use crate::fingerprint::Fingerprinter;
+use crate::rules::{InvalidConfig, Request, Rules, RulesDoc};
+use crate::state::{KeyedStore, Probe, Probed};
+
+/// Something worth one log line and one metric: the edges of a breach, and
+/// clients that keep knocking after being told to back off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreachEvent {
+    /// The key was refused after being allowed (or for the first time).
+    Started,
+    /// The key is allowed again after `refused` consecutive refusals.
+    Ended { refused: u32 },
+    /// The key has been refused `refused` times in a row without one
+    /// success: a client ignoring `Retry-After`. Reported at 100, 1 000,
+    /// 10 000, … refusals so an attack yields a handful of lines, not a flood.
+    IgnoresRetryAfter { refused: u32 },
+}
+
+/// One limit's part in a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitOutcome {
+    /// Index into [`Rules::limits`] of the rule set the decision was made with.
+    pub limit: usize,
+    pub verdict: Verdict,
+    pub shadow: bool,
+    pub event: Option<BreachEvent>,
+    /// Keyed fingerprint of the state key, set when `event` is: logs name
+    /// keys only through it.
+    pub key_fingerprint: Option<String>,
+}
+
+/// The decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub whitelisted: bool,
+    /// Version of the rule set the decision was made with.
+    pub version: u64,
+    /// Every limit that applied, shadow ones included.
+    pub outcomes: SmallVec<[LimitOutcome; 4]>,
+}
+
+impl Decision {
+    /// Enforced limits that refused the request.
+    pub fn violated(&self) -> impl Iterator<Item = &LimitOutcome> {
+        self.outcomes
+            .iter()
+            .filter(|o| !o.shadow && !o.verdict.allowed)
+    }
+}
+
+/// The rule set, the state, and the fingerprint key, shared by every request.
+pub struct Limiter {
+    rules: ArcSwap<Rules>,
+    store: KeyedStore,
+    fingerprinter: Fingerprinter,
+    /// Serialises config writes so versions increase without gaps or races.
+    writer: Mutex<()>,
+}
+
+thread_local! {
+    /// Reused buffer for the state keys of one request (no allocation per check).
+    static KEYS: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl Limiter {
+    /// A limiter running `doc` as version 1.
+    pub fn new(
+        doc: RulesDoc,
+        fingerprinter: Fingerprinter,
+        shards: usize,
+    ) -> Result<Self, InvalidConfig> {
+        let rules = Rules::compile(doc, 1, &fingerprinter)?;
+        Ok(Self {
+            rules: ArcSwap::from_pointee(rules),
+            store: KeyedStore::new(shards),
+            fingerprinter,
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The running rule set.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    pub fn store(&self) -> &KeyedStore {
+        &self.store
+    }
+
+    pub fn fingerprinter(&self) -> &Fingerprinter {
+        &self.fingerprinter
+    }
+
+    /// Validate `doc` and make it the running rule set, returning its
+    /// version. On error the running rules stay untouched. Checks in flight
+    /// finish with the rule set they started with: never a mix.
+    pub fn replace_rules(&self, doc: RulesDoc) -> Result<u64, InvalidConfig> {
+        let _w = self.writer.lock();
+        let version = self.rules.load().version + 1;
+        let rules = Rules::compile(doc, version, &self.fingerprinter)?;
+        self.rules.store(Arc::new(rules));
+        Ok(version)
+    }
+
+    /// Decide `req` at `now_ms`, and hand the decision with the rule set it was
+    /// made with to `f` (for headers that need the limits' names and shapes).
+    ///
+    /// `req` must have passed [`Request::validate`].
+    pub fn check_with<R>(
+        &self,
+        req: &Request,
+        now_ms: u64,
+        f: impl FnOnce(&Rules, &Decision) -> R,
+    ) -> R {
+        let rules = self.rules.load();
+        let decision = self.decide(&rules, req, now_ms);
+        f(&rules, &decision)
+    }
+
+    /// Decide `req` at `now_ms`.
+    pub fn check(&self, req: &Request, now_ms: u64) -> Decision {
+        self.check_with(req, now_ms, |_, d| d.clone())
+    }
+
+    fn decide(&self, rules: &Rules, req: &Request, now_ms: u64) -> Decision {
+        let mut decision = Decision {
+            allowed: true,
+            whitelisted: false,
+            version: rules.version,
+            outcomes: SmallVec::new(),
+        };
+        if rules.is_whitelisted(req, &self.fingerprinter) {
+            decision.whitelisted = true;
+            return decision;
+        }
+        KEYS.with_borrow_mut(|buf| {
+            buf.clear();
+            let mut spans: SmallVec<[(usize, usize, usize); 4]> = SmallVec::new();
+            for (i, limit) in rules.limits.iter().enumerate() {
+                let start = buf.len();
+                if limit.key_for(req, &self.fingerprinter, buf) {
+                    spans.push((i, start, buf.len()));
+                }
+            }
+            let probes: SmallVec<[Probe<'_>; 4]> = spans
+                .iter()
+                .map(|&(i, a, b)| Probe {
+                    key: &buf[a..b],
+                    algorithm: &*rules.limits[i].algorithm,
+                    enforce: !rules.limits[i].shadow,
+                })
+                .collect();
+            let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
+            decision.allowed = self.store.apply(&probes, now_ms, req.cost, &mut probed);
+            for ((&(i, a, b), p), probe) in spans.iter().zip(&probed).zip(&probes) {
+                let event = breach_event(p, decision.allowed);
+                decision.outcomes.push(LimitOutcome {
+                    limit: i,
+                    verdict: p.outcome.verdict,
+                    shadow: !probe.enforce,
+                    event,
+                    key_fingerprint: event.map(|_| self.fingerprinter.hex(&buf.as_bytes()[a..b])),
+                });
+            }
+        });
+        decision
+    }
+}
+
+fn breach_event(p: &Probed, admitted: bool) -> Option<BreachEvent> {
+    if p.outcome.verdict.allowed {
+        (admitted && p.refused_before > 0).then_some(BreachEvent::Ended {
+            refused: p.refused_before,
+        })
+    } else if p.refused_before == 0 {
+        Some(BreachEvent::Started)
+    } else {
+        let refused = p.refused_before.saturating_add(1);
+        let notable = refused >= 100
+            && refused
+                .checked_ilog10()
+                .is_some_and(|e| 10u32.pow(e) == refused);
+        notable.then_some(BreachEvent::IgnoresRetryAfter { refused })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn limiter(v: serde_json::Value) -> Limiter {
+        let doc = RulesDoc::from_json(v.to_string().as_bytes()).unwrap();
+        Limiter::new(doc, Fingerprinter::from_secret("t"), 4).unwrap()
+    }
+
+    fn user(u: &str) -> Request {
+        Request {
+            user_id: Some(u.into()),
+            path: Some("/orders".into()),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn stacked_limits_all_must_pass_and_refusal_consumes_none() {
+        let l = limiter(json!({"limits": [
+            {"name": "per_user", "key": ["user_id"], "capacity": 2, "refill_per_sec": 0.001},
+            {"name": "global", "algorithm": "fixed_window", "limit": 3, "window": "1h"},
+        ]}));
+        assert!(l.check(&user("a"), 0).allowed);
+        assert!(l.check(&user("a"), 0).allowed);
+        let d = l.check(&user("a"), 0);
+        assert!(!d.allowed);
+        assert_eq!(d.violated().map(|o| o.limit).collect::<Vec<_>>(), vec![0]);
+        // The refused request did not consume from `global`: one slot is left.
+        assert!(l.check(&user("b"), 0).allowed);
+        let d = l.check(&user("c"), 0);
+        assert!(!d.allowed);
+        assert_eq!(d.violated().map(|o| o.limit).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn breach_edges_and_persistence_are_reported_once() {
+        let l = limiter(json!({"limits": [
+            {"name": "one", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1s"},
+        ]}));
+        assert_eq!(l.check(&user("a"), 0).outcomes[0].event, None);
+        let events: Vec<_> = (0..1_000)
+            .map(|_| l.check(&user("a"), 10).outcomes[0].event)
+            .collect();
+        assert_eq!(events[0], Some(BreachEvent::Started));
+        assert!(l.check(&user("a"), 20).outcomes[0]
+            .key_fingerprint
+            .is_none());
+        let notable: Vec<_> = events.iter().flatten().skip(1).collect();
+        assert_eq!(
+            notable,
+            vec![
+                &BreachEvent::IgnoresRetryAfter { refused: 100 },
+                &BreachEvent::IgnoresRetryAfter { refused: 1000 }
+            ]
+        );
+        let d = l.check(&user("a"), 1_000);
+        assert_eq!(
+            d.outcomes[0].event,
+            Some(BreachEvent::Ended { refused: 1001 })
+        );
+        assert_eq!(
+            d.outcomes[0].key_fingerprint.as_deref().map(str::len),
+            Some(32)
+        );
+    }
+
+    #[test]
+    fn shadow_limits_count_but_never_block() {
+        let l = limiter(json!({"limits": [
+            {"name": "trial", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1m", "shadow": true},
+        ]}));
+        assert!(l.check(&user("a"), 0).allowed);
+        let d = l.check(&user("a"), 0);
+        assert!(d.allowed);
+        assert!(!d.outcomes[0].verdict.allowed);
+        assert!(d.outcomes[0].shadow);
+        assert_eq!(d.violated().count(), 0);
+    }
+
+    #[test]
+    fn whitelist_bypasses_and_invalid_replacement_keeps_old_rules() {
+        let l = limiter(json!({
+            "limits": [{"name": "x", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1m"}],
+            "whitelist": {"user_ids": ["ops"]}
+        }));
+        for _ in 0..5 {
+            let d = l.check(&user("ops"), 0);
+            assert!(d.allowed && d.whitelisted && d.outcomes.is_empty());
+        }
+        let bad = RulesDoc::from_json(
+            br#"{"limits": [{"name": "x", "capacity": 0, "refill_per_sec": 1}]}"#,
+        )
+        .unwrap();
+        assert!(l.replace_rules(bad).is_err());
+        assert_eq!(l.rules().version, 1);
+        let good = RulesDoc::from_json(br#"{"limits": [{"name": "x", "key": ["user_id"], "algorithm": "fixed_window", "limit": 3, "window": "1m"}]}"#).unwrap();
+        assert_eq!(l.replace_rules(good).unwrap(), 2);
+        // Same name and algorithm: the count so far is kept, the new limit applies.
+        assert!(l.check(&user("u"), 0).allowed);
+        assert!(l.check(&user("u"), 0).allowed);
+        assert!(l.check(&user("u"), 0).allowed);
+        assert!(!l.check(&user("u"), 0).allowed);
+        assert!(!l.check(&user("ops"), 0).whitelisted);
+    }
+}

@@ -1,0 +1,160 @@
+//! A request to be rate limited, in the shared vocabulary.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Dimension, KEY_SEP};
+use crate::fingerprint::Fingerprinter;
+
+/// Longest accepted value of any request field, so one client cannot grow
+/// the state store with megabyte keys.
+pub const MAX_FIELD_LEN: usize = 1024;
+/// Largest accepted cost of one request.
+pub const MAX_COST: u64 = 1_000_000_000;
+
+/// The fields a limit can key or match on, plus the request's cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Units this request consumes; 0 asks without consuming.
+    #[serde(default = "one")]
+    pub cost: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            user_id: None,
+            api_key: None,
+            client_ip: None,
+            method: None,
+            path: None,
+            cost: 1,
+        }
+    }
+}
+
+/// Why a request cannot be checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("a request needs at least one of user_id, api_key, client_ip, method, path")]
+    Empty,
+    #[error("{field} must be at most {MAX_FIELD_LEN} bytes")]
+    TooLong { field: &'static str },
+    #[error("{field} must not contain control characters")]
+    ControlCharacter { field: &'static str },
+    #[error("cost must be at most {MAX_COST}")]
+    CostTooHigh,
+}
+
+impl Request {
+    /// Check the limits the sidecar and the processor enforce on any input.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let texts = [
+            ("user_id", &self.user_id),
+            ("api_key", &self.api_key),
+            ("method", &self.method),
+            ("path", &self.path),
+        ];
+        if texts.iter().all(|(_, v)| v.is_none()) && self.client_ip.is_none() {
+            return Err(RequestError::Empty);
+        }
+        for (field, value) in texts {
+            let Some(v) = value else { continue };
+            if v.len() > MAX_FIELD_LEN {
+                return Err(RequestError::TooLong { field });
+            }
+            if v.chars().any(char::is_control) {
+                return Err(RequestError::ControlCharacter { field });
+            }
+        }
+        if self.cost > MAX_COST {
+            return Err(RequestError::CostTooHigh);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn has(&self, dim: Dimension) -> bool {
+        match dim {
+            Dimension::UserId => self.user_id.is_some(),
+            Dimension::ApiKey => self.api_key.is_some(),
+            Dimension::ClientIp => self.client_ip.is_some(),
+            Dimension::Method => self.method.is_some(),
+            Dimension::Path => self.path.is_some(),
+        }
+    }
+
+    /// Append the key part for `dim`. API keys go in as fingerprints, so
+    /// state (and anything made from it) never holds them in clear.
+    pub(crate) fn write_dimension(&self, dim: Dimension, fp: &Fingerprinter, out: &mut String) {
+        match dim {
+            Dimension::UserId => out.push_str(self.user_id.as_deref().unwrap_or_default()),
+            Dimension::ApiKey => {
+                fp.write_hex(self.api_key.as_deref().unwrap_or_default().as_bytes(), out)
+            }
+            Dimension::ClientIp => {
+                if let Some(ip) = self.client_ip {
+                    let _ = write!(out, "{ip}");
+                }
+            }
+            Dimension::Method => {
+                for c in self.method.as_deref().unwrap_or_default().chars() {
+                    out.push(c.to_ascii_uppercase());
+                }
+            }
+            Dimension::Path => out.push_str(self.path.as_deref().unwrap_or_default()),
+        }
+        debug_assert!(!out.ends_with(KEY_SEP));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert_eq!(Request::default().validate(), Err(RequestError::Empty));
+        let r = Request {
+            user_id: Some("a\u{1f}b".into()),
+            ..Request::default()
+        };
+        assert_eq!(
+            r.validate(),
+            Err(RequestError::ControlCharacter { field: "user_id" })
+        );
+        let r = Request {
+            path: Some("/".repeat(MAX_FIELD_LEN + 1)),
+            ..Request::default()
+        };
+        assert_eq!(r.validate(), Err(RequestError::TooLong { field: "path" }));
+        let r = Request {
+            path: Some("/x".into()),
+            cost: MAX_COST + 1,
+            ..Request::default()
+        };
+        assert_eq!(r.validate(), Err(RequestError::CostTooHigh));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<Request>(r#"{"usr_id": "a"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `usr_id`"));
+    }
+}

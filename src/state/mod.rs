@@ -1,0 +1,335 @@
+//! Per-key limiter state: a sharded in-memory map from key to algorithm state.
+//!
+//! Why not a ready concurrent map: a request that matches several limits must
+//! be decided atomically across all their keys ("a refused request consumes
+//! from none"), which needs several shard locks taken in a fixed order. A
+//! plain array of `Mutex<HashTable>` shards gives exactly that, with one hash
+//! per key and a 56-byte slot per entry.
+//!
+//! Keys expire once their state is equivalent to a fresh key's (the
+//! algorithm says when), so a sweep never changes a verdict and memory stays
+//! bounded by the keys active within their longest window.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
+
+use crate::algorithms::{Algorithm, Outcome, State};
+
+/// One key of one limit, to be decided together with the other probes of the
+/// same request.
+#[derive(Clone, Copy)]
+pub struct Probe<'a> {
+    pub key: &'a str,
+    pub algorithm: &'a dyn Algorithm,
+    /// `false` for shadow limits: decided and counted, but never blocking.
+    pub enforce: bool,
+}
+
+/// What happened to one probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probed {
+    pub outcome: Outcome,
+    /// Consecutive refusals of this key before this request, so callers can
+    /// tell the start of a breach (0 then refused) from its end (n then allowed).
+    pub refused_before: u32,
+}
+
+struct Slot {
+    key: Box<str>,
+    state: State,
+    expires_at_ms: u64,
+    refused: u32,
+}
+
+#[repr(align(64))]
+struct Shard(Mutex<HashTable<Slot>>);
+
+/// Sharded map of per-key state. Cheap to share behind an `Arc`.
+pub struct KeyedStore {
+    shards: Box<[Shard]>,
+    mask: usize,
+    hasher: foldhash::quality::RandomState,
+}
+
+const FRESH: State = [0; 3];
+
+impl KeyedStore {
+    /// A store with `shards` shards (rounded up to a power of two, at least 1).
+    pub fn new(shards: usize) -> Self {
+        let n = shards.max(1).next_power_of_two();
+        Self {
+            shards: (0..n)
+                .map(|_| Shard(Mutex::new(HashTable::new())))
+                .collect(),
+            mask: n - 1,
+            hasher: foldhash::quality::RandomState::default(),
+        }
+    }
+
+    fn shard_of(&self, hash: u64) -> usize {
+        // hashbrown uses the low bits for buckets and the top 7 for tags;
+        // the middle bits pick the shard without correlating with either.
+        (hash >> 32) as usize & self.mask
+    }
+
+    /// Decide and commit one request against every probe, atomically: either
+    /// every enforcing probe allows and all allowing probes consume `cost`,
+    /// or nothing is consumed. Returns whether the request is admitted.
+    pub fn apply(
+        &self,
+        probes: &[Probe<'_>],
+        now_ms: u64,
+        cost: u64,
+        out: &mut SmallVec<[Probed; 4]>,
+    ) -> bool {
+        out.clear();
+        match probes {
+            [] => true,
+            [one] => {
+                let probed = self.apply_one(one, now_ms, cost);
+                let ok = probed.outcome.verdict.allowed || !one.enforce;
+                out.push(probed);
+                ok
+            }
+            many => self.apply_many(many, now_ms, cost, out),
+        }
+    }
+
+    /// The single-key fast path: one lock, one lookup.
+    pub fn apply_one(&self, probe: &Probe<'_>, now_ms: u64, cost: u64) -> Probed {
+        let hash = self.hasher.hash_one(probe.key);
+        let mut table = self.shards[self.shard_of(hash)].0.lock();
+        match table.find_mut(hash, |s| &*s.key == probe.key) {
+            Some(slot) => {
+                let outcome = probe.algorithm.decide(&slot.state, now_ms, cost);
+                let refused_before = slot.refused;
+                commit(slot, &outcome, outcome.verdict.allowed);
+                Probed {
+                    outcome,
+                    refused_before,
+                }
+            }
+            None => {
+                let outcome = probe.algorithm.decide(&FRESH, now_ms, cost);
+                if outcome.verdict.allowed {
+                    insert(&mut table, hash, &self.hasher, probe.key, &outcome);
+                }
+                Probed {
+                    outcome,
+                    refused_before: 0,
+                }
+            }
+        }
+    }
+
+    fn apply_many(
+        &self,
+        probes: &[Probe<'_>],
+        now_ms: u64,
+        cost: u64,
+        out: &mut SmallVec<[Probed; 4]>,
+    ) -> bool {
+        let hashes: SmallVec<[(u64, usize); 4]> = probes
+            .iter()
+            .map(|p| {
+                let h = self.hasher.hash_one(p.key);
+                (h, self.shard_of(h))
+            })
+            .collect();
+        let mut order: SmallVec<[usize; 4]> = hashes.iter().map(|&(_, s)| s).collect();
+        order.sort_unstable();
+        order.dedup();
+        // Locks in ascending shard order: two requests never wait on each other
+        // in a cycle.
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, HashTable<Slot>>); 4]> = order
+            .iter()
+            .map(|&s| (s, self.shards[s].0.lock()))
+            .collect();
+        let table_of = |shard: usize| -> usize {
+            guards
+                .iter()
+                .position(|(s, _)| *s == shard)
+                .unwrap_or_default()
+        };
+        let slots: SmallVec<[usize; 4]> = hashes.iter().map(|&(_, s)| table_of(s)).collect();
+
+        let mut admitted = true;
+        for (probe, (&(hash, _), &g)) in probes.iter().zip(hashes.iter().zip(&slots)) {
+            let table = &guards[g].1;
+            let found = table.find(hash, |s| &*s.key == probe.key);
+            let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
+            let outcome = probe.algorithm.decide(&state, now_ms, cost);
+            admitted &= outcome.verdict.allowed || !probe.enforce;
+            out.push(Probed {
+                outcome,
+                refused_before,
+            });
+        }
+        for (i, probe) in probes.iter().enumerate() {
+            let (hash, _) = hashes[i];
+            let outcome = out[i].outcome;
+            let table = &mut guards[slots[i]].1;
+            match table.find_mut(hash, |s| &*s.key == probe.key) {
+                Some(slot) => commit(slot, &outcome, admitted && outcome.verdict.allowed),
+                None if admitted && outcome.verdict.allowed => {
+                    insert(table, hash, &self.hasher, probe.key, &outcome)
+                }
+                None => {}
+            }
+        }
+        admitted
+    }
+
+    /// Drop every key whose state is equivalent to a fresh key's at `now_ms`.
+    /// Returns how many were dropped.
+    pub fn sweep(&self, now_ms: u64) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut table = shard.0.lock();
+            let before = table.len();
+            table.retain(|s| s.expires_at_ms > now_ms);
+            removed += before - table.len();
+            if table.capacity() > 64 && table.len() * 4 < table.capacity() {
+                table.shrink_to_fit(|s| self.hasher.hash_one(&s.key));
+            }
+        }
+        removed
+    }
+
+    /// Number of keys tracked now.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stored state of `key`, if any (for tests, checkpoints and debugging).
+    pub fn get(&self, key: &str) -> Option<State> {
+        let hash = self.hasher.hash_one(key);
+        let table = self.shards[self.shard_of(hash)].0.lock();
+        table.find(hash, |s| &*s.key == key).map(|s| s.state)
+    }
+}
+
+/// Apply an outcome to an existing slot. `consume` is false when the request
+/// was refused by this or another limit: then only the key's clock and its
+/// refusal streak move.
+fn commit(slot: &mut Slot, outcome: &Outcome, consume: bool) {
+    if consume {
+        slot.state = outcome.state;
+        slot.expires_at_ms = outcome.expires_at_ms;
+        slot.refused = 0;
+    } else if !outcome.verdict.allowed {
+        slot.state = outcome.state;
+        slot.refused = slot.refused.saturating_add(1);
+    }
+}
+
+fn insert(
+    table: &mut HashTable<Slot>,
+    hash: u64,
+    hasher: &foldhash::quality::RandomState,
+    key: &str,
+    outcome: &Outcome,
+) {
+    table.insert_unique(
+        hash,
+        Slot {
+            key: key.into(),
+            state: outcome.state,
+            expires_at_ms: outcome.expires_at_ms,
+            refused: 0,
+        },
+        |s| hasher.hash_one(&s.key),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithms::{FixedWindow, TokenBucket};
+    use std::sync::Arc;
+
+    fn probe<'a>(key: &'a str, a: &'a dyn Algorithm) -> Probe<'a> {
+        Probe {
+            key,
+            algorithm: a,
+            enforce: true,
+        }
+    }
+
+    #[test]
+    fn refused_request_consumes_from_no_limit() {
+        let store = KeyedStore::new(8);
+        let roomy = FixedWindow::new(100, 60_000).unwrap();
+        let tight = FixedWindow::new(1, 60_000).unwrap();
+        let mut out = SmallVec::new();
+        let probes = [probe("a", &roomy), probe("b", &tight)];
+        assert!(store.apply(&probes, 1_000, 1, &mut out));
+        assert!(!store.apply(&probes, 1_001, 1, &mut out));
+        assert!(!out[1].outcome.verdict.allowed);
+        // "a" was charged once, by the admitted request only.
+        assert_eq!(store.get("a").unwrap()[1], 1);
+        assert_eq!(out[1].refused_before, 0);
+        assert!(!store.apply(&probes, 1_002, 1, &mut out));
+        assert_eq!(out[1].refused_before, 1);
+    }
+
+    #[test]
+    fn shadow_probe_never_blocks() {
+        let store = KeyedStore::new(1);
+        let tight = FixedWindow::new(1, 60_000).unwrap();
+        let shadow = Probe {
+            key: "s",
+            algorithm: &tight,
+            enforce: false,
+        };
+        let mut out = SmallVec::new();
+        assert!(store.apply(&[shadow], 0, 1, &mut out));
+        assert!(store.apply(&[shadow], 0, 1, &mut out));
+        assert!(!out[0].outcome.verdict.allowed);
+    }
+
+    #[test]
+    fn sweep_drops_only_keys_equivalent_to_fresh() {
+        let store = KeyedStore::new(4);
+        let tb = TokenBucket::new(10, 10.0).unwrap();
+        for i in 0..100 {
+            store.apply_one(&probe(&format!("k{i}"), &tb), 1_000, 5);
+        }
+        assert_eq!(store.len(), 100);
+        // 5 tokens at 10/s refill in 500 ms.
+        assert_eq!(store.sweep(1_499), 0);
+        assert_eq!(store.sweep(1_500), 100);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn contended_keys_admit_exactly_the_limit() {
+        let store = Arc::new(KeyedStore::new(4));
+        let fw = Arc::new(FixedWindow::new(1_000, 60_000).unwrap());
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (store, fw) = (store.clone(), fw.clone());
+                    s.spawn(move || {
+                        let mut out = SmallVec::new();
+                        let probes = [probe("x", &*fw), probe("y", &*fw)];
+                        (0..600)
+                            .filter(|_| store.apply(&probes, 10, 1, &mut out))
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        assert_eq!(admitted, 1_000);
+        assert_eq!(store.get("x").unwrap()[1], 1_000);
+        assert_eq!(store.get("y").unwrap()[1], 1_000);
+    }
+}
