@@ -5,7 +5,12 @@
 //! it, never the other way round.
 
 pub mod algorithms;
+pub mod api;
 pub mod fingerprint;
 pub mod limiter;
+pub mod logging;
+pub mod metrics;
 pub mod rules;
+pub mod server;
+pub mod settings;
 pub mod state;

@@ -60,6 +60,15 @@ impl Decision {
     }
 }
 
+/// Why a config replacement was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplaceError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidConfig),
+    #[error("config version {expected} was expected but {current} is running")]
+    Conflict { expected: u64, current: u64 },
+}
+
 /// The rule set, the state, and the fingerprint key, shared by every request.
 pub struct Limiter {
     rules: ArcSwap<Rules>,
@@ -106,12 +115,26 @@ impl Limiter {
     /// Validate `doc` and make it the running rule set, returning its
     /// version. On error the running rules stay untouched. Checks in flight
     /// finish with the rule set they started with: never a mix.
-    pub fn replace_rules(&self, doc: RulesDoc) -> Result<u64, InvalidConfig> {
+    pub fn replace_rules(&self, doc: RulesDoc) -> Result<u64, ReplaceError> {
+        self.replace_rules_if(None, doc)
+    }
+
+    /// As [`Limiter::replace_rules`], but only if the running version is
+    /// `expected` (when given): two operators editing the config at once
+    /// cannot silently overwrite each other.
+    pub fn replace_rules_if(
+        &self,
+        expected: Option<u64>,
+        doc: RulesDoc,
+    ) -> Result<u64, ReplaceError> {
         let _w = self.writer.lock();
-        let version = self.rules.load().version + 1;
-        let rules = Rules::compile(doc, version, &self.fingerprinter)?;
+        let current = self.rules.load().version;
+        if let Some(expected) = expected.filter(|&e| e != current) {
+            return Err(ReplaceError::Conflict { expected, current });
+        }
+        let rules = Rules::compile(doc, current + 1, &self.fingerprinter)?;
         self.rules.store(Arc::new(rules));
-        Ok(version)
+        Ok(current + 1)
     }
 
     /// Decide `req` at `now_ms`, and hand the decision with the rule set it was

@@ -1,0 +1,176 @@
+//! `POST /check` and the forward-auth form of the same check.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request as HttpRequest, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::{client_ip, headers, now_ms, problem, AppState};
+use crate::limiter::Decision;
+use crate::rules::{Request, Rules};
+
+/// `POST /check`: a JSON body of vocabulary fields.
+pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response {
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let req: Request = match serde_path_to_error::deserialize(de) {
+        Ok(r) => r,
+        Err(e) => {
+            let path = e.path().to_string();
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!(" at `{path}`")
+            };
+            return bad_request(
+                &app,
+                "check",
+                format!("invalid check request{at}: {}", e.into_inner()),
+            );
+        }
+    };
+    // Services calling /check read the status themselves: always 429.
+    decide(&app, "check", &req, StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// Forward-auth for nginx `auth_request`, Traefik ForwardAuth and Envoy
+/// `ext_authz` (HTTP): identity from headers, the original method and path
+/// from `X-Forwarded-*` / `X-Original-*` headers or from the path after
+/// `/forward-auth` (Envoy's `path_prefix` mode).
+pub(super) async fn forward_auth(State(app): State<AppState>, req: HttpRequest) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    match identity_from(
+        &app,
+        req.method().as_str(),
+        req.uri().path(),
+        req.headers(),
+        peer,
+    ) {
+        Ok(r) => decide(&app, "forward_auth", &r, app.identity.deny_status),
+        Err(msg) => bad_request(&app, "forward_auth", msg),
+    }
+}
+
+fn identity_from(
+    app: &AppState,
+    method: &str,
+    path: &str,
+    h: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<Request, String> {
+    let text = |name: &str| -> Result<Option<String>, String> {
+        match h.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(|s| Some(s.to_owned()))
+                .map_err(|_| format!("header {name} is not visible ASCII")),
+        }
+    };
+    let id = &app.identity;
+    let rest = path.strip_prefix("/forward-auth").filter(|r| !r.is_empty());
+    let uri = text("x-forwarded-uri")?
+        .or(text("x-original-uri")?)
+        .or_else(|| rest.map(str::to_owned));
+    let path = uri.map(|u| u.split(['?', '#']).next().unwrap_or_default().to_owned());
+    let method = text("x-forwarded-method")?
+        .or(text("x-original-method")?)
+        .unwrap_or_else(|| method.to_owned());
+    let cost = match text("x-quotaflow-cost")? {
+        None => 1,
+        Some(c) => c.trim().parse().map_err(|_| {
+            format!("header x-quotaflow-cost must be a non-negative integer, got `{c}`")
+        })?,
+    };
+    Ok(Request {
+        user_id: text(&id.user_id_header)?,
+        api_key: text(&id.api_key_header)?,
+        client_ip: client_ip::resolve(peer, h, &id.trusted_proxies),
+        method: Some(method),
+        path,
+        cost,
+    })
+}
+
+fn decide(app: &AppState, endpoint: &str, req: &Request, deny: StatusCode) -> Response {
+    if let Err(e) = req.validate() {
+        return bad_request(app, endpoint, e.to_string());
+    }
+    let started = Instant::now();
+    app.limiter.check_with(req, now_ms(), |rules, d| {
+        app.metrics.record(endpoint, rules, d, started.elapsed());
+        respond(rules, d, deny)
+    })
+}
+
+fn respond(rules: &Rules, d: &Decision, deny: StatusCode) -> Response {
+    let limits: Vec<Value> = d
+        .outcomes
+        .iter()
+        .filter_map(|o| {
+            let l = rules.limits.get(o.limit)?;
+            Some(json!({
+                "name": l.name,
+                "allowed": o.verdict.allowed,
+                "shadow": o.shadow,
+                "limit": o.verdict.limit,
+                "remaining": o.verdict.remaining,
+                "reset_ms": o.verdict.reset_ms,
+                "retry_after_ms": o.verdict.retry_after_ms,
+            }))
+        })
+        .collect();
+    let mut response = if d.allowed {
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({
+                "allowed": true,
+                "whitelisted": d.whitelisted,
+                "config_version": d.version,
+                "limits": limits,
+            })
+            .to_string(),
+        )
+            .into_response()
+    } else {
+        let violated: Vec<&str> = d
+            .violated()
+            .filter_map(|o| rules.limits.get(o.limit).map(|l| l.name.as_str()))
+            .collect();
+        let wait = headers::retry_after_secs(d);
+        problem(
+            deny,
+            headers::QUOTA_EXCEEDED,
+            "Request cannot be satisfied as assigned quota has been exceeded",
+            format!(
+                "over the limit of {}; retry in {wait} s",
+                violated.join(", ")
+            ),
+            json!({
+                "violated-policies": violated,
+                "config_version": d.version,
+                "limits": limits,
+            }),
+        )
+    };
+    headers::write(rules, d, response.headers_mut());
+    response
+}
+
+fn bad_request(app: &AppState, endpoint: &str, detail: String) -> Response {
+    app.metrics.invalid_request(endpoint);
+    problem(
+        StatusCode::BAD_REQUEST,
+        "about:blank",
+        "Bad Request",
+        detail,
+        json!({}),
+    )
+}

@@ -1,0 +1,85 @@
+//! The client address behind trusted reverse proxies.
+//!
+//! `X-Forwarded-For` is client-controlled: anyone can send one. It is read
+//! only when the direct peer is a configured trusted proxy, and then from the
+//! right, skipping further trusted hops, so the first untrusted address is
+//! the one a trusted proxy actually saw.
+
+use std::net::IpAddr;
+
+use axum::http::HeaderMap;
+use ipnet::IpNet;
+
+/// The address to rate limit for a request that arrived from `peer`.
+pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    let peer = peer?;
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            // A garbled hop was written by someone we cannot vouch for:
+            // stop at the last address a trusted proxy reported.
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    Some(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn xff(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", v.parse().unwrap());
+        h
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(
+            resolve(ip("203.0.113.9"), &xff("1.2.3.4"), &trusted),
+            ip("203.0.113.9")
+        );
+    }
+
+    #[test]
+    fn trusted_chain_yields_first_untrusted_from_the_right() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // Spoofed first hop, then the real client, then an inner proxy.
+        let h = xff("6.6.6.6, 198.51.100.7, 10.0.0.2");
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("198.51.100.7"));
+        assert_eq!(
+            resolve(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.1")
+        );
+        assert_eq!(
+            resolve(ip("10.0.0.1"), &xff("garbage, 10.0.0.3"), &trusted),
+            ip("10.0.0.3")
+        );
+        assert_eq!(resolve(None, &xff("1.1.1.1"), &trusted), None);
+    }
+}

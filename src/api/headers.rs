@@ -1,0 +1,159 @@
+//! Rate-limit response headers: `RateLimit-Policy` and `RateLimit` as in
+//! draft-ietf-httpapi-ratelimit-headers-10, the legacy `X-RateLimit-*`
+//! trio most clients still read, and `Retry-After` on refusals.
+
+use std::fmt::Write as _;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::limiter::{Decision, LimitOutcome};
+use crate::rules::Rules;
+
+/// Problem type for refusals, registered by the ratelimit-headers draft.
+pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// The enforced limit the headers describe: on refusal the violated limit
+/// that frees up last; otherwise the one closest to refusing.
+pub fn binding(decision: &Decision) -> Option<&LimitOutcome> {
+    if decision.allowed {
+        decision
+            .outcomes
+            .iter()
+            .filter(|o| !o.shadow)
+            .min_by_key(|o| (o.verdict.remaining, std::cmp::Reverse(o.verdict.reset_ms)))
+    } else {
+        decision.violated().max_by_key(|o| o.verdict.retry_after_ms)
+    }
+}
+
+/// Whole seconds, rounded up, as HTTP headers count them.
+pub fn secs(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+/// Seconds a refused client should wait: the longest wait among violated
+/// limits (all must pass), at least one.
+pub fn retry_after_secs(decision: &Decision) -> u64 {
+    secs(
+        decision
+            .violated()
+            .map(|o| o.verdict.retry_after_ms)
+            .max()
+            .unwrap_or(0),
+    )
+    .max(1)
+}
+
+/// Add every rate-limit header for `decision` to `headers`.
+pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
+    let mut policy = String::new();
+    for o in decision.outcomes.iter().filter(|o| !o.shadow) {
+        let Some(limit) = rules.limits.get(o.limit) else {
+            continue;
+        };
+        if !policy.is_empty() {
+            policy.push_str(", ");
+        }
+        let _ = write!(
+            policy,
+            "\"{}\";q={};w={}",
+            limit.name, limit.shape.quota, limit.shape.window_secs
+        );
+    }
+    if !policy.is_empty() {
+        put(headers, "ratelimit-policy", policy);
+    }
+    if let Some(o) = binding(decision) {
+        if let Some(limit) = rules.limits.get(o.limit) {
+            let reset = secs(o.verdict.reset_ms);
+            put(
+                headers,
+                "ratelimit",
+                format!("\"{}\";r={};t={}", limit.name, o.verdict.remaining, reset),
+            );
+            put(headers, "x-ratelimit-limit", o.verdict.limit.to_string());
+            put(
+                headers,
+                "x-ratelimit-remaining",
+                o.verdict.remaining.to_string(),
+            );
+            put(headers, "x-ratelimit-reset", reset.to_string());
+        }
+    }
+    if !decision.allowed {
+        put(
+            headers,
+            "retry-after",
+            retry_after_secs(decision).to_string(),
+        );
+    }
+}
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
+    // Limit names are validated to a header-safe alphabet, so this holds.
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprinter;
+    use crate::limiter::Limiter;
+    use crate::rules::{Request, RulesDoc};
+
+    fn limiter() -> Limiter {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [
+                {"name": "burst", "key": ["user_id"], "capacity": 3, "refill_per_sec": 0.5},
+                {"name": "hourly", "key": ["user_id"], "algorithm": "fixed_window", "limit": 100, "window": "1h"},
+                {"name": "shadowy", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1h", "shadow": true}
+            ]}"#,
+        )
+        .unwrap();
+        Limiter::new(doc, Fingerprinter::random(), 1).unwrap()
+    }
+
+    fn headers_after(l: &Limiter, n: usize) -> HeaderMap {
+        let req = Request {
+            user_id: Some("u".into()),
+            ..Request::default()
+        };
+        let mut last = HeaderMap::new();
+        for _ in 0..n {
+            last = l.check_with(&req, 3_600_000, |rules, d| {
+                let mut h = HeaderMap::new();
+                write(rules, d, &mut h);
+                h
+            });
+        }
+        last
+    }
+
+    fn get<'a>(h: &'a HeaderMap, n: &str) -> &'a str {
+        h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    #[test]
+    fn allowed_request_describes_the_tightest_policy() {
+        let h = headers_after(&limiter(), 1);
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            r#""burst";q=3;w=6, "hourly";q=100;w=3600"#
+        );
+        assert_eq!(get(&h, "ratelimit"), r#""burst";r=2;t=2"#);
+        assert_eq!(get(&h, "x-ratelimit-limit"), "3");
+        assert_eq!(get(&h, "x-ratelimit-remaining"), "2");
+        assert_eq!(get(&h, "x-ratelimit-reset"), "2");
+        assert!(h.get("retry-after").is_none());
+    }
+
+    #[test]
+    fn refused_request_names_the_violated_policy_and_when_to_retry() {
+        let h = headers_after(&limiter(), 4);
+        assert_eq!(get(&h, "ratelimit"), r#""burst";r=0;t=6"#);
+        assert_eq!(get(&h, "x-ratelimit-remaining"), "0");
+        assert_eq!(get(&h, "retry-after"), "2");
+    }
+}

@@ -1,0 +1,101 @@
+//! The HTTP sidecar (axum): synchronous checks, forward-auth for reverse
+//! proxies, the rate-limit config API, metrics and health.
+
+mod admin;
+mod check;
+pub mod client_ip;
+pub mod headers;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use ipnet::IpNet;
+use serde_json::json;
+
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+
+/// Where the forward-auth endpoint finds identity, and whom it trusts.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub api_key_header: String,
+    pub user_id_header: String,
+    pub trusted_proxies: Vec<IpNet>,
+    pub deny_status: StatusCode,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub limiter: Arc<Limiter>,
+    pub metrics: Arc<Metrics>,
+    /// Bearer token required for config writes, when set.
+    pub admin_token: Option<Arc<str>>,
+    pub identity: Arc<Identity>,
+}
+
+/// Every route of the sidecar.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/check", post(check::check))
+        .route("/forward-auth", any(check::forward_auth))
+        .route("/forward-auth/{*rest}", any(check::forward_auth))
+        .route(
+            "/rate_limit/config",
+            get(admin::get_config).post(admin::post_config),
+        )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .with_state(state)
+}
+
+async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> Response {
+    app.metrics
+        .keys_tracked
+        .set(app.limiter.store().len() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Wall-clock milliseconds: the sidecar's time source for the algorithms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An `application/problem+json` response (RFC 9457).
+pub(crate) fn problem(
+    status: StatusCode,
+    kind: &str,
+    title: &str,
+    detail: impl Into<String>,
+    extra: serde_json::Value,
+) -> Response {
+    let mut body = json!({
+        "type": kind,
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}

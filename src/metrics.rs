@@ -1,0 +1,260 @@
+//! Prometheus metrics, and the one place where a decision becomes metrics
+//! and structured log events.
+//!
+//! Label values are limit names from config and small fixed sets, never
+//! request data: cardinality stays bounded and no key or API key can leak
+//! into a label.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::limiter::{BreachEvent, Decision};
+use crate::rules::Rules;
+
+/// Every metric quotaflow exports.
+pub struct Metrics {
+    registry: Registry,
+    checks: IntCounterVec,
+    limit_decisions: IntCounterVec,
+    check_duration: Histogram,
+    pub keys_tracked: IntGauge,
+    pub keys_expired: IntCounter,
+    pub config_version: IntGauge,
+    config_updates: IntCounterVec,
+    breaches: IntCounterVec,
+    suspicious: IntCounterVec,
+    invalid_requests: IntCounterVec,
+}
+
+/// Outcome label of a config update attempt.
+#[derive(Debug, Clone, Copy)]
+pub enum ConfigUpdate {
+    Applied,
+    Rejected,
+    Unauthorized,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("quotaflow".into()), None)?;
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "checks_total",
+                "Checks answered, by endpoint and verdict (allowed, refused, whitelisted).",
+            ),
+            &["endpoint", "verdict"],
+        )?;
+        let limit_decisions = IntCounterVec::new(
+            Opts::new(
+                "limit_decisions_total",
+                "Per-limit verdicts: allowed, refused, or shadow_refused (a shadow limit that would have refused).",
+            ),
+            &["limit", "verdict"],
+        )?;
+        let check_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "check_duration_seconds",
+                "Time to decide one check, from parsed request to decision.",
+            )
+            .buckets(vec![
+                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3,
+            ]),
+        )?;
+        let keys_tracked = IntGauge::new("keys_tracked", "Per-key states held in memory.")?;
+        let keys_expired =
+            IntCounter::new("keys_expired_total", "Idle keys dropped by the sweeper.")?;
+        let config_version = IntGauge::new(
+            "config_version",
+            "Version of the running rate-limit config.",
+        )?;
+        let config_updates = IntCounterVec::new(
+            Opts::new(
+                "config_updates_total",
+                "Config update attempts, by result (applied, rejected, unauthorized).",
+            ),
+            &["result"],
+        )?;
+        let breaches = IntCounterVec::new(
+            Opts::new(
+                "breaches_total",
+                "Keys that crossed a limit (one per breach, not per refused request).",
+            ),
+            &["limit", "shadow"],
+        )?;
+        let suspicious = IntCounterVec::new(
+            Opts::new(
+                "suspicious_patterns_total",
+                "Suspicious client behaviour detected, by pattern.",
+            ),
+            &["limit", "pattern"],
+        )?;
+        let invalid_requests = IntCounterVec::new(
+            Opts::new(
+                "invalid_requests_total",
+                "Check requests refused as malformed (400), by endpoint.",
+            ),
+            &["endpoint"],
+        )?;
+        registry.register(Box::new(checks.clone()))?;
+        registry.register(Box::new(limit_decisions.clone()))?;
+        registry.register(Box::new(check_duration.clone()))?;
+        registry.register(Box::new(keys_tracked.clone()))?;
+        registry.register(Box::new(keys_expired.clone()))?;
+        registry.register(Box::new(config_version.clone()))?;
+        registry.register(Box::new(config_updates.clone()))?;
+        registry.register(Box::new(breaches.clone()))?;
+        registry.register(Box::new(suspicious.clone()))?;
+        registry.register(Box::new(invalid_requests.clone()))?;
+        Ok(Self {
+            registry,
+            checks,
+            limit_decisions,
+            check_duration,
+            keys_tracked,
+            keys_expired,
+            config_version,
+            config_updates,
+            breaches,
+            suspicious,
+            invalid_requests,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    pub fn config_update(&self, result: ConfigUpdate) {
+        let label = match result {
+            ConfigUpdate::Applied => "applied",
+            ConfigUpdate::Rejected => "rejected",
+            ConfigUpdate::Unauthorized => "unauthorized",
+        };
+        self.config_updates.with_label_values(&[label]).inc();
+    }
+
+    pub fn invalid_request(&self, endpoint: &str) {
+        self.invalid_requests.with_label_values(&[endpoint]).inc();
+    }
+
+    /// Count a decision and log its breach events, one structured event each.
+    pub fn record(&self, endpoint: &str, rules: &Rules, decision: &Decision, took: Duration) {
+        self.check_duration.observe(took.as_secs_f64());
+        let verdict = if decision.whitelisted {
+            "whitelisted"
+        } else if decision.allowed {
+            "allowed"
+        } else {
+            "refused"
+        };
+        self.checks.with_label_values(&[endpoint, verdict]).inc();
+        for o in &decision.outcomes {
+            let Some(limit) = rules.limits.get(o.limit) else {
+                continue;
+            };
+            let v = match (o.verdict.allowed, o.shadow) {
+                (true, _) => "allowed",
+                (false, false) => "refused",
+                (false, true) => "shadow_refused",
+            };
+            self.limit_decisions
+                .with_label_values(&[limit.name.as_str(), v])
+                .inc();
+            let Some(event) = o.event else { continue };
+            let key_fp = o.key_fingerprint.as_deref().unwrap_or_default();
+            let dims: Vec<&str> = limit.key.iter().map(|d| d.as_str()).collect();
+            let dims = dims.join(",");
+            match event {
+                BreachEvent::Started => {
+                    self.breaches
+                        .with_label_values(&[
+                            limit.name.as_str(),
+                            if o.shadow { "true" } else { "false" },
+                        ])
+                        .inc();
+                    tracing::warn!(
+                        event = "breach_started",
+                        limit = %limit.name,
+                        key_fp,
+                        key_dimensions = %dims,
+                        shadow = o.shadow,
+                        quota = o.verdict.limit,
+                        remaining = o.verdict.remaining,
+                        retry_after_ms = o.verdict.retry_after_ms,
+                        config_version = decision.version,
+                        "key crossed its limit"
+                    );
+                }
+                BreachEvent::Ended { refused } => {
+                    tracing::info!(
+                        event = "breach_ended",
+                        limit = %limit.name,
+                        key_fp,
+                        key_dimensions = %dims,
+                        shadow = o.shadow,
+                        refused,
+                        "key is within its limit again"
+                    );
+                }
+                BreachEvent::IgnoresRetryAfter { refused } => {
+                    self.suspicious
+                        .with_label_values(&[limit.name.as_str(), "ignores_retry_after"])
+                        .inc();
+                    tracing::warn!(
+                        event = "suspicious_pattern",
+                        pattern = "ignores_retry_after",
+                        limit = %limit.name,
+                        key_fp,
+                        key_dimensions = %dims,
+                        shadow = o.shadow,
+                        refused,
+                        "client keeps sending while refused"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprinter;
+    use crate::limiter::Limiter;
+    use crate::rules::{Request, RulesDoc};
+
+    #[test]
+    fn decisions_become_counters_without_request_data() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "k", "key": ["api_key"], "algorithm": "fixed_window", "limit": 1, "window": "1m"}]}"#,
+        )
+        .unwrap();
+        let limiter = Limiter::new(doc, Fingerprinter::random(), 1).unwrap();
+        let m = Metrics::new().unwrap();
+        let req = Request {
+            api_key: Some("sk_secret_value".into()),
+            ..Request::default()
+        };
+        for _ in 0..3 {
+            limiter.check_with(&req, 0, |rules, d| {
+                m.record("check", rules, d, Duration::from_micros(3))
+            });
+        }
+        let text = m.render();
+        assert!(
+            text.contains(r#"quotaflow_checks_total{endpoint="check",verdict="refused"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"quotaflow_limit_decisions_total{limit="k",verdict="allowed"} 1"#));
+        assert!(text.contains(r#"quotaflow_breaches_total{limit="k",shadow="false"} 1"#));
+        assert!(!text.contains("sk_secret_value"));
+    }
+}

@@ -1,0 +1,200 @@
+//! Process settings: `config/default.toml` (or `--config FILE`), overridden
+//! by `QUOTAFLOW__SECTION__KEY` environment variables, via the `config` crate.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::rules::{LimitDoc, RulesDoc, WhitelistDoc};
+
+/// The embedded default, so the binary runs anywhere with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Everything `quotaflow serve` reads at start-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    #[serde(default)]
+    pub state: StateSettings,
+    #[serde(default)]
+    pub security: SecuritySettings,
+    #[serde(default)]
+    pub limits: Vec<LimitDoc>,
+    #[serde(default)]
+    pub whitelist: WhitelistDoc,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub trusted_proxies: Vec<IpNet>,
+    pub api_key_header: String,
+    pub user_id_header: String,
+    pub forward_auth_deny_status: u16,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            trusted_proxies: vec![
+                IpNet::from(IpAddr::from(Ipv4Addr::LOCALHOST)),
+                IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
+            ],
+            api_key_header: "x-api-key".into(),
+            user_id_header: "x-user-id".into(),
+            forward_auth_deny_status: 429,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Human,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSettings {
+    /// Shards of the key store; 0 picks 16 per core.
+    pub shards: usize,
+    #[serde(deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            shards: 0,
+            sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl StateSettings {
+    pub fn effective_shards(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            16 * std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    pub fingerprint_key: String,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{text}\": {e}")))
+}
+
+/// A settings file or environment that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Read `path` (or the embedded default when `None`), then environment
+    /// overrides. Rule validation is separate: see [`Settings::rules`].
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_with_env(path, true)
+    }
+
+    /// As [`Settings::load`], optionally ignoring the environment (for
+    /// `check-config`, which judges a file on its own).
+    pub fn load_with_env(path: Option<&Path>, env: bool) -> Result<Self, SettingsError> {
+        let mut builder = Config::builder();
+        builder = match path {
+            Some(p) => {
+                if !p.is_file() {
+                    return Err(SettingsError(format!(
+                        "config file {} does not exist",
+                        p.display()
+                    )));
+                }
+                builder.add_source(File::from(p))
+            }
+            None => builder.add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml)),
+        };
+        if env {
+            builder = builder.add_source(
+                Environment::with_prefix("QUOTAFLOW")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("server.trusted_proxies"),
+            );
+        }
+        let config = builder.build().map_err(|e| SettingsError(e.to_string()))?;
+        config
+            .try_deserialize()
+            .map_err(|e| SettingsError(e.to_string()))
+    }
+
+    /// The rate-limit document within these settings.
+    pub fn rules(&self) -> RulesDoc {
+        RulesDoc {
+            limits: self.limits.clone(),
+            whitelist: self.whitelist.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprinter;
+    use crate::rules::Rules;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let s = Settings::load_with_env(None, false).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        let rules = Rules::compile(s.rules(), 1, &Fingerprinter::random()).unwrap();
+        assert_eq!(rules.limits.len(), 5);
+        assert_eq!(s.state.sweep_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1\"\nlistn = 3\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), false).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+}
