@@ -325,4 +325,34 @@ mod tests {
         assert!(!l.check(&user("u"), 0).allowed);
         assert!(!l.check(&user("ops"), 0).whitelisted);
     }
+
+    #[test]
+    fn checks_during_config_swaps_see_old_or_new_never_a_mix() {
+        let one = r#"{"limits": [{"name": "a", "key": ["user_id"], "capacity": 1000000, "refill_per_sec": 1}]}"#;
+        let two = r#"{"limits": [
+            {"name": "b1", "key": ["user_id"], "capacity": 1000000, "refill_per_sec": 1},
+            {"name": "b2", "algorithm": "fixed_window", "limit": 1000000, "window": "1h"}]}"#;
+        let l = Limiter::new(RulesDoc::from_json(one.as_bytes()).unwrap(), Fingerprinter::random(), 4).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..20_000 {
+                        l.check_with(&user("u"), 0, |rules, d| {
+                            assert_eq!(rules.version, d.version);
+                            let names: Vec<&str> = d.outcomes.iter().map(|o| rules.limits[o.limit].name.as_str()).collect();
+                            let expected: &[&str] = if d.version % 2 == 1 { &["a"] } else { &["b1", "b2"] };
+                            assert_eq!(names, expected, "version {}", d.version);
+                        });
+                    }
+                });
+            }
+            s.spawn(|| {
+                for i in 0..200 {
+                    let doc = if i % 2 == 0 { two } else { one };
+                    l.replace_rules(RulesDoc::from_json(doc.as_bytes()).unwrap()).unwrap();
+                }
+            });
+        });
+        assert_eq!(l.rules().version, 201);
+    }
 }

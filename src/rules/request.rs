@@ -158,3 +158,33 @@ mod tests {
         assert!(err.to_string().contains("unknown field `usr_id`"));
     }
 }
+
+#[cfg(test)]
+mod vocabulary {
+    /// The Avro request event and the sync `/check` body share one vocabulary:
+    /// every field a check accepts must exist, with the same name, in the
+    /// request event schema gateways publish.
+    #[test]
+    fn check_fields_match_the_request_event_schema() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schemas/request_event.avsc")).unwrap();
+        let names: Vec<&str> = schema["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["name"].as_str())
+            .collect();
+        let full = super::Request {
+            user_id: Some("u".into()),
+            api_key: Some("k".into()),
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            method: Some("GET".into()),
+            path: Some("/".into()),
+            cost: 2,
+        };
+        let json = serde_json::to_value(full).unwrap();
+        for field in json.as_object().unwrap().keys() {
+            assert!(names.contains(&field.as_str()), "`{field}` missing from request_event.avsc");
+        }
+    }
+}

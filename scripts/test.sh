@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one command that passes every test: formatting, lints, unit, property
+# and integration tests. Fails on any failure and on any skipped test.
+#
+# Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy (all targets, warnings are errors)"
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "==> cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Property tests run with a fixed case count so CI time is predictable.
+PROPTEST_CASES="${PROPTEST_CASES:-256}" cargo test --all-targets --locked 2>&1 | tee "$log"
+
+# A test that did not run is a failure, not a pass.
+if grep -Eq 'test result: .* [1-9][0-9]* ignored' "$log"; then
+  echo "error: some tests were ignored (skipped); CI treats that as a failure" >&2
+  exit 1
+fi
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo "${passed} passed, ${failed} failed"

@@ -1,0 +1,318 @@
+//! The sidecar over real HTTP against the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, header, Server};
+use serde_json::{json, Value};
+
+const TIGHT: &str = r#"
+[log]
+format = "json"
+
+[state]
+sweep_interval = "50ms"
+
+[[limits]]
+name = "per_user"
+algorithm = "token_bucket"
+key = ["user_id"]
+capacity = 3
+refill_per_sec = 0.01
+
+[[limits]]
+name = "login"
+algorithm = "fixed_window"
+key = ["client_ip"]
+limit = 2
+window = "1h"
+match = { method = "POST", path = "/login" }
+
+[[limits]]
+name = "per_key"
+algorithm = "sliding_window"
+key = ["api_key"]
+limit = 2
+window = "1h"
+
+[whitelist]
+user_ids = ["ops"]
+"#;
+
+async fn check(c: &reqwest::Client, s: &Server, body: Value) -> reqwest::Response {
+    c.post(s.url("/check")).json(&body).send().await.expect("POST /check")
+}
+
+#[tokio::test]
+async fn embedded_default_turns_200s_into_429_with_headers() {
+    let s = Server::start(None, &[]);
+    let c = client();
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..12 {
+        let r = check(&c, &s, json!({"user_id": "alice", "path": "/orders"})).await;
+        statuses.push(r.status().as_u16());
+        last = Some(r);
+    }
+    // per_user: 10 burst, 1/s refill. A slow machine may refill one token.
+    let allowed = statuses.iter().filter(|&&s| s == 200).count();
+    assert!((10..=11).contains(&allowed), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&429));
+    let r = last.expect("a response");
+    assert_eq!(header(&r, "content-type"), "application/problem+json");
+    assert!(header(&r, "ratelimit-policy").contains(r#""per_user";q=10;w=10"#));
+    assert!(header(&r, "ratelimit").starts_with(r#""per_user";r=0;t="#));
+    assert_eq!(header(&r, "x-ratelimit-limit"), "10");
+    assert_eq!(header(&r, "x-ratelimit-remaining"), "0");
+    let retry: u64 = header(&r, "retry-after").parse().expect("Retry-After is seconds");
+    assert!((1..=1).contains(&retry), "retry-after {retry}");
+    let body: Value = r.json().await.expect("problem body");
+    assert_eq!(body["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded");
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["violated-policies"], json!(["per_user"]));
+}
+
+#[tokio::test]
+async fn stacked_limits_whitelist_and_match() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let login = json!({"client_ip": "198.51.100.4", "method": "post", "path": "/login"});
+    assert_eq!(check(&c, &s, login.clone()).await.status(), 200);
+    assert_eq!(check(&c, &s, login.clone()).await.status(), 200);
+    let r = check(&c, &s, login).await;
+    assert_eq!(r.status(), 429);
+    // Another path from the same address is not a login.
+    let other = json!({"client_ip": "198.51.100.4", "method": "POST", "path": "/orders"});
+    assert_eq!(check(&c, &s, other).await.status(), 200);
+    for _ in 0..10 {
+        let r = check(&c, &s, json!({"user_id": "ops"})).await;
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["whitelisted"], true);
+    }
+    // A request hitting two limits: refused by one, charged to neither.
+    let both = json!({"user_id": "bob", "api_key": "sk_live_topsecret"});
+    assert_eq!(check(&c, &s, both.clone()).await.status(), 200);
+    assert_eq!(check(&c, &s, both.clone()).await.status(), 200);
+    let r = check(&c, &s, both).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["violated-policies"], json!(["per_key"]));
+    // bob still has one token of per_user left: the refusal did not take it.
+    assert_eq!(check(&c, &s, json!({"user_id": "bob"})).await.status(), 200);
+    assert_eq!(check(&c, &s, json!({"user_id": "bob"})).await.status(), 429);
+}
+
+#[tokio::test]
+async fn malformed_checks_get_400_saying_what_is_wrong() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let cases = [
+        ("{not json", "invalid check request"),
+        (r#"{"usr_id": "a"}"#, "unknown field `usr_id`"),
+        (r#"{"cost": 1}"#, "at least one of"),
+        (r#"{"client_ip": "300.1.1.1"}"#, "client_ip"),
+        (r#"{"user_id": "a", "cost": -1}"#, "cost"),
+    ];
+    for (body, expect) in cases {
+        let r = c
+            .post(s.url("/check"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(header(&r, "content-type"), "application/problem+json");
+        let v: Value = r.json().await.expect("json");
+        let detail = v["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(expect), "{body} -> {detail}");
+    }
+    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"quotaflow_invalid_requests_total{endpoint="check"} 5"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn config_change_takes_effect_and_invalid_config_is_refused() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let got: Value = c.get(s.url("/rate_limit/config")).send().await.expect("GET").json().await.expect("json");
+    assert_eq!(got["version"], 1);
+    assert_eq!(got["limits"][0]["name"], "per_user");
+
+    let user = json!({"user_id": "carol"});
+    for _ in 0..3 {
+        assert_eq!(check(&c, &s, user.clone()).await.status(), 200);
+    }
+    assert_eq!(check(&c, &s, user.clone()).await.status(), 429);
+
+    let invalid = json!({"limits": [
+        {"name": "per_user", "key": ["user_id"], "capacity": 0, "refill_per_sec": 1},
+        {"name": "dup", "algorithm": "fixed_window", "limit": 1, "window": "eventually"}
+    ]});
+    let r = c.post(s.url("/rate_limit/config")).json(&invalid).send().await.expect("POST");
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    let fields: Vec<&str> = v["errors"].as_array().into_iter().flatten().filter_map(|e| e["field"].as_str()).collect();
+    assert_eq!(fields, vec!["limits[0].capacity", "limits[1].window"]);
+    // The old config still runs.
+    assert_eq!(check(&c, &s, user.clone()).await.status(), 429);
+
+    let mut raised = got.clone();
+    raised["limits"][0]["capacity"] = json!(100);
+    let r = c.post(s.url("/rate_limit/config")).json(&raised).send().await.expect("POST");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.expect("json")["version"], 2);
+    assert_eq!(check(&c, &s, user.clone()).await.status(), 200);
+    // The same edit again is stale: version 1 is no longer running.
+    let r = c.post(s.url("/rate_limit/config")).json(&raised).send().await.expect("POST");
+    assert_eq!(r.status(), 409);
+    let got: Value = c.get(s.url("/rate_limit/config")).send().await.expect("GET").json().await.expect("json");
+    assert_eq!(got["version"], 2);
+    assert_eq!(got["limits"][0]["capacity"], 100);
+    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("quotaflow_config_version 2"));
+    assert!(metrics.contains(r#"quotaflow_config_updates_total{result="rejected"} 2"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn config_writes_need_the_admin_token_when_set() {
+    let s = Server::start(Some(TIGHT), &[("QUOTAFLOW_ADMIN_TOKEN", "hunter2-long-token")]);
+    let c = client();
+    let doc = json!({"limits": []});
+    let r = c.post(s.url("/rate_limit/config")).json(&doc).send().await.expect("POST");
+    assert_eq!(r.status(), 401);
+    assert_eq!(header(&r, "www-authenticate"), "Bearer");
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .bearer_auth("hunter2-long-tokeX")
+        .json(&doc)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .bearer_auth("hunter2-long-token")
+        .json(&doc)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 200);
+    // Reads stay open.
+    assert_eq!(c.get(s.url("/rate_limit/config")).send().await.expect("GET").status(), 200);
+}
+
+#[tokio::test]
+async fn forward_auth_reads_identity_from_headers_and_trusted_proxies() {
+    let config = format!(
+        "{TIGHT}\n[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\nforward_auth_deny_status = 403\n"
+    );
+    let s = Server::start(Some(&config), &[]);
+    let c = client();
+    let login = |xff: &'static str| {
+        c.get(s.url("/forward-auth"))
+            .header("x-forwarded-for", xff)
+            .header("x-forwarded-method", "POST")
+            .header("x-forwarded-uri", "/login?next=/home")
+            .send()
+    };
+    // The peer (127.0.0.1) is trusted, so the client is the right-most untrusted hop.
+    assert_eq!(login("6.6.6.6, 203.0.113.8").await.expect("auth").status(), 200);
+    assert_eq!(login("1.1.1.1, 203.0.113.8").await.expect("auth").status(), 200);
+    let r = login("9.9.9.9, 203.0.113.8").await.expect("auth");
+    assert_eq!(r.status(), 403);
+    assert!(header(&r, "ratelimit").starts_with(r#""login";r=0"#));
+    assert!(!header(&r, "retry-after").is_empty());
+    // A different client behind the same proxy has its own budget.
+    assert_eq!(login("203.0.113.9").await.expect("auth").status(), 200);
+
+    // Envoy ext_authz style: the original path follows the prefix; identity headers.
+    for expected in [200, 200, 200, 403] {
+        let r = c
+            .post(s.url("/forward-auth/api/orders"))
+            .header("x-user-id", "dave")
+            .send()
+            .await
+            .expect("auth");
+        assert_eq!(r.status(), expected);
+    }
+    let r = c
+        .get(s.url("/forward-auth"))
+        .header("x-quotaflow-cost", "many")
+        .send()
+        .await
+        .expect("auth");
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn api_keys_never_reach_logs_or_metrics_and_breaches_are_logged() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let secret = "sk_live_9f8e7d6c5b4a";
+    for _ in 0..5 {
+        check(&c, &s, json!({"api_key": secret})).await;
+    }
+    let breach = s.wait_log(Duration::from_secs(5), |v| v["event"] == "breach_started");
+    assert_eq!(breach["limit"], "per_key");
+    assert_eq!(breach["key_dimensions"], "api_key");
+    assert_eq!(breach["key_fp"].as_str().map(str::len), Some(32));
+    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"quotaflow_breaches_total{limit="per_key",shadow="false"} 1"#));
+    let config = c.get(s.url("/rate_limit/config")).send().await.expect("GET").text().await.expect("text");
+    for text in s.logs().iter().chain([&metrics, &config]) {
+        assert!(!text.contains(secret), "secret leaked: {text}");
+    }
+    // No log line per allowed request at the default level.
+    let per_request = s.logs().iter().filter(|l| l.contains("\"allowed\"")).count();
+    assert_eq!(per_request, 0);
+}
+
+#[tokio::test]
+async fn idle_keys_expire_and_keys_tracked_follows() {
+    let config = r#"
+[state]
+sweep_interval = "50ms"
+
+[[limits]]
+name = "short"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 5
+window = "200ms"
+"#;
+    let s = Server::start(Some(config), &[]);
+    let c = client();
+    for i in 0..50 {
+        check(&c, &s, json!({"user_id": format!("u{i}")})).await;
+    }
+    let gauge = |text: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with("quotaflow_keys_tracked "))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(gauge(&metrics).is_some_and(|n| n > 0 && n <= 50), "{metrics}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        if gauge(&m) == Some(0) {
+            assert!(m.contains("quotaflow_keys_expired_total"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "keys never expired:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_ready_and_graceful_sigterm() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    assert_eq!(c.get(s.url("/healthz")).send().await.expect("healthz").status(), 200);
+    assert_eq!(c.get(s.url("/readyz")).send().await.expect("readyz").status(), 200);
+    let status = s.terminate();
+    assert!(status.success(), "exit status {status}");
+}
