@@ -332,15 +332,28 @@ mod tests {
         let two = r#"{"limits": [
             {"name": "b1", "key": ["user_id"], "capacity": 1000000, "refill_per_sec": 1},
             {"name": "b2", "algorithm": "fixed_window", "limit": 1000000, "window": "1h"}]}"#;
-        let l = Limiter::new(RulesDoc::from_json(one.as_bytes()).unwrap(), Fingerprinter::random(), 4).unwrap();
+        let l = Limiter::new(
+            RulesDoc::from_json(one.as_bytes()).unwrap(),
+            Fingerprinter::random(),
+            4,
+        )
+        .unwrap();
         std::thread::scope(|s| {
             for _ in 0..2 {
                 s.spawn(|| {
                     for _ in 0..20_000 {
                         l.check_with(&user("u"), 0, |rules, d| {
                             assert_eq!(rules.version, d.version);
-                            let names: Vec<&str> = d.outcomes.iter().map(|o| rules.limits[o.limit].name.as_str()).collect();
-                            let expected: &[&str] = if d.version % 2 == 1 { &["a"] } else { &["b1", "b2"] };
+                            let names: Vec<&str> = d
+                                .outcomes
+                                .iter()
+                                .map(|o| rules.limits[o.limit].name.as_str())
+                                .collect();
+                            let expected: &[&str] = if d.version % 2 == 1 {
+                                &["a"]
+                            } else {
+                                &["b1", "b2"]
+                            };
                             assert_eq!(names, expected, "version {}", d.version);
                         });
                     }
@@ -349,7 +362,8 @@ mod tests {
             s.spawn(|| {
                 for i in 0..200 {
                     let doc = if i % 2 == 0 { two } else { one };
-                    l.replace_rules(RulesDoc::from_json(doc.as_bytes()).unwrap()).unwrap();
+                    l.replace_rules(RulesDoc::from_json(doc.as_bytes()).unwrap())
+                        .unwrap();
                 }
             });
         });

@@ -21,10 +21,17 @@ fn run(config: &str) -> (bool, String, String) {
 #[test]
 fn the_shipped_default_config_is_valid() {
     let out = Command::new(env!("CARGO_BIN_EXE_quotaflow"))
-        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")])
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"),
+        ])
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (5 limits)"));
 }
 
@@ -45,8 +52,14 @@ algorithm = "leaky_bucket"
 client_ips = ["10.0.0.300/8"]
 "#);
     assert!(!ok);
-    assert!(err.contains("limits[0].capacity: must be an integer between 1 and"), "{err}");
-    assert!(err.contains("limits[1].algorithm: unknown algorithm `leaky_bucket`"), "{err}");
+    assert!(
+        err.contains("limits[0].capacity: must be an integer between 1 and"),
+        "{err}"
+    );
+    assert!(
+        err.contains("limits[1].algorithm: unknown algorithm `leaky_bucket`"),
+        "{err}"
+    );
     assert!(err.contains("whitelist.client_ips[0]"), "{err}");
     assert!(err.contains("3 error(s)"), "{err}");
 }

@@ -41,7 +41,11 @@ user_ids = ["ops"]
 "#;
 
 async fn check(c: &reqwest::Client, s: &Server, body: Value) -> reqwest::Response {
-    c.post(s.url("/check")).json(&body).send().await.expect("POST /check")
+    c.post(s.url("/check"))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /check")
 }
 
 #[tokio::test]
@@ -65,10 +69,15 @@ async fn embedded_default_turns_200s_into_429_with_headers() {
     assert!(header(&r, "ratelimit").starts_with(r#""per_user";r=0;t="#));
     assert_eq!(header(&r, "x-ratelimit-limit"), "10");
     assert_eq!(header(&r, "x-ratelimit-remaining"), "0");
-    let retry: u64 = header(&r, "retry-after").parse().expect("Retry-After is seconds");
+    let retry: u64 = header(&r, "retry-after")
+        .parse()
+        .expect("Retry-After is seconds");
     assert!((1..=1).contains(&retry), "retry-after {retry}");
     let body: Value = r.json().await.expect("problem body");
-    assert_eq!(body["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded");
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
     assert_eq!(body["status"], 429);
     assert_eq!(body["violated-policies"], json!(["per_user"]));
 }
@@ -129,15 +138,32 @@ async fn malformed_checks_get_400_saying_what_is_wrong() {
         let detail = v["detail"].as_str().unwrap_or_default();
         assert!(detail.contains(expect), "{body} -> {detail}");
     }
-    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains(r#"quotaflow_invalid_requests_total{endpoint="check"} 5"#), "{metrics}");
+    let metrics = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"quotaflow_invalid_requests_total{endpoint="check"} 5"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn config_change_takes_effect_and_invalid_config_is_refused() {
     let s = Server::start(Some(TIGHT), &[]);
     let c = client();
-    let got: Value = c.get(s.url("/rate_limit/config")).send().await.expect("GET").json().await.expect("json");
+    let got: Value = c
+        .get(s.url("/rate_limit/config"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(got["version"], 1);
     assert_eq!(got["limits"][0]["name"], "per_user");
 
@@ -151,37 +177,82 @@ async fn config_change_takes_effect_and_invalid_config_is_refused() {
         {"name": "per_user", "key": ["user_id"], "capacity": 0, "refill_per_sec": 1},
         {"name": "dup", "algorithm": "fixed_window", "limit": 1, "window": "eventually"}
     ]});
-    let r = c.post(s.url("/rate_limit/config")).json(&invalid).send().await.expect("POST");
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .json(&invalid)
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.expect("json");
-    let fields: Vec<&str> = v["errors"].as_array().into_iter().flatten().filter_map(|e| e["field"].as_str()).collect();
+    let fields: Vec<&str> = v["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
     assert_eq!(fields, vec!["limits[0].capacity", "limits[1].window"]);
     // The old config still runs.
     assert_eq!(check(&c, &s, user.clone()).await.status(), 429);
 
     let mut raised = got.clone();
     raised["limits"][0]["capacity"] = json!(100);
-    let r = c.post(s.url("/rate_limit/config")).json(&raised).send().await.expect("POST");
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .json(&raised)
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.expect("json")["version"], 2);
     assert_eq!(check(&c, &s, user.clone()).await.status(), 200);
     // The same edit again is stale: version 1 is no longer running.
-    let r = c.post(s.url("/rate_limit/config")).json(&raised).send().await.expect("POST");
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .json(&raised)
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(r.status(), 409);
-    let got: Value = c.get(s.url("/rate_limit/config")).send().await.expect("GET").json().await.expect("json");
+    let got: Value = c
+        .get(s.url("/rate_limit/config"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(got["version"], 2);
     assert_eq!(got["limits"][0]["capacity"], 100);
-    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let metrics = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     assert!(metrics.contains("quotaflow_config_version 2"));
-    assert!(metrics.contains(r#"quotaflow_config_updates_total{result="rejected"} 2"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"quotaflow_config_updates_total{result="rejected"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn config_writes_need_the_admin_token_when_set() {
-    let s = Server::start(Some(TIGHT), &[("QUOTAFLOW_ADMIN_TOKEN", "hunter2-long-token")]);
+    let s = Server::start(
+        Some(TIGHT),
+        &[("QUOTAFLOW_ADMIN_TOKEN", "hunter2-long-token")],
+    );
     let c = client();
     let doc = json!({"limits": []});
-    let r = c.post(s.url("/rate_limit/config")).json(&doc).send().await.expect("POST");
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .json(&doc)
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(r.status(), 401);
     assert_eq!(header(&r, "www-authenticate"), "Bearer");
     let r = c
@@ -201,7 +272,14 @@ async fn config_writes_need_the_admin_token_when_set() {
         .expect("POST");
     assert_eq!(r.status(), 200);
     // Reads stay open.
-    assert_eq!(c.get(s.url("/rate_limit/config")).send().await.expect("GET").status(), 200);
+    assert_eq!(
+        c.get(s.url("/rate_limit/config"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -219,8 +297,14 @@ async fn forward_auth_reads_identity_from_headers_and_trusted_proxies() {
             .send()
     };
     // The peer (127.0.0.1) is trusted, so the client is the right-most untrusted hop.
-    assert_eq!(login("6.6.6.6, 203.0.113.8").await.expect("auth").status(), 200);
-    assert_eq!(login("1.1.1.1, 203.0.113.8").await.expect("auth").status(), 200);
+    assert_eq!(
+        login("6.6.6.6, 203.0.113.8").await.expect("auth").status(),
+        200
+    );
+    assert_eq!(
+        login("1.1.1.1, 203.0.113.8").await.expect("auth").status(),
+        200
+    );
     let r = login("9.9.9.9, 203.0.113.8").await.expect("auth");
     assert_eq!(r.status(), 403);
     assert!(header(&r, "ratelimit").starts_with(r#""login";r=0"#));
@@ -259,14 +343,32 @@ async fn api_keys_never_reach_logs_or_metrics_and_breaches_are_logged() {
     assert_eq!(breach["limit"], "per_key");
     assert_eq!(breach["key_dimensions"], "api_key");
     assert_eq!(breach["key_fp"].as_str().map(str::len), Some(32));
-    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let metrics = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     assert!(metrics.contains(r#"quotaflow_breaches_total{limit="per_key",shadow="false"} 1"#));
-    let config = c.get(s.url("/rate_limit/config")).send().await.expect("GET").text().await.expect("text");
+    let config = c
+        .get(s.url("/rate_limit/config"))
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("text");
     for text in s.logs().iter().chain([&metrics, &config]) {
         assert!(!text.contains(secret), "secret leaked: {text}");
     }
     // No log line per allowed request at the default level.
-    let per_request = s.logs().iter().filter(|l| l.contains("\"allowed\"")).count();
+    let per_request = s
+        .logs()
+        .iter()
+        .filter(|l| l.contains("\"allowed\""))
+        .count();
     assert_eq!(per_request, 0);
 }
 
@@ -293,16 +395,36 @@ window = "200ms"
             .find(|l| l.starts_with("quotaflow_keys_tracked "))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
     };
-    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
-    assert!(gauge(&metrics).is_some_and(|n| n > 0 && n <= 50), "{metrics}");
+    let metrics = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        gauge(&metrics).is_some_and(|n| n > 0 && n <= 50),
+        "{metrics}"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let m = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let m = c
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
         if gauge(&m) == Some(0) {
             assert!(m.contains("quotaflow_keys_expired_total"));
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "keys never expired:\n{m}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keys never expired:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -311,8 +433,22 @@ window = "200ms"
 async fn health_ready_and_graceful_sigterm() {
     let s = Server::start(Some(TIGHT), &[]);
     let c = client();
-    assert_eq!(c.get(s.url("/healthz")).send().await.expect("healthz").status(), 200);
-    assert_eq!(c.get(s.url("/readyz")).send().await.expect("readyz").status(), 200);
+    assert_eq!(
+        c.get(s.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(s.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .status(),
+        200
+    );
     let status = s.terminate();
     assert!(status.success(), "exit status {status}");
 }

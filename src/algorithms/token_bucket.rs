@@ -33,7 +33,8 @@ impl TokenBucket {
     /// A bucket of `capacity` tokens refilled at `refill_per_sec`, or `None`
     /// when the refill period of a full bucket exceeds a year (or is zero).
     pub fn new(capacity: u64, refill_per_sec: f64) -> Option<Self> {
-        if capacity == 0 || capacity > MAX_QUOTA || refill_per_sec.is_nan() || refill_per_sec <= 0.0 {
+        if capacity == 0 || capacity > MAX_QUOTA || refill_per_sec.is_nan() || refill_per_sec <= 0.0
+        {
             return None;
         }
         let interval = (NS_PER_SEC / refill_per_sec).ceil();

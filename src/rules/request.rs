@@ -184,7 +184,10 @@ mod vocabulary {
         };
         let json = serde_json::to_value(full).unwrap();
         for field in json.as_object().unwrap().keys() {
-            assert!(names.contains(&field.as_str()), "`{field}` missing from request_event.avsc");
+            assert!(
+                names.contains(&field.as_str()),
+                "`{field}` missing from request_event.avsc"
+            );
         }
     }
 }

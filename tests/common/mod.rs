@@ -28,7 +28,8 @@ impl Server {
             std::fs::write(&path, text).expect("write config");
             cmd.arg("--config").arg(path);
         }
-        cmd.env_remove("RUST_LOG").env_remove("QUOTAFLOW_ADMIN_TOKEN");
+        cmd.env_remove("RUST_LOG")
+            .env_remove("QUOTAFLOW_ADMIN_TOKEN");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -71,7 +72,11 @@ impl Server {
     }
 
     /// Wait until a log line satisfies `pred`, or panic after `timeout`.
-    pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_log(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             for line in self.logs() {
@@ -81,7 +86,11 @@ impl Server {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "no matching log line; logs:\n{}", self.logs().join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "no matching log line; logs:\n{}",
+                self.logs().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -95,7 +104,10 @@ impl Server {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "quotaflow did not exit within 10 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "quotaflow did not exit within 10 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -116,5 +128,8 @@ pub fn client() -> reqwest::Client {
 }
 
 pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
