@@ -52,6 +52,19 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The enforced limit a response should describe: on refusal the violated
+    /// limit that frees up last; otherwise the one closest to refusing.
+    pub fn binding(&self) -> Option<&LimitOutcome> {
+        if self.allowed {
+            self.outcomes
+                .iter()
+                .filter(|o| !o.shadow)
+                .min_by_key(|o| (o.verdict.remaining, std::cmp::Reverse(o.verdict.reset_ms)))
+        } else {
+            self.violated().max_by_key(|o| o.verdict.retry_after_ms)
+        }
+    }
+
     /// Enforced limits that refused the request.
     pub fn violated(&self) -> impl Iterator<Item = &LimitOutcome> {
         self.outcomes
@@ -147,8 +160,20 @@ impl Limiter {
         now_ms: u64,
         f: impl FnOnce(&Rules, &Decision) -> R,
     ) -> R {
+        self.check_in(&self.store, req, now_ms, f)
+    }
+
+    /// As [`Limiter::check_with`], against another store: the stream
+    /// processor keeps one store per partition it owns, under the same rules.
+    pub fn check_in<R>(
+        &self,
+        store: &KeyedStore,
+        req: &Request,
+        now_ms: u64,
+        f: impl FnOnce(&Rules, &Decision) -> R,
+    ) -> R {
         let rules = self.rules.load();
-        let decision = self.decide(&rules, req, now_ms);
+        let decision = self.decide(store, &rules, req, now_ms);
         f(&rules, &decision)
     }
 
@@ -157,7 +182,7 @@ impl Limiter {
         self.check_with(req, now_ms, |_, d| d.clone())
     }
 
-    fn decide(&self, rules: &Rules, req: &Request, now_ms: u64) -> Decision {
+    fn decide(&self, store: &KeyedStore, rules: &Rules, req: &Request, now_ms: u64) -> Decision {
         let mut decision = Decision {
             allowed: true,
             whitelisted: false,
@@ -186,7 +211,7 @@ impl Limiter {
                 })
                 .collect();
             let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
-            decision.allowed = self.store.apply(&probes, now_ms, req.cost, &mut probed);
+            decision.allowed = store.apply(&probes, now_ms, req.cost, &mut probed);
             for ((&(i, a, b), p), probe) in spans.iter().zip(&probed).zip(&probes) {
                 let event = breach_event(p, decision.allowed);
                 decision.outcomes.push(LimitOutcome {

@@ -6,25 +6,11 @@ use std::fmt::Write as _;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::limiter::{Decision, LimitOutcome};
+use crate::limiter::Decision;
 use crate::rules::Rules;
 
 /// Problem type for refusals, registered by the ratelimit-headers draft.
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
-
-/// The enforced limit the headers describe: on refusal the violated limit
-/// that frees up last; otherwise the one closest to refusing.
-pub fn binding(decision: &Decision) -> Option<&LimitOutcome> {
-    if decision.allowed {
-        decision
-            .outcomes
-            .iter()
-            .filter(|o| !o.shadow)
-            .min_by_key(|o| (o.verdict.remaining, std::cmp::Reverse(o.verdict.reset_ms)))
-    } else {
-        decision.violated().max_by_key(|o| o.verdict.retry_after_ms)
-    }
-}
 
 /// Whole seconds, rounded up, as HTTP headers count them.
 pub fn secs(ms: u64) -> u64 {
@@ -63,7 +49,7 @@ pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
     if !policy.is_empty() {
         put(headers, "ratelimit-policy", policy);
     }
-    if let Some(o) = binding(decision) {
+    if let Some(o) = decision.binding() {
         if let Some(limit) = rules.limits.get(o.limit) {
             let reset = secs(o.verdict.reset_ms);
             put(

@@ -90,7 +90,7 @@ impl Request {
         Ok(())
     }
 
-    pub(crate) fn has(&self, dim: Dimension) -> bool {
+    pub fn has(&self, dim: Dimension) -> bool {
         match dim {
             Dimension::UserId => self.user_id.is_some(),
             Dimension::ApiKey => self.api_key.is_some(),
@@ -102,7 +102,7 @@ impl Request {
 
     /// Append the key part for `dim`. API keys go in as fingerprints, so
     /// state (and anything made from it) never holds them in clear.
-    pub(crate) fn write_dimension(&self, dim: Dimension, fp: &Fingerprinter, out: &mut String) {
+    pub fn write_dimension(&self, dim: Dimension, fp: &Fingerprinter, out: &mut String) {
         match dim {
             Dimension::UserId => out.push_str(self.user_id.as_deref().unwrap_or_default()),
             Dimension::ApiKey => {

@@ -12,6 +12,8 @@
 
 use std::hash::BuildHasher;
 
+use serde::{Deserialize, Serialize};
+
 use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
@@ -35,6 +37,15 @@ pub struct Probed {
     /// Consecutive refusals of this key before this request, so callers can
     /// tell the start of a breach (0 then refused) from its end (n then allowed).
     pub refused_before: u32,
+}
+
+/// One key's stored state, as checkpoints carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKey {
+    pub key: Box<str>,
+    pub state: State,
+    pub expires_at_ms: u64,
+    pub refused: u32,
 }
 
 struct Slot {
@@ -208,6 +219,45 @@ impl KeyedStore {
         self.len() == 0
     }
 
+    /// Every stored key, shard by shard (for checkpoints). Each shard is
+    /// copied under its own lock, so concurrent writers wait only briefly.
+    pub fn export(&self) -> Vec<StoredKey> {
+        let mut out = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            let table = shard.0.lock();
+            out.extend(table.iter().map(|s| StoredKey {
+                key: s.key.clone(),
+                state: s.state,
+                expires_at_ms: s.expires_at_ms,
+                refused: s.refused,
+            }));
+        }
+        out
+    }
+
+    /// Replace the whole content with `keys` (a restored checkpoint).
+    pub fn import(&self, keys: Vec<StoredKey>) {
+        for shard in self.shards.iter() {
+            shard.0.lock().clear();
+        }
+        for k in keys {
+            let hash = self.hasher.hash_one(&*k.key);
+            let mut table = self.shards[self.shard_of(hash)].0.lock();
+            let slot = Slot {
+                key: k.key,
+                state: k.state,
+                expires_at_ms: k.expires_at_ms,
+                refused: k.refused,
+            };
+            match table.find_mut(hash, |s| s.key == slot.key) {
+                Some(existing) => *existing = slot,
+                None => {
+                    table.insert_unique(hash, slot, |s| self.hasher.hash_one(&s.key));
+                }
+            }
+        }
+    }
+
     /// The stored state of `key`, if any (for tests, checkpoints and debugging).
     pub fn get(&self, key: &str) -> Option<State> {
         let hash = self.hasher.hash_one(key);
@@ -307,6 +357,23 @@ mod tests {
         assert_eq!(store.sweep(1_499), 0);
         assert_eq!(store.sweep(1_500), 100);
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn export_import_round_trips() {
+        let a = KeyedStore::new(4);
+        let tb = TokenBucket::new(10, 1.0).unwrap();
+        for i in 0..1000 {
+            a.apply_one(&probe(&format!("k{i}"), &tb), 5, 1 + i % 3);
+        }
+        let b = KeyedStore::new(16);
+        b.import(a.export());
+        assert_eq!(b.len(), 1000);
+        let mut x = a.export();
+        let mut y = b.export();
+        x.sort_by(|p, q| p.key.cmp(&q.key));
+        y.sort_by(|p, q| p.key.cmp(&q.key));
+        assert_eq!(x, y);
     }
 
     #[test]

@@ -1,0 +1,637 @@
+//! One partition of the requests topic: per-key state, clock-skew rule,
+//! block/unblock decisions, breach-alert windows and dead letters.
+//!
+//! Everything here is a deterministic function of the partition's records
+//! (payload, offset, broker timestamp) in order, so replaying from a
+//! checkpoint yields the same state and the same outputs with the same ids.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::Checkpoint;
+use super::records::{Action, BreachAlert, DecisionRecord, Dim, Offender, RequestEvent, Severity};
+use crate::fingerprint::Fingerprinter;
+use crate::limiter::{BreachEvent, Decision, Limiter};
+use crate::rules::{Dimension, Limit, Request, Rules};
+use crate::state::KeyedStore;
+
+/// What a partition processor needs to know beyond the rules.
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// Name of the input topic, part of every output id.
+    pub topic: String,
+    /// How far ahead of the broker's timestamp a gateway's clock may run.
+    pub max_clock_skew_ms: u64,
+    /// Length of breach-alert windows.
+    pub alert_window_ms: u64,
+    /// Refusals of one key in one window below which no alert is sent.
+    pub alert_min_refused: u64,
+    /// Refusals at or above which an alert is `CRITICAL`.
+    pub alert_critical_refused: u64,
+    /// Emit an ALLOW/DENY decision for every event, not only block/unblock.
+    pub every_event: bool,
+}
+
+/// One input record as the processor sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct InputRecord<'a> {
+    pub offset: i64,
+    /// The broker's (log-append or create) timestamp, if the record has one.
+    pub broker_ts_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// Something to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Decision(DecisionRecord),
+    Alert(BreachAlert),
+    /// An input that could not be processed, with the reason.
+    DeadLetter {
+        source_offset: i64,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        reason: String,
+    },
+}
+
+/// Refusals of one key in one alert window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertAgg {
+    pub limit: String,
+    pub shadow: bool,
+    pub dimensions: Vec<Dim>,
+    pub refused: u64,
+    pub refused_cost: u64,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    /// (dimension, value, count), first `MAX_OFFENDERS` distinct values.
+    pub offenders: Vec<(String, String, u64)>,
+}
+
+/// Distinct offending values tracked per alert (bounded memory per key).
+const MAX_OFFENDERS: usize = 32;
+/// Offenders reported per alert.
+const TOP_OFFENDERS: usize = 5;
+
+/// The state and logic of one owned partition.
+pub struct PartitionProcessor {
+    cfg: Arc<ProcessorConfig>,
+    partition: i32,
+    store: Arc<KeyedStore>,
+    /// window start -> rendered key -> aggregate; BTreeMaps keep emission order deterministic.
+    alerts: BTreeMap<u64, BTreeMap<String, AlertAgg>>,
+    watermark_ms: u64,
+    next_offset: i64,
+}
+
+impl PartitionProcessor {
+    /// A processor starting from `restored` (or empty at offset 0).
+    pub fn new(
+        cfg: Arc<ProcessorConfig>,
+        partition: i32,
+        store: Arc<KeyedStore>,
+        restored: Option<Checkpoint>,
+    ) -> Self {
+        let mut p = Self {
+            cfg,
+            partition,
+            store,
+            alerts: BTreeMap::new(),
+            watermark_ms: 0,
+            next_offset: 0,
+        };
+        if let Some(cp) = restored {
+            p.next_offset = cp.next_offset;
+            p.watermark_ms = cp.watermark_ms;
+            p.store.import(cp.keys);
+            for (start, key, agg) in cp.alerts {
+                p.alerts.entry(start).or_default().insert(key, agg);
+            }
+        } else {
+            p.store.import(Vec::new());
+        }
+        p
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The offset of the next event to process (where a restart resumes).
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    pub fn store(&self) -> &Arc<KeyedStore> {
+        &self.store
+    }
+
+    pub fn watermark_ms(&self) -> u64 {
+        self.watermark_ms
+    }
+
+    /// Everything needed to resume here.
+    pub fn checkpoint(&self, config_version: u64) -> Checkpoint {
+        Checkpoint {
+            next_offset: self.next_offset,
+            config_version,
+            watermark_ms: self.watermark_ms,
+            keys: self.store.export(),
+            alerts: self
+                .alerts
+                .iter()
+                .flat_map(|(&start, m)| m.iter().map(move |(k, a)| (start, k.clone(), a.clone())))
+                .collect(),
+        }
+    }
+
+    /// Drop keys whose state equals a fresh key's at the partition's event time.
+    pub fn sweep(&self) -> usize {
+        self.store.sweep(self.watermark_ms)
+    }
+
+    /// Process one record: `event` is its decoded payload or why it could not
+    /// be decoded. Outputs are appended to `out` in publication order.
+    pub fn process(
+        &mut self,
+        limiter: &Limiter,
+        rec: InputRecord<'_>,
+        event: Result<RequestEvent, String>,
+        out: &mut Vec<Output>,
+    ) {
+        if rec.offset < self.next_offset {
+            // Already reflected in the state (a replayed record): skip it.
+            return;
+        }
+        self.next_offset = rec.offset + 1;
+        let dead = |reason: String| Output::DeadLetter {
+            source_offset: rec.offset,
+            key: rec.key.map(<[u8]>::to_vec),
+            payload: rec.payload.to_vec(),
+            reason,
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(reason) => return out.push(dead(reason)),
+        };
+        let req = match event.to_request() {
+            Ok(r) => r,
+            Err(reason) => return out.push(dead(format!("invalid event: {reason}"))),
+        };
+        if event.timestamp_ms < 0 {
+            return out.push(dead(format!(
+                "timestamp_ms {} is negative",
+                event.timestamp_ms
+            )));
+        }
+        let now = self.event_time(event.timestamp_ms, rec.broker_ts_ms);
+        self.watermark_ms = self.watermark_ms.max(now);
+        self.close_alert_windows(rec.offset, out);
+
+        let store = self.store.clone();
+        let fp = limiter.fingerprinter();
+        limiter.check_in(&store, &req, now, |rules, d| {
+            self.decisions(rules, d, &req, fp, now, rec.offset, out);
+            self.count_refusals(rules, d, &req, fp, now);
+        });
+    }
+
+    /// Clock-skew rule: a gateway's timestamp may not run more than
+    /// `max_clock_skew` ahead of the broker's, so a fast clock cannot mint
+    /// tokens; late timestamps are applied at the key's own time by the
+    /// algorithms.
+    fn event_time(&self, timestamp_ms: i64, broker_ts_ms: Option<i64>) -> u64 {
+        let ts = timestamp_ms.max(0) as u64;
+        match broker_ts_ms {
+            Some(b) if b >= 0 => ts.min((b as u64).saturating_add(self.cfg.max_clock_skew_ms)),
+            _ => ts,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decisions(
+        &self,
+        rules: &Rules,
+        d: &Decision,
+        req: &Request,
+        fp: &Fingerprinter,
+        now: u64,
+        offset: i64,
+        out: &mut Vec<Output>,
+    ) {
+        let mut n = 0;
+        let mut push = |action: Action, limit: &Limit, until: Option<u64>, reason: String| {
+            let dims = dimensions(limit, req, fp);
+            out.push(Output::Decision(DecisionRecord {
+                decision_id: format!(
+                    "{}:{}:{offset}:decision:{n}",
+                    self.cfg.topic, self.partition
+                ),
+                action,
+                limit: limit.name.clone(),
+                key: render_key(&limit.name, &dims),
+                dimensions: dims,
+                until_ms: until.map(|u| u as i64),
+                reason,
+                quota: limit.shape.quota as i64,
+                event_time_ms: now as i64,
+                source_topic: self.cfg.topic.clone(),
+                source_partition: self.partition,
+                source_offset: offset,
+                config_version: d.version as i64,
+            }));
+            n += 1;
+        };
+        for o in d.outcomes.iter().filter(|o| !o.shadow) {
+            let Some(limit) = rules.limits.get(o.limit) else {
+                continue;
+            };
+            match o.event {
+                Some(BreachEvent::Started) => push(
+                    Action::Block,
+                    limit,
+                    Some(now + o.verdict.retry_after_ms),
+                    format!(
+                        "over limit `{}`: {} per {}s",
+                        limit.name, limit.shape.quota, limit.shape.window_secs
+                    ),
+                ),
+                Some(BreachEvent::Ended { refused }) => push(
+                    Action::Unblock,
+                    limit,
+                    None,
+                    format!(
+                        "within limit `{}` again after {refused} refused",
+                        limit.name
+                    ),
+                ),
+                _ => {}
+            }
+        }
+        if self.cfg.every_event {
+            if let Some(o) = d.binding() {
+                if let Some(limit) = rules.limits.get(o.limit) {
+                    if d.allowed {
+                        push(Action::Allow, limit, None, "allowed".into());
+                    } else {
+                        push(
+                            Action::Deny,
+                            limit,
+                            Some(now + o.verdict.retry_after_ms),
+                            format!("over limit `{}`", limit.name),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_refusals(
+        &mut self,
+        rules: &Rules,
+        d: &Decision,
+        req: &Request,
+        fp: &Fingerprinter,
+        now: u64,
+    ) {
+        let w = self.cfg.alert_window_ms.max(1);
+        let start = self.watermark_ms - self.watermark_ms % w;
+        for o in d.outcomes.iter().filter(|o| !o.verdict.allowed) {
+            let Some(limit) = rules.limits.get(o.limit) else {
+                continue;
+            };
+            let dims = dimensions(limit, req, fp);
+            let key = render_key(&limit.name, &dims);
+            let agg = self
+                .alerts
+                .entry(start)
+                .or_default()
+                .entry(key)
+                .or_insert_with(|| AlertAgg {
+                    limit: limit.name.clone(),
+                    shadow: o.shadow,
+                    dimensions: dims,
+                    refused: 0,
+                    refused_cost: 0,
+                    first_seen_ms: now,
+                    last_seen_ms: now,
+                    offenders: Vec::new(),
+                });
+            agg.refused += 1;
+            agg.refused_cost += req.cost;
+            agg.first_seen_ms = agg.first_seen_ms.min(now);
+            agg.last_seen_ms = agg.last_seen_ms.max(now);
+            for dim in [
+                Dimension::UserId,
+                Dimension::ApiKey,
+                Dimension::ClientIp,
+                Dimension::Path,
+            ] {
+                if limit.key.contains(&dim) || !req.has(dim) {
+                    continue;
+                }
+                let value = dim_value(req, dim, fp);
+                let known = agg
+                    .offenders
+                    .iter()
+                    .position(|(d, v, _)| d == dim.as_str() && *v == value);
+                match known {
+                    Some(i) => agg.offenders[i].2 += 1,
+                    None if agg.offenders.len() < MAX_OFFENDERS => {
+                        agg.offenders.push((dim.as_str().to_owned(), value, 1))
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Emit the alerts of every window that ended at or before the watermark.
+    fn close_alert_windows(&mut self, offset: i64, out: &mut Vec<Output>) {
+        let w = self.cfg.alert_window_ms.max(1);
+        let mut n = 0;
+        while let Some(entry) = self.alerts.first_entry() {
+            let start = *entry.key();
+            if start + w > self.watermark_ms {
+                break;
+            }
+            for (key, agg) in entry.remove() {
+                if agg.refused < self.cfg.alert_min_refused {
+                    continue;
+                }
+                let mut offenders = agg.offenders;
+                offenders
+                    .sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (&a.0, &a.1).cmp(&(&b.0, &b.1))));
+                out.push(Output::Alert(BreachAlert {
+                    alert_id: format!("{}:{}:{offset}:alert:{n}", self.cfg.topic, self.partition),
+                    limit: agg.limit,
+                    key,
+                    dimensions: agg.dimensions,
+                    shadow: agg.shadow,
+                    window_start_ms: start as i64,
+                    window_end_ms: (start + w) as i64,
+                    refused: agg.refused as i64,
+                    refused_cost: agg.refused_cost as i64,
+                    first_seen_ms: agg.first_seen_ms as i64,
+                    last_seen_ms: agg.last_seen_ms as i64,
+                    severity: if agg.refused >= self.cfg.alert_critical_refused {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    },
+                    top_offenders: offenders
+                        .into_iter()
+                        .take(TOP_OFFENDERS)
+                        .map(|(dimension, value, count)| Offender {
+                            dimension,
+                            value,
+                            count: count as i64,
+                        })
+                        .collect(),
+                    source_topic: self.cfg.topic.clone(),
+                    source_partition: self.partition,
+                    source_offset: offset,
+                }));
+                n += 1;
+            }
+        }
+    }
+}
+
+fn dim_value(req: &Request, dim: Dimension, fp: &Fingerprinter) -> String {
+    let mut s = String::new();
+    if dim == Dimension::ApiKey {
+        s.push_str("fp:");
+    }
+    req.write_dimension(dim, fp, &mut s);
+    s
+}
+
+/// The limit's key dimensions for `req`, API keys as fingerprints.
+pub fn dimensions(limit: &Limit, req: &Request, fp: &Fingerprinter) -> Vec<Dim> {
+    limit
+        .key
+        .iter()
+        .map(|&d| Dim {
+            name: d.as_str().to_owned(),
+            value: dim_value(req, d, fp),
+        })
+        .collect()
+}
+
+/// `limit/dim=value/...`: the record key of decisions and alerts.
+pub fn render_key(limit: &str, dims: &[Dim]) -> String {
+    let mut key = limit.to_owned();
+    for d in dims {
+        key.push('/');
+        key.push_str(&d.name);
+        key.push('=');
+        key.push_str(&d.value);
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::checkpoint::{CheckpointStore, MemoryCheckpoints};
+    use crate::rules::RulesDoc;
+
+    fn limiter() -> Limiter {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [
+                {"name": "per_user", "key": ["user_id"], "algorithm": "fixed_window", "limit": 2, "window": "10s"},
+                {"name": "per_key", "key": ["api_key"], "capacity": 100, "refill_per_sec": 1, "shadow": true}
+            ]}"#,
+        )
+        .unwrap();
+        Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap()
+    }
+
+    fn cfg() -> Arc<ProcessorConfig> {
+        Arc::new(ProcessorConfig {
+            topic: "requests".into(),
+            max_clock_skew_ms: 1_000,
+            alert_window_ms: 60_000,
+            alert_min_refused: 2,
+            alert_critical_refused: 3,
+            every_event: false,
+        })
+    }
+
+    fn event(user: &str, ts: i64) -> RequestEvent {
+        RequestEvent {
+            event_id: format!("{user}-{ts}"),
+            timestamp_ms: ts,
+            user_id: Some(user.into()),
+            api_key: Some("sk_secret".into()),
+            client_ip: Some("192.0.2.1".into()),
+            method: Some("GET".into()),
+            path: Some("/x".into()),
+            cost: 1,
+            gateway_id: Some("gw".into()),
+        }
+    }
+
+    fn feed(
+        p: &mut PartitionProcessor,
+        l: &Limiter,
+        offset: i64,
+        ts: i64,
+        broker: i64,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        let rec = InputRecord {
+            offset,
+            broker_ts_ms: Some(broker),
+            key: None,
+            payload: b"",
+        };
+        p.process(l, rec, Ok(event("alice", ts)), &mut out);
+        out
+    }
+
+    #[test]
+    fn block_then_unblock_with_deterministic_ids() {
+        let l = limiter();
+        let mut p = PartitionProcessor::new(cfg(), 3, Arc::new(KeyedStore::new(1)), None);
+        assert!(feed(&mut p, &l, 0, 1_000, 1_000).is_empty());
+        assert!(feed(&mut p, &l, 1, 1_001, 1_001).is_empty());
+        let out = feed(&mut p, &l, 2, 1_002, 1_002);
+        let Some(Output::Decision(block)) = out.first() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(block.action, Action::Block);
+        assert_eq!(block.decision_id, "requests:3:2:decision:0");
+        assert_eq!(block.key, "per_user/user_id=alice");
+        assert_eq!(block.until_ms, Some(10_000));
+        // Still blocked: no new decision per refused event.
+        assert!(feed(&mut p, &l, 3, 5_000, 5_000).is_empty());
+        let out = feed(&mut p, &l, 4, 10_000, 10_000);
+        let Some(Output::Decision(unblock)) = out.first() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(unblock.action, Action::Unblock);
+        assert_eq!(unblock.source_offset, 4);
+    }
+
+    #[test]
+    fn a_fast_gateway_clock_cannot_refill_early() {
+        let l = limiter();
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        feed(&mut p, &l, 0, 1_000, 1_000);
+        feed(&mut p, &l, 1, 1_000, 1_000);
+        // Ten minutes fast: clamped to broker time + 1 s, still the same window.
+        let out = feed(&mut p, &l, 2, 601_000, 1_100);
+        assert!(
+            matches!(out.first(), Some(Output::Decision(d)) if d.action == Action::Block),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_events_become_dead_letters_and_processing_continues() {
+        let l = limiter();
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let mut out = Vec::new();
+        let rec = InputRecord {
+            offset: 7,
+            broker_ts_ms: Some(1),
+            key: Some(b"k"),
+            payload: b"\x00garbage",
+        };
+        p.process(&l, rec, Err("truncated record".into()), &mut out);
+        let mut bad = event("bob", 5);
+        bad.client_ip = Some("not-an-ip".into());
+        p.process(&l, InputRecord { offset: 8, ..rec }, Ok(bad), &mut out);
+        match &out[..] {
+            [Output::DeadLetter {
+                source_offset: 7,
+                reason: r1,
+                payload,
+                ..
+            }, Output::DeadLetter {
+                source_offset: 8,
+                reason: r2,
+                ..
+            }] => {
+                assert_eq!(r1, "truncated record");
+                assert_eq!(payload, b"\x00garbage");
+                assert!(r2.contains("client_ip"), "{r2}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.next_offset(), 9);
+    }
+
+    #[test]
+    fn alerts_aggregate_per_key_and_window_with_offenders() {
+        let l = limiter();
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        for i in 0..6 {
+            feed(&mut p, &l, i, 1_000 + i, 1_000 + i);
+        }
+        // The next window's first event closes the first one.
+        let out = feed(&mut p, &l, 6, 61_000, 61_000);
+        let alerts: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Alert(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alerts.len(), 1, "{out:?}");
+        let a = alerts[0];
+        assert_eq!(a.alert_id, "requests:0:6:alert:0");
+        assert_eq!(
+            (a.refused, a.first_seen_ms, a.last_seen_ms),
+            (4, 1_002, 1_005)
+        );
+        assert_eq!(a.severity, Severity::Critical);
+        assert_eq!(a.window_end_ms, 60_000);
+        let dims: Vec<_> = a
+            .top_offenders
+            .iter()
+            .map(|o| (o.dimension.as_str(), o.count))
+            .collect();
+        assert_eq!(dims, vec![("api_key", 4), ("client_ip", 4), ("path", 4)]);
+        assert!(a.top_offenders[0].value.starts_with("fp:"));
+        assert!(!format!("{out:?}").contains("sk_secret"));
+    }
+
+    #[test]
+    fn restore_from_checkpoint_replays_to_the_same_outputs() {
+        let l = limiter();
+        let ckpts = MemoryCheckpoints::default();
+        let run = |p: &mut PartitionProcessor, range: std::ops::Range<i64>| -> Vec<Output> {
+            range
+                .flat_map(|i| feed(p, &l, i, 1_000 + i * 7_000, 1_000 + i * 7_000))
+                .collect()
+        };
+        let mut whole = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let expected = run(&mut whole, 0..40);
+
+        let mut first = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let (epoch, _) = ckpts.acquire(0).unwrap();
+        let mut got = run(&mut first, 0..15);
+        ckpts.save(0, epoch, &first.checkpoint(1)).unwrap();
+        // Crash after processing up to 22 without checkpointing: outputs 15..22
+        // were published, and will be published again with the same ids.
+        let dup = run(&mut first, 15..22);
+        let (_, cp) = ckpts.acquire(0).unwrap();
+        let mut second = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), cp);
+        let replayed = run(&mut second, 15..40);
+        assert_eq!(&replayed[..dup.len()], &dup[..]);
+        got.extend(replayed);
+        assert_eq!(got, expected);
+        let sorted = |mut cp: Checkpoint| {
+            cp.keys.sort_by(|a, b| a.key.cmp(&b.key));
+            cp
+        };
+        assert_eq!(sorted(second.checkpoint(1)), sorted(whole.checkpoint(1)));
+    }
+}

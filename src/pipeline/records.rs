@@ -1,0 +1,147 @@
+//! The records that flow through the pipeline, in the shared vocabulary.
+//! Their Avro schemas live in `schemas/`; field names match one to one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::rules::Request;
+
+/// One request seen by a gateway (topic `requests`, schema `request_event.avsc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestEvent {
+    pub event_id: String,
+    /// Gateway clock, milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Textual IPv4 or IPv6 address; an unparsable one sends the event to the
+    /// dead-letter topic.
+    #[serde(default)]
+    pub client_ip: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default = "one")]
+    pub cost: i64,
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+impl RequestEvent {
+    /// The request to rate limit, or why this event cannot be one.
+    pub fn to_request(&self) -> Result<Request, String> {
+        let client_ip = match &self.client_ip {
+            None => None,
+            Some(text) => Some(
+                text.parse()
+                    .map_err(|_| format!("client_ip `{text}` is not an IP address"))?,
+            ),
+        };
+        let cost =
+            u64::try_from(self.cost).map_err(|_| format!("cost {} is negative", self.cost))?;
+        let req = Request {
+            user_id: self.user_id.clone(),
+            api_key: self.api_key.clone(),
+            client_ip,
+            method: self.method.clone(),
+            path: self.path.clone(),
+            cost,
+        };
+        req.validate().map_err(|e| e.to_string())?;
+        Ok(req)
+    }
+}
+
+/// What a gateway's deny cache acts on (topic `decisions`, schema `decision.avsc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    /// Refuse this key until `until_ms`.
+    Block,
+    /// The key is within its limit again; drop it from the deny cache.
+    Unblock,
+    /// One request allowed (only with `decisions.every_event`).
+    Allow,
+    /// One request refused (only with `decisions.every_event`).
+    Deny,
+}
+
+/// One dimension of a limited key, e.g. `user_id = alice`. API keys appear as
+/// `fp:<fingerprint>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dim {
+    pub name: String,
+    pub value: String,
+}
+
+/// A decision about one key of one limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// Deterministic: `topic:partition:offset:decision:n` of the input that caused it.
+    pub decision_id: String,
+    pub action: Action,
+    pub limit: String,
+    /// The record key: limit name and dimensions, e.g. `per_user/user_id=alice`.
+    pub key: String,
+    pub dimensions: Vec<Dim>,
+    /// For `BLOCK`/`DENY`: when the key may pass again (event time, ms).
+    pub until_ms: Option<i64>,
+    pub reason: String,
+    /// The limit's quota (`capacity` or `limit`).
+    pub quota: i64,
+    /// Event time the decision was made at (after clock-skew clamping).
+    pub event_time_ms: i64,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub config_version: i64,
+}
+
+/// How serious a breach alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+/// A dimension value seen among a breach's refused requests, with its count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offender {
+    pub dimension: String,
+    pub value: String,
+    pub count: i64,
+}
+
+/// Refusals of one key in one alert window (topic `breach-alerts`, schema
+/// `breach_alert.avsc`), for security teams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreachAlert {
+    /// Deterministic: `topic:partition:offset:alert:n` of the input that closed the window.
+    pub alert_id: String,
+    pub limit: String,
+    pub key: String,
+    pub dimensions: Vec<Dim>,
+    pub shadow: bool,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    /// Refused requests of this key in the window.
+    pub refused: i64,
+    /// Cost units refused.
+    pub refused_cost: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub severity: Severity,
+    /// The most frequent values of the request dimensions not in the key
+    /// (paths, client IPs, …) among the refused requests, most frequent first.
+    pub top_offenders: Vec<Offender>,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
