@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one command that passes every test: formatting, lints, unit, property
-# and integration tests. Fails on any failure and on any skipped test.
+# and integration tests against a real Kafka and a real Redis, which it
+# installs (once, cached outside the repo) and starts (idempotently) through
+# scripts/services.sh. Fails on any failure and on any skipped test.
 #
 # Usage: scripts/test.sh
 set -euo pipefail
@@ -11,6 +13,11 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy (all targets, warnings are errors)"
 cargo clippy --all-targets --locked -- -D warnings
+
+echo "==> starting Kafka and Redis (scripts/services.sh up)"
+services_env=$(scripts/services.sh up)
+eval "$services_env"
+export KAFKA_BOOTSTRAP_SERVERS REDIS_URL
 
 echo "==> cargo test"
 log=$(mktemp)
