@@ -14,5 +14,6 @@ pub mod pipeline;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod simulate;
 pub mod state;
 pub mod stream;

@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use anyhow::Context as _;
 use quotaflow::fingerprint::Fingerprinter;
 use quotaflow::rules::Rules;
 use quotaflow::settings::Settings;
+use quotaflow::simulate::{self, Generated, Plan};
 use quotaflow::{logging, server};
 
 #[derive(Parser)]
@@ -33,6 +35,39 @@ enum Command {
         #[arg(long, short)]
         listen: Option<SocketAddr>,
     },
+    /// Generate request events: into the embedded pipeline (default, prints
+    /// decisions and alerts as they flow) or, with --kafka, to a real Kafka.
+    Simulate {
+        /// Settings file; the embedded default when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Publish Avro events to this Kafka (bootstrap servers) instead.
+        #[arg(long)]
+        kafka: Option<String>,
+        /// Topic to publish to (with --kafka), overriding kafka.requests_topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Distinct users.
+        #[arg(long, default_value_t = 1000)]
+        users: u32,
+        /// Users that send half of all events (and get limited).
+        #[arg(long, default_value_t = 3)]
+        hot_users: u32,
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        /// How long to run, e.g. 10s or 1m.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Gateway clock offset added to every timestamp, in ms.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        skew_ms: i64,
+        /// Make every n-th record random bytes (0: never).
+        #[arg(long, default_value_t = 0)]
+        poison_every: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Validate a settings file; print every problem and exit 1 if any.
     CheckConfig {
         /// The file to check.
@@ -48,7 +83,98 @@ fn main() -> ExitCode {
     }) {
         Command::Serve { config, listen } => serve(config, listen),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Simulate {
+            config,
+            kafka,
+            topic,
+            users,
+            hot_users,
+            rate,
+            duration,
+            skew_ms,
+            poison_every,
+            seed,
+        } => {
+            let plan = Plan {
+                users,
+                hot_users,
+                rate,
+                duration,
+                skew_ms,
+                poison_every,
+                seed,
+            };
+            match simulate(config, kafka, topic, &plan) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("quotaflow simulate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+fn simulate(
+    config: Option<PathBuf>,
+    kafka: Option<String>,
+    topic: Option<String>,
+    plan: &Plan,
+) -> anyhow::Result<()> {
+    let mut settings = Settings::load(config.as_deref())?;
+    if let Some(t) = topic {
+        settings.kafka.requests_topic = t;
+    }
+    logging::init(&settings.log);
+    if let Some(bootstrap) = kafka {
+        settings.kafka.bootstrap_servers = bootstrap;
+        let sent = simulate::to_kafka(&settings, plan)?;
+        println!(
+            "{}",
+            serde_json::json!({"published": sent, "topic": settings.kafka.requests_topic, "bootstrap_servers": settings.kafka.bootstrap_servers})
+        );
+        return Ok(());
+    }
+    settings.kafka.bootstrap_servers.clear();
+    let mut state = server::build_state(&settings, None)?;
+    let pipeline = server::start_pipeline(&settings, &mut state)?;
+    let embedded = state
+        .embedded
+        .clone()
+        .context("embedded pipeline did not start")?;
+    let sent = simulate::pace(plan, |g| {
+        match g {
+            Generated::Event(e) => {
+                embedded.bus.publish(&e)?;
+            }
+            Generated::Poison(bytes) => {
+                embedded.bus.publish_raw(Some(b"poison"), bytes);
+            }
+        }
+        Ok(())
+    })?;
+    pipeline.stop();
+    let count = |action: &str| {
+        embedded
+            .sink
+            .decisions
+            .lock()
+            .iter()
+            .filter(|d| format!("{:?}", d.action).eq_ignore_ascii_case(action))
+            .count()
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": sent,
+            "blocks": count("block"),
+            "unblocks": count("unblock"),
+            "alerts": embedded.sink.alerts.lock().len(),
+            "dead_letters": embedded.sink.dead_letters.lock().len(),
+            "note": "decisions, alerts and dead letters are logged above as they happened (last 1000 of each counted)"
+        })
+    );
+    Ok(())
 }
 
 fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {

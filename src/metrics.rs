@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::limiter::{BreachEvent, Decision};
@@ -28,6 +28,111 @@ pub struct Metrics {
     breaches: IntCounterVec,
     suspicious: IntCounterVec,
     invalid_requests: IntCounterVec,
+    /// The stream processor's metrics.
+    pub stream: StreamMetrics,
+}
+
+/// Metrics of the stream processor (both modes).
+pub struct StreamMetrics {
+    pub events_consumed: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub partition_lag: IntGaugeVec,
+    pub partitions_owned: IntGauge,
+    pub decisions: IntCounterVec,
+    pub alerts: IntCounterVec,
+    pub checkpoint_duration: Histogram,
+    pub checkpoint_failures: IntCounterVec,
+    pub restore_duration: Histogram,
+    pub rebalances: IntCounterVec,
+}
+
+impl StreamMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            events_consumed: IntCounterVec::new(
+                Opts::new(
+                    "events_consumed_total",
+                    "Request events processed, by partition.",
+                ),
+                &["partition"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "dead_letters_total",
+                    "Events sent to the dead-letter topic, by reason kind (decode, invalid).",
+                ),
+                &["reason"],
+            )?,
+            partition_lag: IntGaugeVec::new(
+                Opts::new(
+                    "partition_lag",
+                    "Events in the partition not yet processed (high watermark - next offset).",
+                ),
+                &["partition"],
+            )?,
+            partitions_owned: IntGauge::new(
+                "partitions_owned",
+                "Partitions this instance owns now.",
+            )?,
+            decisions: IntCounterVec::new(
+                Opts::new(
+                    "decisions_emitted_total",
+                    "Decision records published, by action.",
+                ),
+                &["action"],
+            )?,
+            alerts: IntCounterVec::new(
+                Opts::new(
+                    "alerts_emitted_total",
+                    "Breach alerts published, by severity.",
+                ),
+                &["severity"],
+            )?,
+            checkpoint_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "checkpoint_duration_seconds",
+                    "Time to flush outputs and write one partition checkpoint.",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )?,
+            checkpoint_failures: IntCounterVec::new(
+                Opts::new(
+                    "checkpoint_failures_total",
+                    "Checkpoints not written, by reason (fenced, unavailable, flush, corrupt).",
+                ),
+                &["reason"],
+            )?,
+            restore_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "restore_duration_seconds",
+                    "Time to take a partition: bump its epoch and load its checkpoint.",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )?,
+            rebalances: IntCounterVec::new(
+                Opts::new(
+                    "rebalances_total",
+                    "Partition assignments and revocations, by kind (assign, revoke).",
+                ),
+                &["kind"],
+            )?,
+        };
+        registry.register(Box::new(m.events_consumed.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.partition_lag.clone()))?;
+        registry.register(Box::new(m.partitions_owned.clone()))?;
+        registry.register(Box::new(m.decisions.clone()))?;
+        registry.register(Box::new(m.alerts.clone()))?;
+        registry.register(Box::new(m.checkpoint_duration.clone()))?;
+        registry.register(Box::new(m.checkpoint_failures.clone()))?;
+        registry.register(Box::new(m.restore_duration.clone()))?;
+        registry.register(Box::new(m.rebalances.clone()))?;
+        Ok(m)
+    }
 }
 
 /// Outcome label of a config update attempt.
@@ -109,7 +214,9 @@ impl Metrics {
         registry.register(Box::new(breaches.clone()))?;
         registry.register(Box::new(suspicious.clone()))?;
         registry.register(Box::new(invalid_requests.clone()))?;
+        let stream = StreamMetrics::new(&registry)?;
         Ok(Self {
+            stream,
             registry,
             checks,
             limit_decisions,

@@ -13,7 +13,13 @@ use crate::api::{self, AppState, Identity};
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::settings::Settings;
+use crate::pipeline::{CheckpointStore, MemoryCheckpoints, OutputSink, ProcessorConfig};
+use crate::settings::{EncodingName, Settings};
+use crate::stream::avro::{Codec, Encoding};
+use crate::stream::embedded::{EmbeddedBus, EmbeddedSink};
+use crate::stream::kafka::{KafkaProcessor, KafkaSink};
+use crate::stream::redis_store::RedisCheckpoints;
+use crate::stream::worker::Shared;
 
 /// Environment variable holding the bearer token for config writes.
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAFLOW_ADMIN_TOKEN";
@@ -51,7 +57,118 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
             trusted_proxies: settings.server.trusted_proxies.clone(),
             deny_status,
         }),
+        embedded: None,
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
+}
+
+/// The embedded default's bus and its outputs.
+pub struct Embedded {
+    pub bus: EmbeddedBus,
+    pub sink: Arc<EmbeddedSink>,
+}
+
+/// The running stream processor, in either mode.
+pub enum Pipeline {
+    Embedded(Arc<Embedded>),
+    Kafka(KafkaProcessor),
+}
+
+impl Pipeline {
+    /// Drain every partition, write final checkpoints, leave the group.
+    pub fn stop(self) {
+        match self {
+            Pipeline::Embedded(e) => e.bus.stop(),
+            Pipeline::Kafka(k) => k.stop(),
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Pipeline::Embedded(_) => "embedded",
+            Pipeline::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// The Avro codec the settings ask for.
+pub fn codec(settings: &Settings) -> anyhow::Result<Arc<Codec>> {
+    let ids = settings.stream.schema_ids;
+    let encoding = match settings.stream.encoding {
+        EncodingName::SingleObject => Encoding::SingleObject,
+        EncodingName::Confluent => Encoding::Confluent {
+            request_event_id: ids.request_event,
+            decision_id: ids.decision,
+            breach_alert_id: ids.breach_alert,
+        },
+    };
+    Ok(Arc::new(
+        Codec::new(encoding).context("loading the Avro schemas")?,
+    ))
+}
+
+/// What each partition processor needs from the settings.
+pub fn processor_config(settings: &Settings) -> ProcessorConfig {
+    ProcessorConfig {
+        topic: settings.kafka.requests_topic.clone(),
+        max_clock_skew_ms: settings.stream.max_clock_skew.as_millis() as u64,
+        alert_window_ms: settings.alerts.window.as_millis().max(1) as u64,
+        alert_min_refused: settings.alerts.min_refused,
+        alert_critical_refused: settings.alerts.critical_refused,
+        every_event: settings.decisions.every_event,
+        sweep_interval_ms: settings.state.sweep_interval.as_millis().max(1) as u64,
+    }
+}
+
+/// Start the stream processor: on Kafka with Redis checkpoints when
+/// `kafka.bootstrap_servers` is set, else on the in-process bus.
+pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Result<Pipeline> {
+    let codec = codec(settings)?;
+    let shared = |sink: Arc<dyn OutputSink>, checkpoints: Arc<dyn CheckpointStore>| {
+        Arc::new(Shared {
+            limiter: state.limiter.clone(),
+            codec: codec.clone(),
+            sink,
+            checkpoints,
+            metrics: state.metrics.clone(),
+            processor: Arc::new(processor_config(settings)),
+            checkpoint_interval: settings.stream.checkpoint_interval,
+            shards: settings.state.effective_shards(),
+            owned: Default::default(),
+        })
+    };
+    let k = &settings.kafka;
+    if k.bootstrap_servers.is_empty() {
+        let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000));
+        let shared = shared(sink.clone(), Arc::new(MemoryCheckpoints::default()));
+        let bus = EmbeddedBus::start(
+            shared,
+            settings.stream.partitions,
+            settings.stream.partition_key.clone(),
+        )
+        .context("starting the embedded bus")?;
+        let embedded = Arc::new(Embedded { bus, sink });
+        state.embedded = Some(embedded.clone());
+        state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(Pipeline::Embedded(embedded))
+    } else {
+        let r = &settings.redis;
+        let checkpoints = RedisCheckpoints::new(
+            &r.url,
+            &r.key_prefix,
+            &k.group_id,
+            &k.requests_topic,
+            r.timeout,
+        )
+        .context("configuring Redis checkpoints")?;
+        let sink = KafkaSink::new(k, codec.clone())?;
+        let shared = shared(Arc::new(sink), Arc::new(checkpoints));
+        Ok(Pipeline::Kafka(KafkaProcessor::start(
+            shared,
+            k,
+            state.ready.clone(),
+        )?))
+    }
 }
 
 /// Serve until `shutdown` completes, then drain in-flight requests.
@@ -60,7 +177,8 @@ pub async fn serve(
     admin_token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = build_state(&settings, admin_token)?;
+    let mut state = build_state(&settings, admin_token)?;
+    let pipeline = start_pipeline(&settings, &mut state)?;
     let listener = TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
@@ -73,7 +191,9 @@ pub async fn serve(
         limits = rules.limits.len(),
         config_version = rules.version,
         admin_token = state.admin_token.is_some(),
-        "quotaflow sidecar listening on http://{addr} (embedded mode: in-memory state, no Kafka, no Redis)"
+        mode = pipeline.mode(),
+        "quotaflow listening on http://{addr} ({} mode)",
+        pipeline.mode()
     );
     axum::serve(
         listener,
@@ -83,6 +203,9 @@ pub async fn serve(
     .await
     .context("serving HTTP")?;
     sweeper.abort();
+    tokio::task::spawn_blocking(move || pipeline.stop())
+        .await
+        .context("stopping the stream processor")?;
     tracing::info!(event = "stopped", "quotaflow stopped");
     Ok(())
 }

@@ -27,6 +27,16 @@ pub struct Settings {
     #[serde(default)]
     pub security: SecuritySettings,
     #[serde(default)]
+    pub stream: StreamSettings,
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub redis: RedisSettings,
+    #[serde(default)]
+    pub alerts: AlertSettings,
+    #[serde(default)]
+    pub decisions: DecisionSettings,
+    #[serde(default)]
     pub limits: Vec<LimitDoc>,
     #[serde(default)]
     pub whitelist: WhitelistDoc,
@@ -113,6 +123,139 @@ impl StateSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
     pub fingerprint_key: String,
+}
+
+/// The stream processor, in either mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSettings {
+    /// Partitions of the in-process bus (embedded mode only; Kafka has its own).
+    pub partitions: u32,
+    /// Dimensions the message key is made of (what gateways key events by).
+    pub partition_key: Vec<crate::rules::Dimension>,
+    /// How far a gateway's timestamp may run ahead of the broker's.
+    #[serde(deserialize_with = "duration")]
+    pub max_clock_skew: Duration,
+    /// How often each partition writes its checkpoint.
+    #[serde(deserialize_with = "duration")]
+    pub checkpoint_interval: Duration,
+    /// `single_object` (no registry) or `confluent` (registry ids below).
+    pub encoding: EncodingName,
+    pub schema_ids: SchemaIds,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            partition_key: vec![crate::rules::Dimension::UserId],
+            max_clock_skew: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(5),
+            encoding: EncodingName::SingleObject,
+            schema_ids: SchemaIds::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodingName {
+    #[default]
+    SingleObject,
+    Confluent,
+}
+
+/// Schema ids the shop's registry assigned (Confluent wire format only).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaIds {
+    pub request_event: u32,
+    pub decision: u32,
+    pub breach_alert: u32,
+}
+
+/// Kafka: when `bootstrap_servers` is empty, quotaflow runs the embedded bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub requests_topic: String,
+    pub decisions_topic: String,
+    pub alerts_topic: String,
+    pub dead_letter_topic: String,
+    #[serde(deserialize_with = "duration")]
+    pub session_timeout: Duration,
+    /// Extra librdkafka properties for both consumer and producer.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            group_id: "quotaflow".into(),
+            requests_topic: "requests".into(),
+            decisions_topic: "decisions".into(),
+            alerts_topic: "breach-alerts".into(),
+            dead_letter_topic: "requests-dlq".into(),
+            session_timeout: Duration::from_secs(10),
+            properties: Default::default(),
+        }
+    }
+}
+
+/// Redis, for partition checkpoints (Kafka mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key quotaflow writes, so several deployments can share a Redis.
+    pub key_prefix: String,
+    /// Bound on each Redis call.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "quotaflow".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Breach alerts for security teams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertSettings {
+    /// Alerts aggregate refusals per key over windows of this length (event time).
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// No alert for fewer refusals of a key in a window.
+    pub min_refused: u64,
+    /// From this many refusals on, the alert is CRITICAL (else WARNING).
+    pub critical_refused: u64,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            min_refused: 10,
+            critical_refused: 1000,
+        }
+    }
+}
+
+/// The decisions topic.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionSettings {
+    /// One ALLOW/DENY record per event, besides BLOCK/UNBLOCK.
+    pub every_event: bool,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

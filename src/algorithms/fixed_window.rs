@@ -56,6 +56,7 @@ impl Algorithm for FixedWindow {
                 remaining: self.limit - count,
                 reset_ms: end - now_ms,
                 retry_after_ms: if allowed { 0 } else { end - now_ms },
+                clock_ms: now_ms,
             },
             state: [start, count, 0],
             expires_at_ms: end,

@@ -39,6 +39,10 @@ pub struct Verdict {
     pub reset_ms: u64,
     /// Milliseconds until a request of the same cost could pass; 0 when allowed.
     pub retry_after_ms: u64,
+    /// The instant the verdict holds at: the request's time, or the key's own
+    /// later clock for a late request. `clock_ms + retry_after_ms` is when the
+    /// key may pass again.
+    pub clock_ms: u64,
 }
 
 /// The result of [`Algorithm::decide`]: the verdict and the state to keep.

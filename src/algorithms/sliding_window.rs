@@ -112,6 +112,7 @@ impl Algorithm for SlidingWindow {
                 remaining: self.limit.saturating_sub(used),
                 reset_ms: if curr > 0 { to_next + w } else { to_next },
                 retry_after_ms,
+                clock_ms: now_ms,
             },
             state: [start, curr, prev],
             expires_at_ms: start + 2 * w,

@@ -98,6 +98,7 @@ impl Algorithm for TokenBucket {
                 remaining: self.burst_ns.saturating_sub(ahead) / self.interval_ns,
                 reset_ms,
                 retry_after_ms,
+                clock_ms: now_ms,
             },
             state: [kept_tat, now_ms, 0],
             expires_at_ms: div_ceil(kept_tat, NS_PER_MS).max(now_ms),
@@ -158,7 +159,8 @@ mod tests {
                 limit: 10,
                 remaining: 6,
                 reset_ms: 2_000,
-                retry_after_ms: 0
+                retry_after_ms: 0,
+                clock_ms: 5_000
             }
         );
         let o = tb.decide(&o.state, 5_000, 7);

@@ -4,6 +4,7 @@
 mod admin;
 mod check;
 pub mod client_ip;
+mod events;
 pub mod headers;
 
 use std::sync::Arc;
@@ -36,6 +37,11 @@ pub struct AppState {
     /// Bearer token required for config writes, when set.
     pub admin_token: Option<Arc<str>>,
     pub identity: Arc<Identity>,
+    /// The in-process bus and its outputs (embedded mode only).
+    pub embedded: Option<Arc<crate::server::Embedded>>,
+    /// Whether the stream processor is up (the embedded bus, or the Kafka
+    /// consumer polling its group).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Every route of the sidecar.
@@ -50,8 +56,20 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
+        .route("/events", post(events::publish))
+        .route("/stream/decisions", get(events::decisions))
+        .route("/stream/alerts", get(events::alerts))
+        .route("/stream/dead-letters", get(events::dead_letters))
         .with_state(state)
+}
+
+async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Response {
+    if app.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
 }
 
 async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> Response {

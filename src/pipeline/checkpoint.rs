@@ -25,6 +25,8 @@ pub struct Checkpoint {
     pub config_version: u64,
     /// Highest event time seen (after skew clamping): closes alert windows.
     pub watermark_ms: u64,
+    /// Event time of the last expiry sweep; no event is applied before it.
+    pub horizon_ms: u64,
     pub keys: Vec<StoredKey>,
     /// Open alert windows: (window start, state key, aggregate).
     pub alerts: Vec<(u64, String, AlertAgg)>,
@@ -76,10 +78,13 @@ pub trait CheckpointStore: Send + Sync {
     fn save(&self, partition: i32, epoch: u64, cp: &Checkpoint) -> Result<(), CheckpointError>;
 }
 
+/// Per partition: the epoch and the encoded checkpoint.
+type Slots = HashMap<i32, (u64, Option<Vec<u8>>)>;
+
 /// Checkpoints in memory: the embedded default, and unit tests.
 #[derive(Default)]
 pub struct MemoryCheckpoints {
-    inner: Mutex<HashMap<i32, (u64, Option<Vec<u8>>)>>,
+    inner: Mutex<Slots>,
 }
 
 impl CheckpointStore for MemoryCheckpoints {
@@ -152,6 +157,7 @@ mod tests {
             next_offset: 42,
             config_version: 3,
             watermark_ms: 99,
+            horizon_ms: 90,
             keys: vec![StoredKey {
                 key: "k".into(),
                 state: [1, 2, 3],

@@ -32,6 +32,8 @@ pub struct ProcessorConfig {
     pub alert_critical_refused: u64,
     /// Emit an ALLOW/DENY decision for every event, not only block/unblock.
     pub every_event: bool,
+    /// Event time between expiry sweeps of idle keys.
+    pub sweep_interval_ms: u64,
 }
 
 /// One input record as the processor sees it.
@@ -85,7 +87,12 @@ pub struct PartitionProcessor {
     /// window start -> rendered key -> aggregate; BTreeMaps keep emission order deterministic.
     alerts: BTreeMap<u64, BTreeMap<String, AlertAgg>>,
     watermark_ms: u64,
+    /// Watermark of the last expiry sweep: every key whose state expired by
+    /// then was dropped, so no event is applied earlier than this (a late
+    /// event for a dropped key must not reopen its old window).
+    horizon_ms: u64,
     next_offset: i64,
+    expired: u64,
 }
 
 impl PartitionProcessor {
@@ -102,11 +109,14 @@ impl PartitionProcessor {
             store,
             alerts: BTreeMap::new(),
             watermark_ms: 0,
+            horizon_ms: 0,
             next_offset: 0,
+            expired: 0,
         };
         if let Some(cp) = restored {
             p.next_offset = cp.next_offset;
             p.watermark_ms = cp.watermark_ms;
+            p.horizon_ms = cp.horizon_ms;
             p.store.import(cp.keys);
             for (start, key, agg) in cp.alerts {
                 p.alerts.entry(start).or_default().insert(key, agg);
@@ -140,6 +150,7 @@ impl PartitionProcessor {
             next_offset: self.next_offset,
             config_version,
             watermark_ms: self.watermark_ms,
+            horizon_ms: self.horizon_ms,
             keys: self.store.export(),
             alerts: self
                 .alerts
@@ -149,9 +160,9 @@ impl PartitionProcessor {
         }
     }
 
-    /// Drop keys whose state equals a fresh key's at the partition's event time.
-    pub fn sweep(&self) -> usize {
-        self.store.sweep(self.watermark_ms)
+    /// Keys dropped by expiry sweeps since the last call (for metrics).
+    pub fn take_expired(&mut self) -> u64 {
+        std::mem::take(&mut self.expired)
     }
 
     /// Process one record: `event` is its decoded payload or why it could not
@@ -188,9 +199,12 @@ impl PartitionProcessor {
                 event.timestamp_ms
             )));
         }
-        let now = self.event_time(event.timestamp_ms, rec.broker_ts_ms);
+        let now = self
+            .event_time(event.timestamp_ms, rec.broker_ts_ms)
+            .max(self.horizon_ms);
         self.watermark_ms = self.watermark_ms.max(now);
         self.close_alert_windows(rec.offset, out);
+        self.sweep_if_due();
 
         let store = self.store.clone();
         let fp = limiter.fingerprinter();
@@ -198,6 +212,17 @@ impl PartitionProcessor {
             self.decisions(rules, d, &req, fp, now, rec.offset, out);
             self.count_refusals(rules, d, &req, fp, now);
         });
+    }
+
+    /// Expiry runs at event-time boundaries, not on a wall-clock timer, so
+    /// which keys exist at each record (and so every breach edge) is a
+    /// function of the records alone and replays identically.
+    fn sweep_if_due(&mut self) {
+        let every = self.cfg.sweep_interval_ms.max(1);
+        if self.watermark_ms / every > self.horizon_ms / every {
+            self.horizon_ms = self.watermark_ms;
+            self.expired += self.store.sweep(self.horizon_ms) as u64;
+        }
     }
 
     /// Clock-skew rule: a gateway's timestamp may not run more than
@@ -254,7 +279,7 @@ impl PartitionProcessor {
                 Some(BreachEvent::Started) => push(
                     Action::Block,
                     limit,
-                    Some(now + o.verdict.retry_after_ms),
+                    Some(o.verdict.clock_ms + o.verdict.retry_after_ms),
                     format!(
                         "over limit `{}`: {} per {}s",
                         limit.name, limit.shape.quota, limit.shape.window_secs
@@ -281,7 +306,7 @@ impl PartitionProcessor {
                         push(
                             Action::Deny,
                             limit,
-                            Some(now + o.verdict.retry_after_ms),
+                            Some(o.verdict.clock_ms + o.verdict.retry_after_ms),
                             format!("over limit `{}`", limit.name),
                         );
                     }
@@ -460,6 +485,7 @@ mod tests {
             alert_min_refused: 2,
             alert_critical_refused: 3,
             every_event: false,
+            sweep_interval_ms: 3_600_000,
         })
     }
 

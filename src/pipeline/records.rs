@@ -34,6 +34,29 @@ fn one() -> i64 {
 }
 
 impl RequestEvent {
+    /// The message key gateways give this event: the values of the
+    /// `partition_key` dimensions joined by `|` (absent ones empty). Kafka
+    /// partitions by it (murmur2, as Java clients do), so every event of
+    /// one key lands on one partition and one owner.
+    pub fn partition_key(&self, dims: &[crate::rules::Dimension]) -> Vec<u8> {
+        use crate::rules::Dimension;
+        let mut key = Vec::new();
+        for (i, d) in dims.iter().enumerate() {
+            if i > 0 {
+                key.push(b'|');
+            }
+            let v = match d {
+                Dimension::UserId => &self.user_id,
+                Dimension::ApiKey => &self.api_key,
+                Dimension::ClientIp => &self.client_ip,
+                Dimension::Method => &self.method,
+                Dimension::Path => &self.path,
+            };
+            key.extend_from_slice(v.as_deref().unwrap_or_default().as_bytes());
+        }
+        key
+    }
+
     /// The request to rate limit, or why this event cannot be one.
     pub fn to_request(&self) -> Result<Request, String> {
         let client_ip = match &self.client_ip {

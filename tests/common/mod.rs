@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod services;
+pub mod stream;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -61,6 +64,10 @@ impl Server {
             logs,
             _dir: dir,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,446 @@
+//! Kafka adapter: a consumer-group member that takes partitions at their
+//! Redis checkpoint offsets, and a producer for decisions, alerts and dead
+//! letters.
+//!
+//! The consumer runs on one thread with `BaseConsumer`. Its rebalance
+//! callback is overridden: on assignment it bumps each partition's epoch
+//! and loads its checkpoint, starts the partition's worker, and assigns the
+//! partition at the checkpoint's `next_offset` (offsets live in Redis with
+//! the state, never in Kafka's group offsets); on revocation it lets each
+//! worker drain and write a final checkpoint before unassigning.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+
+use super::avro::Codec;
+use super::worker::{Record, Shared, Worker, STOP_TIMEOUT};
+use crate::pipeline::{Output, OutputSink, SinkError};
+use crate::settings::KafkaSettings;
+
+/// Header carrying every output's deterministic id.
+pub const ID_HEADER: &str = "quotaflow.id";
+/// Header carrying a dead letter's reason.
+pub const ERROR_HEADER: &str = "quotaflow.error";
+/// Header carrying a dead letter's origin, `topic:partition:offset`.
+pub const SOURCE_HEADER: &str = "quotaflow.source";
+
+fn client_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers);
+    for (key, value) in &k.properties {
+        c.set(key, value);
+    }
+    c
+}
+
+struct SinkContext {
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; checkpoints stop until restart so it is replayed");
+        }
+    }
+}
+
+/// Publishes outputs to the decisions, alerts and dead-letter topics.
+pub struct KafkaSink {
+    producer: ThreadedProducer<SinkContext>,
+    codec: Arc<Codec>,
+    settings: KafkaSettings,
+    failed: Arc<AtomicU64>,
+}
+
+impl KafkaSink {
+    pub fn new(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
+        let failed = Arc::new(AtomicU64::new(0));
+        let producer = client_config(settings)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            // Retry until delivered: a failed output is never dropped silently.
+            .set("message.timeout.ms", "0")
+            .create_with_context(SinkContext {
+                failed: failed.clone(),
+            })
+            .context("creating the Kafka producer")?;
+        Ok(Self {
+            producer,
+            codec,
+            settings: settings.clone(),
+            failed,
+        })
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(), SinkError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let record = BaseRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(SinkError(format!("producing to {topic}: {e}"))),
+            }
+        }
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    })
+}
+
+impl OutputSink for KafkaSink {
+    fn publish(&self, partition: i32, outputs: &[Output]) -> Result<(), SinkError> {
+        let enc = |e: super::avro::EncodeError| SinkError(format!("encoding: {e}"));
+        for o in outputs {
+            match o {
+                Output::Decision(d) => {
+                    let bytes = self.codec.encode_decision(d).map_err(enc)?;
+                    self.send(
+                        &self.settings.decisions_topic,
+                        d.key.as_bytes(),
+                        &bytes,
+                        headers(&[(ID_HEADER, &d.decision_id)]),
+                    )?;
+                }
+                Output::Alert(a) => {
+                    let bytes = self.codec.encode_alert(a).map_err(enc)?;
+                    self.send(
+                        &self.settings.alerts_topic,
+                        a.key.as_bytes(),
+                        &bytes,
+                        headers(&[(ID_HEADER, &a.alert_id)]),
+                    )?;
+                }
+                Output::DeadLetter {
+                    source_offset,
+                    key,
+                    payload,
+                    reason,
+                } => {
+                    let topic = &self.settings.requests_topic;
+                    let source = format!("{topic}:{partition}:{source_offset}");
+                    let id = format!("{source}:dead_letter:0");
+                    let h = headers(&[
+                        (ID_HEADER, &id),
+                        (ERROR_HEADER, reason),
+                        (SOURCE_HEADER, &source),
+                    ]);
+                    self.send(
+                        &self.settings.dead_letter_topic,
+                        key.as_deref().unwrap_or_default(),
+                        payload,
+                        h,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
+        self.producer
+            .flush(timeout)
+            .map_err(|e| SinkError(format!("flush: {e}")))?;
+        match self.failed.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            n => Err(SinkError(format!(
+                "{n} outputs failed delivery since start"
+            ))),
+        }
+    }
+}
+
+struct ConsumerCtx {
+    shared: Arc<Shared>,
+    topic: String,
+    workers: Mutex<BTreeMap<i32, Worker>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ClientContext for ConsumerCtx {}
+
+impl ConsumerContext for ConsumerCtx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        let m = &self.shared.metrics.stream;
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                m.rebalances.with_label_values(&["assign"]).inc();
+                let mut assignment = TopicPartitionList::new();
+                for p in partitions {
+                    let started = Instant::now();
+                    let Some((epoch, cp)) = self.acquire(p) else {
+                        return;
+                    };
+                    m.restore_duration.observe(started.elapsed().as_secs_f64());
+                    let offset = cp
+                        .as_ref()
+                        .map_or(Offset::Beginning, |c| Offset::Offset(c.next_offset));
+                    tracing::info!(
+                        event = "partition_assigned",
+                        partition = p,
+                        epoch,
+                        offset = cp.as_ref().map_or(0, |c| c.next_offset),
+                        keys = cp.as_ref().map_or(0, |c| c.keys.len()),
+                        restore_ms = started.elapsed().as_millis() as u64,
+                        "took partition"
+                    );
+                    match Worker::spawn(self.shared.clone(), p, epoch, cp) {
+                        Ok(w) => {
+                            self.workers.lock().insert(p, w);
+                            if let Err(e) = assignment.add_partition_offset(&self.topic, p, offset)
+                            {
+                                tracing::error!(event = "assign_failed", partition = p, error = %e);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(event = "worker_spawn_failed", partition = p, error = %e)
+                        }
+                    }
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(&assignment)
+                } else {
+                    consumer.assign(&assignment)
+                };
+                if let Err(e) = result {
+                    tracing::error!(event = "assign_failed", error = %e, "could not assign partitions");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                m.rebalances.with_label_values(&["revoke"]).inc();
+                let revoked: Vec<Worker> = {
+                    let mut workers = self.workers.lock();
+                    partitions
+                        .iter()
+                        .filter_map(|p| workers.remove(p))
+                        .collect()
+                };
+                for w in revoked {
+                    tracing::info!(
+                        event = "partition_revoked",
+                        partition = w.partition(),
+                        "draining and checkpointing"
+                    );
+                    w.stop(STOP_TIMEOUT);
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!(event = "unassign_failed", error = %e);
+                }
+            }
+            other => {
+                tracing::error!(event = "rebalance_error", error = ?other, "rebalance failed; dropping the assignment");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl ConsumerCtx {
+    /// Take a partition: retried while Redis is unreachable, because a
+    /// partition must never be processed without its fencing epoch.
+    fn acquire(&self, p: i32) -> Option<(u64, Option<crate::pipeline::Checkpoint>)> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.shared.checkpoints.acquire(p) {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    tracing::error!(event = "restore_failed", partition = p, error = %e, "cannot take partition yet; retrying");
+                    if self.stop.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// A running consumer-group member.
+pub struct KafkaProcessor {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl KafkaProcessor {
+    /// Join the group and process until [`KafkaProcessor::stop`].
+    pub fn start(
+        shared: Arc<Shared>,
+        settings: &KafkaSettings,
+        ready: Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = ConsumerCtx {
+            shared,
+            topic: settings.requests_topic.clone(),
+            workers: Mutex::new(BTreeMap::new()),
+            stop: stop.clone(),
+        };
+        let session_ms = settings.session_timeout.as_millis().max(1000);
+        let consumer: BaseConsumer<ConsumerCtx> = client_config(settings)
+            .set("group.id", &settings.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set("heartbeat.interval.ms", (session_ms / 3).to_string())
+            .create_with_context(ctx)
+            .context("creating the Kafka consumer")?;
+        consumer
+            .subscribe(&[&settings.requests_topic])
+            .with_context(|| format!("subscribing to {}", settings.requests_topic))?;
+        let flag = stop.clone();
+        let join = std::thread::Builder::new()
+            .name("quotaflow-consumer".into())
+            .spawn(move || consume(consumer, flag, ready))
+            .context("starting the consumer thread")?;
+        Ok(Self {
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// Stop consuming: every worker drains and writes a final checkpoint,
+    /// then the consumer leaves the group.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn consume(consumer: BaseConsumer<ConsumerCtx>, stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) {
+    let ctx = consumer.context();
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_lag = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let record = Record {
+                    offset: m.offset(),
+                    broker_ts_ms: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                };
+                next.insert(p, m.offset() + 1);
+                let mut workers = ctx.workers.lock();
+                if let Some(w) = workers.get(&p) {
+                    if !w.send(record) {
+                        // The worker was fenced: another instance owns the
+                        // partition; stop feeding it until the rebalance.
+                        tracing::warn!(
+                            event = "partition_lost",
+                            partition = p,
+                            "worker stopped; dropping its records"
+                        );
+                        workers.remove(&p);
+                    }
+                }
+            }
+            Some(Err(e)) => tracing::warn!(event = "consumer_error", error = %e),
+            None => {}
+        }
+        ready.store(true, Ordering::SeqCst);
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            let owned: Vec<i32> = ctx.workers.lock().keys().copied().collect();
+            for p in owned {
+                if let Ok((_, high)) =
+                    consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(500))
+                {
+                    let pos = next.get(&p).copied().unwrap_or(0);
+                    ctx.shared
+                        .metrics
+                        .stream
+                        .partition_lag
+                        .with_label_values(&[&p.to_string()])
+                        .set((high - pos).max(0));
+                }
+            }
+        }
+    }
+    let workers: Vec<Worker> = std::mem::take(&mut *ctx.workers.lock())
+        .into_values()
+        .collect();
+    for w in workers {
+        w.stop(STOP_TIMEOUT);
+    }
+    // Dropping the consumer closes it: it leaves the group (the revoke
+    // callback finds no workers left) before returning.
+    drop(consumer);
+    tracing::info!(event = "consumer_stopped", "left the consumer group");
+}
+
+/// Used by `simulate` and tests: a producer of request events.
+pub fn request_producer(
+    settings: &KafkaSettings,
+) -> anyhow::Result<ThreadedProducer<rdkafka::producer::DefaultProducerContext>> {
+    client_config(settings)
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .context("creating the Kafka producer")
+}

@@ -1,0 +1,9 @@
+//! Adapters of the stream processor: Avro encoding, Kafka, Redis
+//! checkpoints, the in-process bus of the embedded default, and the
+//! partition workers they all feed.
+
+pub mod avro;
+pub mod embedded;
+pub mod kafka;
+pub mod redis_store;
+pub mod worker;

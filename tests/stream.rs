@@ -1,0 +1,436 @@
+//! The stream processor against a real Kafka broker and a real Redis:
+//! end to end against an oracle, crash, zombie, clock skew and poison.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::services::read_until;
+use common::stream::{event, Fixture, Oracle, Sent};
+use common::Server;
+use quotaflow::pipeline::records::DecisionRecord;
+use quotaflow::stream::embedded::partition_for;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const HOUR: i64 = 3_600_000;
+
+/// A base event time aligned to an hour, so hour windows hold a whole test.
+fn base() -> i64 {
+    (1_700_000_000_000 / HOUR + 1) * HOUR
+}
+
+fn action(d: &DecisionRecord) -> String {
+    serde_json::to_value(d.action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn metric(server: &Server, name: &str) -> f64 {
+    let text = std::process::Command::new("curl")
+        .args(["-s", &server.url("/metrics")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const PER_USER_5_PER_10S: &str = r#"
+[[limits]]
+name = "per_user"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 5
+window = "10s"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_to_end_outputs_match_an_independent_oracle() {
+    let f = Fixture::new("e2e", 4).await;
+    let extra = "[stream]\ncheckpoint_interval = \"200ms\"\n\n[alerts]\nwindow = \"10s\"\nmin_refused = 3\ncritical_refused = 8\n";
+    let server = Server::start(Some(&f.config(PER_USER_5_PER_10S, extra)), &[]);
+    let t0 = base();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut sent: Vec<Sent> = Vec::new();
+    for n in 0..1200 {
+        // Thirty users, a few of them hot, over 48 s of event time.
+        let user = if rng.random_bool(0.3) {
+            format!("hot-{}", rng.random_range(0..3))
+        } else {
+            format!("user-{}", rng.random_range(0..30))
+        };
+        let ts = t0 + n as i64 * 40;
+        sent.push(f.send(event(&user, ts, n), ts).await);
+    }
+    // One late event per partition closes every alert window.
+    for p in 0..f.partitions {
+        let closer = (0..)
+            .map(|i| format!("closer-{i}"))
+            .find(|u| partition_for(u.as_bytes(), 4) == p)
+            .unwrap_or_default();
+        let ts = t0 + 120_000;
+        sent.push(f.send(event(&closer, ts, 9_999), ts).await);
+    }
+    let oracle = Oracle {
+        topic: f.requests.clone(),
+        limit_name: "per_user".into(),
+        limit: 5,
+        window_ms: 10_000,
+        max_skew_ms: 1_000,
+        alert_window_ms: 10_000,
+        min_refused: 3,
+        critical_refused: 8,
+        sweep_ms: 5_000,
+    };
+    let expected = oracle.run(&sent);
+    assert!(
+        expected.decisions.len() > 20 && expected.alerts.len() > 5,
+        "the stream must exercise blocks and alerts"
+    );
+
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+    let want = expected.decisions.len();
+    let records = read_until(&f.decisions, Duration::from_secs(30), |r| r.len() >= want);
+    let mut got: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let d = f
+                .codec
+                .decode_decision(&r.payload)
+                .expect("decision decodes");
+            assert_eq!(r.header("quotaflow.id"), Some(d.decision_id.as_str()));
+            assert_eq!(r.key, d.key.as_bytes());
+            common::stream::ExpectedDecision {
+                id: d.decision_id.clone(),
+                action: action(&d),
+                key: d.key.clone(),
+                until_ms: d.until_ms,
+            }
+        })
+        .collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, expected.decisions);
+
+    let want = expected.alerts.len();
+    let records = read_until(&f.alerts, Duration::from_secs(30), |r| r.len() >= want);
+    let mut alerts: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let a = f.codec.decode_alert(&r.payload).expect("alert decodes");
+            assert!(!a.top_offenders.is_empty());
+            common::stream::ExpectedAlert {
+                id: a.alert_id.clone(),
+                key: a.key.clone(),
+                window_start_ms: a.window_start_ms,
+                refused: a.refused,
+                first_seen_ms: a.first_seen_ms,
+                last_seen_ms: a.last_seen_ms,
+                critical: format!("{:?}", a.severity) == "Critical",
+            }
+        })
+        .collect();
+    alerts.sort();
+    alerts.dedup();
+    assert_eq!(alerts, expected.alerts);
+    assert!(metric(&server, "quotaflow_events_consumed_total") >= sent.len() as f64);
+}
+
+const COUNT_ALL: &str = r#"
+[decisions]
+every_event = true
+
+[[limits]]
+name = "per_user"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 1000000
+window = "1h"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
+    let f = Fixture::new("crash", 6).await;
+    let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"300ms\"\n");
+    let a = Server::start(Some(&config), &[]);
+    let b = Server::start(Some(&config), &[]);
+    let c = Server::start(Some(&config), &[]);
+    wait_for(
+        "6 partitions owned by 3 processors",
+        Duration::from_secs(60),
+        || {
+            [&a, &b, &c]
+                .iter()
+                .map(|s| metric(s, "quotaflow_partitions_owned"))
+                .sum::<f64>()
+                == 6.0
+                && [&a, &b, &c]
+                    .iter()
+                    .all(|s| metric(s, "quotaflow_partitions_owned") >= 1.0)
+        },
+    );
+    let t0 = base();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut sent = Vec::new();
+    let mut produce = async |range: std::ops::Range<usize>, sent: &mut Vec<Sent>| {
+        for n in range {
+            let user = format!("user-{}", rng.random_range(0..120));
+            let ts = t0 + n as i64 * 100;
+            sent.push(f.send(event(&user, ts, n), ts).await);
+        }
+    };
+    produce(0..2000, &mut sent).await;
+    wait_for("b to process some events", Duration::from_secs(30), || {
+        metric(&b, "quotaflow_events_consumed_total") > 100.0
+    });
+    drop(b); // SIGKILL: no final checkpoint, no leaving the group
+    produce(2000..4000, &mut sent).await;
+    f.wait_checkpointed(&sent, Duration::from_secs(90));
+    assert!(a.terminate().success());
+    assert!(c.terminate().success());
+
+    let expected = Oracle {
+        topic: f.requests.clone(),
+        limit_name: "per_user".into(),
+        limit: 1_000_000,
+        window_ms: HOUR,
+        max_skew_ms: 1_000,
+        alert_window_ms: 60_000,
+        min_refused: 10,
+        critical_refused: 1000,
+        sweep_ms: 5_000,
+    }
+    .run(&sent);
+    // Every key's final state equals the oracle's: no event lost, none twice.
+    let store = f.checkpoints();
+    let mut state = BTreeMap::new();
+    for p in 0..f.partitions {
+        let (_, cp) = store.peek(p).expect("peek");
+        for k in cp.expect("every partition has a checkpoint").keys {
+            let user = k.key.rsplit('\u{1f}').next().unwrap_or_default().to_owned();
+            state.insert(user, (k.state[0] as i64, k.state[1]));
+        }
+    }
+    assert_eq!(state, expected.state);
+
+    // One decision per event (every_event); replays repeat ids, never change them.
+    let records = read_until(&f.decisions, Duration::from_secs(30), |r| {
+        r.iter()
+            .map(|x| x.header("quotaflow.id").unwrap_or_default().to_owned())
+            .collect::<BTreeSet<_>>()
+            .len()
+            >= sent.len()
+    });
+    let mut by_id: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for r in &records {
+        let d = f
+            .codec
+            .decode_decision(&r.payload)
+            .expect("decision decodes");
+        if let Some(prev) = by_id.insert(d.decision_id.clone(), r.payload.clone()) {
+            assert_eq!(
+                prev, r.payload,
+                "two outputs with id {} disagree",
+                d.decision_id
+            );
+        }
+    }
+    let want: BTreeSet<String> = sent
+        .iter()
+        .map(|s| format!("{}:{}:{}:decision:0", f.requests, s.partition, s.offset))
+        .collect();
+    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), want);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_zombie_cannot_overwrite_the_new_owners_checkpoint() {
+    let f = Fixture::new("zombie", 1).await;
+    let t0 = base();
+    // The zombie-to-be checkpoints rarely, so it holds unsaved work when paused.
+    let zombie = Server::start(
+        Some(&f.config(
+            PER_USER_5_PER_10S,
+            "[stream]\ncheckpoint_interval = \"60s\"\n",
+        )),
+        &[],
+    );
+    wait_for("zombie owns the partition", Duration::from_secs(30), || {
+        metric(&zombie, "quotaflow_partitions_owned") == 1.0
+    });
+    let mut sent = Vec::new();
+    for n in 0..50 {
+        sent.push(
+            f.send(
+                event(&format!("u{}", n % 7), t0 + n as i64, n),
+                t0 + n as i64,
+            )
+            .await,
+        );
+    }
+    wait_for("zombie to consume", Duration::from_secs(30), || {
+        metric(&zombie, "quotaflow_events_consumed_total") == 50.0
+    });
+    let pid = zombie.pid().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .is_ok_and(|s| s.success()));
+
+    let owner = Server::start(
+        Some(&f.config(
+            PER_USER_5_PER_10S,
+            "[stream]\ncheckpoint_interval = \"200ms\"\n",
+        )),
+        &[],
+    );
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+    for n in 50..60 {
+        sent.push(
+            f.send(
+                event(&format!("u{}", n % 7), t0 + n as i64, n),
+                t0 + n as i64,
+            )
+            .await,
+        );
+    }
+    f.wait_checkpointed(&sent, Duration::from_secs(30));
+    let store = f.checkpoints();
+    let (owner_epoch, cp) = store.peek(0).expect("peek");
+    let owner_offset = cp.expect("owner checkpoint").next_offset;
+    assert!(owner_epoch >= 2, "the new owner bumped the epoch");
+
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .is_ok_and(|s| s.success()));
+    zombie.wait_log(Duration::from_secs(60), |v| {
+        v["event"] == "checkpoint_fenced"
+    });
+    let (epoch, cp) = store.peek(0).expect("peek");
+    assert_eq!(epoch, owner_epoch);
+    assert!(cp.expect("checkpoint").next_offset >= owner_offset);
+    assert!(
+        metric(
+            &zombie,
+            "quotaflow_checkpoint_failures_total{reason=\"fenced\"}"
+        ) >= 1.0
+    );
+    drop(owner);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_ten_minutes_fast_cannot_refill_a_bucket_early() {
+    let f = Fixture::new("skew", 1).await;
+    let limits = r#"
+[[limits]]
+name = "per_user"
+algorithm = "token_bucket"
+key = ["user_id"]
+capacity = 3
+refill_per_sec = 0.0166667
+"#;
+    let _server = Server::start(
+        Some(&f.config(
+            limits,
+            "[stream]\ncheckpoint_interval = \"200ms\"\nmax_clock_skew = \"1s\"\n",
+        )),
+        &[],
+    );
+    let t0 = base();
+    let mut sent = Vec::new();
+    for n in 0..3 {
+        sent.push(f.send(event("mallory", t0, n), t0).await);
+    }
+    // Same real time at the broker, gateway clock ten minutes ahead: were it
+    // believed, ten minutes of refill (ten tokens) would admit all three.
+    for n in 3..6 {
+        sent.push(f.send(event("mallory", t0 + 600_000, n), t0 + 100).await);
+    }
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+    let records = read_until(&f.decisions, Duration::from_secs(5), |r| r.len() >= 2);
+    let decisions: Vec<DecisionRecord> = records
+        .iter()
+        .map(|r| f.codec.decode_decision(&r.payload).expect("decode"))
+        .collect();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_eq!(action(&decisions[0]), "BLOCK");
+    // Clamped to broker time + 1 s: the block lasts about a minute from then,
+    // not from ten minutes in the future.
+    let until = decisions[0].until_ms.unwrap_or_default();
+    assert!(
+        until > t0 && until < t0 + 120_000,
+        "until {until} vs t0 {t0}"
+    );
+    assert_eq!(decisions[0].event_time_ms, t0 + 1_100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_goes_to_the_dead_letter_topic_and_nothing_else_is_lost() {
+    let f = Fixture::new("poison", 2).await;
+    let server = Server::start(
+        Some(&f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"200ms\"\n")),
+        &[],
+    );
+    let t0 = base();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut sent = Vec::new();
+    let mut poison = BTreeSet::new();
+    for n in 0..300 {
+        let ts = t0 + n as i64;
+        let user = format!("u{}", n % 11);
+        if n % 5 == 0 {
+            let valid = f
+                .codec
+                .encode_request(&event(&user, ts, n))
+                .expect("encode");
+            let bytes: Vec<u8> = match n % 4 {
+                0 => (0..rng.random_range(0..80)).map(|_| rng.random()).collect(),
+                1 => valid[..rng.random_range(0..valid.len() - 1)].to_vec(),
+                2 => [&valid[..10], b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f"].concat(),
+                _ => Vec::new(),
+            };
+            let s = f.send_raw(user.as_bytes(), &bytes, ts).await;
+            poison.insert(format!("{}:{}:{}", f.requests, s.partition, s.offset));
+            sent.push(s);
+        } else {
+            sent.push(f.send(event(&user, ts, n), ts).await);
+        }
+    }
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+    let dead = read_until(&f.dlq, Duration::from_secs(30), |r| r.len() >= poison.len());
+    let sources: BTreeSet<String> = dead
+        .iter()
+        .map(|r| {
+            assert!(
+                !r.header("quotaflow.error").unwrap_or_default().is_empty(),
+                "dead letter without a reason"
+            );
+            r.header("quotaflow.source").unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(sources, poison);
+    let valid = sent.len() - poison.len();
+    let decisions = read_until(&f.decisions, Duration::from_secs(30), |r| r.len() >= valid);
+    let ids: BTreeSet<String> = decisions
+        .iter()
+        .filter_map(|r| r.header("quotaflow.id").map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), valid, "every valid event was decided");
+    assert_eq!(
+        metric(&server, "quotaflow_dead_letters_total"),
+        poison.len() as f64
+    );
+}
