@@ -452,3 +452,80 @@ async fn health_ready_and_graceful_sigterm() {
     let status = s.terminate();
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test]
+async fn embedded_bus_turns_events_into_decisions_and_dead_letters() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let events: Vec<Value> = (0..5)
+        .map(|_| json!({"user_id": "erin", "path": "/x"}))
+        .collect();
+    let r = c
+        .post(s.url("/events"))
+        .json(&events)
+        .send()
+        .await
+        .expect("POST /events");
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.expect("json")["accepted"], 5);
+    let r = c
+        .post(s.url("/events"))
+        .json(&json!({"user_id": "x", "client_ip": "999.0.0.1"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(
+        r.status(),
+        202,
+        "content errors go to the dead letters, not a 400"
+    );
+    let r = c
+        .post(s.url("/events"))
+        .body("[{")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 400);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d: Value = c
+            .get(s.url("/stream/decisions"))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json");
+        let dl: Value = c
+            .get(s.url("/stream/dead-letters"))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json");
+        let blocks: Vec<&Value> = d
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["action"] == "BLOCK")
+            .collect();
+        if !blocks.is_empty() && dl.as_array().is_some_and(|a| !a.is_empty()) {
+            assert_eq!(blocks.len(), 1);
+            assert_eq!(blocks[0]["key"], "per_user/user_id=erin");
+            assert!(dl[0]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("client_ip"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no block decision: {d} / {dl}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = c.get(s.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200);
+}

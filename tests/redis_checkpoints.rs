@@ -1,0 +1,90 @@
+//! The fenced checkpoint protocol against a real Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::services::{redis, unique};
+use quotaflow::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
+use quotaflow::state::StoredKey;
+use quotaflow::stream::redis_store::RedisCheckpoints;
+
+fn store(prefix: &str) -> RedisCheckpoints {
+    RedisCheckpoints::new(
+        &redis(),
+        prefix,
+        "group",
+        "requests",
+        Duration::from_secs(5),
+    )
+    .expect("store")
+}
+
+fn cp(next_offset: i64, keys: usize) -> Checkpoint {
+    Checkpoint {
+        next_offset,
+        config_version: 7,
+        watermark_ms: 1_000,
+        horizon_ms: 500,
+        keys: (0..keys)
+            .map(|i| StoredKey {
+                key: format!("k{i}").into(),
+                state: [i as u64, 2, 3],
+                expires_at_ms: 9,
+                refused: 0,
+            })
+            .collect(),
+        alerts: Vec::new(),
+    }
+}
+
+#[test]
+fn epochs_fence_zombies_and_offsets_only_move_forward() {
+    let prefix = unique("qftest-fence");
+    let owner1 = store(&prefix);
+    let owner2 = store(&prefix);
+    let (e1, none) = owner1.acquire(3).expect("acquire");
+    assert!(none.is_none());
+    owner1.save(3, e1, &cp(10, 5)).expect("save");
+
+    let (e2, restored) = owner2.acquire(3).expect("acquire");
+    assert_eq!(e2, e1 + 1);
+    assert_eq!(restored, Some(cp(10, 5)));
+
+    // The old owner wakes up: refused, and the new owner's checkpoint stays.
+    assert_eq!(
+        owner1.save(3, e1, &cp(50, 1)),
+        Err(CheckpointError::Fenced {
+            ours: e1,
+            current: e2
+        })
+    );
+    assert_eq!(
+        owner2.save(3, e2, &cp(9, 1)),
+        Err(CheckpointError::Backwards {
+            offered: 9,
+            stored: 10
+        })
+    );
+    owner2.save(3, e2, &cp(20, 2)).expect("save");
+    let (epoch, stored) = owner1.peek(3).expect("peek");
+    assert_eq!((epoch, stored), (e2, Some(cp(20, 2))));
+    // Other partitions are independent.
+    assert_eq!(owner1.peek(4).expect("peek"), (0, None));
+}
+
+#[test]
+fn an_unreachable_redis_is_reported_within_the_timeout() {
+    let store = RedisCheckpoints::new(
+        "redis://127.0.0.1:1",
+        "x",
+        "g",
+        "t",
+        Duration::from_millis(500),
+    )
+    .expect("store");
+    let started = std::time::Instant::now();
+    let err = store.acquire(0).expect_err("nothing listens on port 1");
+    assert!(matches!(err, CheckpointError::Unavailable(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
