@@ -434,3 +434,64 @@ async fn poison_goes_to_the_dead_letter_topic_and_nothing_else_is_lost() {
         poison.len() as f64
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_publishes_decodable_events_keyed_like_java_clients() {
+    let f = Fixture::new("simulate", 3).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quotaflow"))
+        .args([
+            "simulate",
+            "--kafka",
+            &common::services::kafka(),
+            "--topic",
+            &f.requests,
+        ])
+        .args([
+            "--rate",
+            "0",
+            "--duration",
+            "1s",
+            "--users",
+            "50",
+            "--poison-every",
+            "10",
+        ])
+        .env("QUOTAFLOW__LOG__LEVEL", "warn")
+        .output()
+        .expect("run simulate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .rsplit(|&b| b == b'\n')
+            .find(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )
+    .expect("summary line");
+    let published = summary["published"].as_u64().unwrap_or_default() as usize;
+    assert!(published > 10, "{summary}");
+    let records = read_until(&f.requests, Duration::from_secs(30), |r| {
+        r.len() >= published
+    });
+    assert_eq!(records.len(), published);
+    let mut decoded = 0;
+    for r in &records {
+        match f.codec.decode_request(&r.payload) {
+            Ok(e) => {
+                decoded += 1;
+                let user = e.user_id.unwrap_or_default();
+                assert_eq!(r.key, user.as_bytes());
+                assert_eq!(
+                    r.partition,
+                    partition_for(user.as_bytes(), 3),
+                    "murmur2 partitioning"
+                );
+            }
+            Err(_) => assert_eq!(r.key, b"poison"),
+        }
+    }
+    assert_eq!(decoded, published - published / 10);
+}
