@@ -137,6 +137,16 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
             owned: Default::default(),
         })
     };
+    let pk = &settings.stream.partition_key;
+    for limit in &state.limiter.rules().limits {
+        if !pk.iter().all(|d| limit.key.contains(d)) {
+            tracing::warn!(
+                event = "limit_not_partition_aligned",
+                limit = %limit.name,
+                "limit's key lacks a partition-key dimension: the stream processor counts it per partition"
+            );
+        }
+    }
     let k = &settings.kafka;
     if k.bootstrap_servers.is_empty() {
         let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000));
