@@ -13,6 +13,12 @@ use quotaflow::settings::Settings;
 use quotaflow::simulate::{self, Generated, Plan};
 use quotaflow::{logging, server};
 
+/// mimalloc instead of glibc malloc: the sidecar allocates per request
+/// (body, response, headers), and glibc's malloc/free were a fifth of its CPU
+/// profile; mimalloc cut server CPU per request by 18–24% (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "quotaflow",
