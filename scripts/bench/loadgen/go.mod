@@ -1,0 +1,3 @@
+module quotaflow.invalid/benchloadgen
+
+go 1.19
