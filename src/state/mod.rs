@@ -4,7 +4,7 @@
 //! be decided atomically across all their keys ("a refused request consumes
 //! from none"), which needs several shard locks taken in a fixed order. A
 //! plain array of `Mutex<HashTable>` shards gives exactly that, with one hash
-//! per key and a 56-byte slot per entry.
+//! per key and a 48-byte slot per entry.
 //!
 //! Keys expire once their state is equivalent to a fresh key's (the
 //! algorithm says when), so a sweep never changes a verdict and memory stays
@@ -48,11 +48,22 @@ pub struct StoredKey {
     pub refused: u32,
 }
 
+/// 48 bytes: the key pointer, the algorithm state, and two 32-bit fields.
 struct Slot {
     key: Box<str>,
     state: State,
-    expires_at_ms: u64,
+    /// Whole seconds since the epoch, rounded up: a key lives at most a
+    /// second longer than needed, for 8 bytes less per key.
+    expires_at_s: u32,
     refused: u32,
+}
+
+// The memory target (≤ 150 bytes a key beyond its own bytes) rests on this.
+const _: () = assert!(std::mem::size_of::<Slot>() == 48);
+
+/// `ms` as whole seconds, rounded up (saturating at 2106).
+fn ceil_secs(ms: u64) -> u32 {
+    u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
 
 #[repr(align(64))]
@@ -201,7 +212,7 @@ impl KeyedStore {
         for shard in self.shards.iter() {
             let mut table = shard.0.lock();
             let before = table.len();
-            table.retain(|s| s.expires_at_ms > now_ms);
+            table.retain(|s| u64::from(s.expires_at_s) * 1000 > now_ms);
             removed += before - table.len();
             if table.capacity() > 64 && table.len() * 4 < table.capacity() {
                 table.shrink_to_fit(|s| self.hasher.hash_one(&s.key));
@@ -228,7 +239,7 @@ impl KeyedStore {
             out.extend(table.iter().map(|s| StoredKey {
                 key: s.key.clone(),
                 state: s.state,
-                expires_at_ms: s.expires_at_ms,
+                expires_at_ms: u64::from(s.expires_at_s) * 1000,
                 refused: s.refused,
             }));
         }
@@ -246,7 +257,7 @@ impl KeyedStore {
             let slot = Slot {
                 key: k.key,
                 state: k.state,
-                expires_at_ms: k.expires_at_ms,
+                expires_at_s: ceil_secs(k.expires_at_ms),
                 refused: k.refused,
             };
             match table.find_mut(hash, |s| s.key == slot.key) {
@@ -272,7 +283,7 @@ impl KeyedStore {
 fn commit(slot: &mut Slot, outcome: &Outcome, consume: bool) {
     if consume {
         slot.state = outcome.state;
-        slot.expires_at_ms = outcome.expires_at_ms;
+        slot.expires_at_s = ceil_secs(outcome.expires_at_ms);
         slot.refused = 0;
     } else if !outcome.verdict.allowed {
         slot.state = outcome.state;
@@ -292,7 +303,7 @@ fn insert(
         Slot {
             key: key.into(),
             state: outcome.state,
-            expires_at_ms: outcome.expires_at_ms,
+            expires_at_s: ceil_secs(outcome.expires_at_ms),
             refused: 0,
         },
         |s| hasher.hash_one(&s.key),
@@ -353,9 +364,10 @@ mod tests {
             store.apply_one(&probe(&format!("k{i}"), &tb), 1_000, 5);
         }
         assert_eq!(store.len(), 100);
-        // 5 tokens at 10/s refill in 500 ms.
-        assert_eq!(store.sweep(1_499), 0);
-        assert_eq!(store.sweep(1_500), 100);
+        // 5 tokens at 10/s refill in 500 ms: full at 1.5 s, dropped from 2 s
+        // (expiry is kept in whole seconds, rounded up).
+        assert_eq!(store.sweep(1_999), 0);
+        assert_eq!(store.sweep(2_000), 100);
         assert!(store.is_empty());
     }
 
