@@ -53,26 +53,8 @@ enum Command {
         /// Topic to publish to (with --kafka), overriding kafka.requests_topic.
         #[arg(long)]
         topic: Option<String>,
-        /// Distinct users.
-        #[arg(long, default_value_t = 1000)]
-        users: u32,
-        /// Users that send half of all events (and get limited).
-        #[arg(long, default_value_t = 3)]
-        hot_users: u32,
-        /// Events per second (0: as fast as possible).
-        #[arg(long, default_value_t = 2000)]
-        rate: u32,
-        /// How long to run, e.g. 10s or 1m.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        /// Gateway clock offset added to every timestamp, in ms.
-        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-        skew_ms: i64,
-        /// Make every n-th record random bytes (0: never).
-        #[arg(long, default_value_t = 0)]
-        poison_every: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        plan: Plan,
     },
     /// Validate a settings file; print every problem and exit 1 if any.
     CheckConfig {
@@ -93,31 +75,14 @@ fn main() -> ExitCode {
             config,
             kafka,
             topic,
-            users,
-            hot_users,
-            rate,
-            duration,
-            skew_ms,
-            poison_every,
-            seed,
-        } => {
-            let plan = Plan {
-                users,
-                hot_users,
-                rate,
-                duration,
-                skew_ms,
-                poison_every,
-                seed,
-            };
-            match simulate(config, kafka, topic, &plan) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("quotaflow simulate: {e:#}");
-                    ExitCode::FAILURE
-                }
+            plan,
+        } => match simulate(config, kafka, topic, &plan) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("quotaflow simulate: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
     }
 }
 

@@ -12,19 +12,29 @@ use rdkafka::producer::{BaseRecord, Producer};
 use crate::pipeline::records::RequestEvent;
 use crate::settings::Settings;
 
-/// What traffic to generate.
-#[derive(Debug, Clone)]
+/// What traffic to generate (also the `simulate` command's options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Plan {
+    /// Distinct users.
+    #[arg(long, default_value_t = 1000)]
     pub users: u32,
-    /// A few users who send half of all events: they will be limited.
+    /// Users that send half of all events (and get limited).
+    #[arg(long, default_value_t = 3)]
     pub hot_users: u32,
-    /// Events per second; 0 for as fast as possible.
+    /// Events per second (0: as fast as possible).
+    #[arg(long, default_value_t = 2000)]
     pub rate: u32,
+    /// How long to run, e.g. 10s or 1m.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Added to every event's timestamp (a gateway with a wrong clock).
+    /// Gateway clock offset added to every timestamp, in ms.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub skew_ms: i64,
-    /// Every n-th record is random bytes (0: none), to watch dead letters.
+    /// Make every n-th record random bytes (0: never), to watch dead letters.
+    #[arg(long, default_value_t = 0)]
     pub poison_every: u32,
+    /// Seed of the generator: the same seed gives the same traffic.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
 

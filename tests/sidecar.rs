@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, header, Server};
+use common::{client, get_text, header, Server};
 use serde_json::{json, Value};
 
 const TIGHT: &str = r#"
@@ -138,14 +138,7 @@ async fn malformed_checks_get_400_saying_what_is_wrong() {
         let detail = v["detail"].as_str().unwrap_or_default();
         assert!(detail.contains(expect), "{body} -> {detail}");
     }
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&c, &s.url("/metrics")).await;
     assert!(
         metrics.contains(r#"quotaflow_invalid_requests_total{endpoint="check"} 5"#),
         "{metrics}"
@@ -224,14 +217,7 @@ async fn config_change_takes_effect_and_invalid_config_is_refused() {
         .expect("json");
     assert_eq!(got["version"], 2);
     assert_eq!(got["limits"][0]["capacity"], 100);
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&c, &s.url("/metrics")).await;
     assert!(metrics.contains("quotaflow_config_version 2"));
     assert!(
         metrics.contains(r#"quotaflow_config_updates_total{result="rejected"} 2"#),
@@ -343,23 +329,9 @@ async fn api_keys_never_reach_logs_or_metrics_and_breaches_are_logged() {
     assert_eq!(breach["limit"], "per_key");
     assert_eq!(breach["key_dimensions"], "api_key");
     assert_eq!(breach["key_fp"].as_str().map(str::len), Some(32));
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&c, &s.url("/metrics")).await;
     assert!(metrics.contains(r#"quotaflow_breaches_total{limit="per_key",shadow="false"} 1"#));
-    let config = c
-        .get(s.url("/rate_limit/config"))
-        .send()
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("text");
+    let config = get_text(&c, &s.url("/rate_limit/config")).await;
     for text in s.logs().iter().chain([&metrics, &config]) {
         assert!(!text.contains(secret), "secret leaked: {text}");
     }
@@ -395,28 +367,14 @@ window = "200ms"
             .find(|l| l.starts_with("quotaflow_keys_tracked "))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
     };
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&c, &s.url("/metrics")).await;
     assert!(
         gauge(&metrics).is_some_and(|n| n > 0 && n <= 50),
         "{metrics}"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let m = c
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let m = get_text(&c, &s.url("/metrics")).await;
         if gauge(&m) == Some(0) {
             assert!(m.contains("quotaflow_keys_expired_total"));
             break;
