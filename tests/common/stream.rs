@@ -50,6 +50,9 @@ impl Fixture {
                 .set("bootstrap.servers", kafka())
                 .set("partitioner", "murmur2_random")
                 .set("linger.ms", "1")
+                // A retried send must not land twice: the oracle counts each
+                // produced record once, at the offset the delivery reported.
+                .set("enable.idempotence", "true")
                 .create()
                 .expect("producer"),
             codec: Codec::new(Encoding::SingleObject).expect("codec"),
