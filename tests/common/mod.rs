@@ -122,6 +122,19 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what the process said (its last lines).
+            let logs = self.logs();
+            let from = logs.len().saturating_sub(200);
+            eprintln!(
+                "--- quotaflow {} log (last {} lines) ---",
+                self.base,
+                logs.len() - from
+            );
+            for line in &logs[from..] {
+                eprintln!("{line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
