@@ -687,19 +687,13 @@ fn raw(
     label: Option<String>,
 ) -> anyhow::Result<Value> {
     let started = Instant::now();
-    // quotaflow's consumer settings (src/stream/kafka.rs, KafkaProcessor::start)
-    // with the default session timeout; no fetch settings of its own there.
-    let session_ms: u64 = 10_000;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap()?)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", session_ms.to_string())
-        .set("heartbeat.interval.ms", (session_ms / 3).to_string())
+    // Exactly quotaflow's consumer settings, with the default session timeout.
+    let settings = KafkaSettings {
+        bootstrap_servers: bootstrap()?,
+        group_id: group.to_owned(),
+        ..KafkaSettings::default()
+    };
+    let consumer: BaseConsumer = quotaflow::stream::kafka::consumer_config(&settings)
         .create()
         .context("raw consumer")?;
     consumer.subscribe(&[topic])?;

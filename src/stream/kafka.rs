@@ -315,6 +315,23 @@ impl ConsumerCtx {
     }
 }
 
+/// The consumer settings of a processor: offsets live in Redis, never in
+/// Kafka's group offsets. Public so the raw-consumer baseline of the stream
+/// benchmark fetches exactly as the processor does.
+pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+    let session_ms = settings.session_timeout.as_millis().max(1000);
+    let mut c = client_config(settings);
+    c.set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", session_ms.to_string())
+        .set("heartbeat.interval.ms", (session_ms / 3).to_string());
+    c
+}
+
 /// A running consumer-group member.
 pub struct KafkaProcessor {
     stop: Arc<AtomicBool>,
@@ -335,16 +352,7 @@ impl KafkaProcessor {
             workers: Mutex::new(BTreeMap::new()),
             stop: stop.clone(),
         };
-        let session_ms = settings.session_timeout.as_millis().max(1000);
-        let consumer: BaseConsumer<ConsumerCtx> = client_config(settings)
-            .set("group.id", &settings.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set("heartbeat.interval.ms", (session_ms / 3).to_string())
+        let consumer: BaseConsumer<ConsumerCtx> = consumer_config(settings)
             .create_with_context(ctx)
             .context("creating the Kafka consumer")?;
         consumer
