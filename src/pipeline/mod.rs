@@ -4,22 +4,29 @@
 //! these to them, and to the in-process bus of the embedded default.
 
 pub mod checkpoint;
+pub mod delivery;
 pub mod partition;
 pub mod records;
 
-use std::time::Duration;
-
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, MemoryCheckpoints};
+pub use delivery::Delivery;
 pub use partition::{Output, PartitionProcessor, ProcessorConfig};
+
+use std::sync::Arc;
 
 /// Where a partition's outputs go: Kafka topics, or the embedded bus.
 pub trait OutputSink: Send + Sync {
-    /// Queue `outputs` of `partition` for delivery, in order.
-    fn publish(&self, partition: i32, outputs: &[Output]) -> Result<(), SinkError>;
-    /// Wait until everything queued so far is delivered. A checkpoint is
-    /// written only after this succeeds, so no output of a checkpointed
-    /// event can be lost.
-    fn flush(&self, timeout: Duration) -> Result<(), SinkError>;
+    /// Queue `outputs` of `partition` for delivery, in order. A sink that
+    /// delivers asynchronously counts each queued output on `delivery` and
+    /// settles it when the output is acknowledged, because a checkpoint may
+    /// only cover events whose outputs are safely delivered. On error, none
+    /// of the outputs not yet queued were counted.
+    fn publish(
+        &self,
+        partition: i32,
+        outputs: &[Output],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError>;
 }
 
 /// An output that could not be queued or delivered.

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -13,7 +12,7 @@ use serde::Serialize;
 use super::avro::EncodeError;
 use super::worker::{Record, Shared, Worker, STOP_TIMEOUT};
 use crate::pipeline::records::{BreachAlert, DecisionRecord, RequestEvent};
-use crate::pipeline::{CheckpointError, Output, OutputSink, SinkError};
+use crate::pipeline::{CheckpointError, Delivery, Output, OutputSink, SinkError};
 use crate::rules::Dimension;
 
 /// Kafka's default partitioner: murmur2 of the key, as Java clients compute
@@ -47,7 +46,7 @@ impl EmbeddedBus {
         for p in 0..partitions.max(1) as i32 {
             let (epoch, cp) = shared.checkpoints.acquire(p)?;
             let next_offset = cp.as_ref().map_or(0, |c| c.next_offset);
-            let worker = Worker::spawn(shared.clone(), p, epoch, cp)
+            let worker = Worker::spawn_channel(shared.clone(), p, epoch, cp)
                 .map_err(|e| CheckpointError::Unavailable(format!("starting worker: {e}")))?;
             parts.push(Mutex::new(BusPartition {
                 next_offset,
@@ -146,7 +145,14 @@ impl EmbeddedSink {
 }
 
 impl OutputSink for EmbeddedSink {
-    fn publish(&self, partition: i32, outputs: &[Output]) -> Result<(), SinkError> {
+    /// Kept synchronously: nothing is ever in flight, so `delivery` is not
+    /// touched.
+    fn publish(
+        &self,
+        partition: i32,
+        outputs: &[Output],
+        _delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
         for o in outputs {
             match o {
                 Output::Decision(d) => {
@@ -190,10 +196,6 @@ impl OutputSink for EmbeddedSink {
                 }
             }
         }
-        Ok(())
-    }
-
-    fn flush(&self, _timeout: Duration) -> Result<(), SinkError> {
         Ok(())
     }
 }

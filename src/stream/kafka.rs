@@ -2,33 +2,41 @@
 //! Redis checkpoint offsets, and a producer for decisions, alerts and dead
 //! letters.
 //!
-//! The consumer runs on one thread with `BaseConsumer`. Its rebalance
-//! callback is overridden: on assignment it bumps each partition's epoch
-//! and loads its checkpoint, starts the partition's worker, and assigns the
-//! partition at the checkpoint's `next_offset` (offsets live in Redis with
-//! the state, never in Kafka's group offsets); on revocation it lets each
-//! worker drain and write a final checkpoint before unassigning.
+//! The group member is one `BaseConsumer`, polled on one thread for group
+//! events only: each owned partition's records go to its own librdkafka
+//! partition queue, polled by that partition's worker thread, so records
+//! are handed over without a copy or a channel hop, and partitions never
+//! wait on one another. The rebalance callback is overridden: on assignment
+//! it bumps each partition's epoch and loads its checkpoint, splits off the
+//! partition's queue and starts its worker on it, and assigns the partition
+//! at the checkpoint's `next_offset` (offsets live in Redis with the state,
+//! never in Kafka's group offsets); on revocation it lets each worker drain
+//! and write a final checkpoint before unassigning.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use super::avro::Codec;
-use super::worker::{Record, Shared, Worker, STOP_TIMEOUT};
-use crate::pipeline::{Output, OutputSink, SinkError};
+use super::worker::{Control, Msg, RecordRef, Shared, Source, Worker, STOP_TIMEOUT};
+use crate::pipeline::{Delivery, Output, OutputSink, SinkError};
 use crate::settings::KafkaSettings;
 
 /// Header carrying every output's deterministic id.
@@ -47,20 +55,18 @@ fn client_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
-struct SinkContext {
-    failed: Arc<AtomicU64>,
-}
+struct SinkContext;
 
 impl ClientContext for SinkContext {}
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = Arc<Delivery>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Arc<Delivery>) {
         if let Err((e, m)) = result {
-            self.failed.fetch_add(1, Ordering::SeqCst);
             tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; checkpoints stop until restart so it is replayed");
         }
+        delivery.done(result.is_ok());
     }
 }
 
@@ -69,26 +75,22 @@ pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
     codec: Arc<Codec>,
     settings: KafkaSettings,
-    failed: Arc<AtomicU64>,
 }
 
 impl KafkaSink {
     pub fn new(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
-        let failed = Arc::new(AtomicU64::new(0));
         let producer = client_config(settings)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            // Block decisions are what gateways wait for: batch briefly.
+            .set("linger.ms", "1")
             // Retry until delivered: a failed output is never dropped silently.
             .set("message.timeout.ms", "0")
-            .create_with_context(SinkContext {
-                failed: failed.clone(),
-            })
+            .create_with_context(SinkContext)
             .context("creating the Kafka producer")?;
         Ok(Self {
             producer,
             codec,
             settings: settings.clone(),
-            failed,
         })
     }
 
@@ -98,10 +100,12 @@ impl KafkaSink {
         key: &[u8],
         payload: &[u8],
         headers: OwnedHeaders,
+        delivery: &Arc<Delivery>,
     ) -> Result<(), SinkError> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        delivery.queued();
         loop {
-            let record = BaseRecord::to(topic)
+            let record = BaseRecord::with_opaque_to(topic, delivery.clone())
                 .key(key)
                 .payload(payload)
                 .headers(headers.clone());
@@ -112,7 +116,10 @@ impl KafkaSink {
                 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err((e, _)) => return Err(SinkError(format!("producing to {topic}: {e}"))),
+                Err((e, _)) => {
+                    delivery.cancelled();
+                    return Err(SinkError(format!("producing to {topic}: {e}")));
+                }
             }
         }
     }
@@ -128,7 +135,12 @@ fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
 }
 
 impl OutputSink for KafkaSink {
-    fn publish(&self, partition: i32, outputs: &[Output]) -> Result<(), SinkError> {
+    fn publish(
+        &self,
+        partition: i32,
+        outputs: &[Output],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
         let enc = |e: super::avro::EncodeError| SinkError(format!("encoding: {e}"));
         for o in outputs {
             match o {
@@ -139,6 +151,7 @@ impl OutputSink for KafkaSink {
                         d.key.as_bytes(),
                         &bytes,
                         headers(&[(ID_HEADER, &d.decision_id)]),
+                        delivery,
                     )?;
                 }
                 Output::Alert(a) => {
@@ -148,6 +161,7 @@ impl OutputSink for KafkaSink {
                         a.key.as_bytes(),
                         &bytes,
                         headers(&[(ID_HEADER, &a.alert_id)]),
+                        delivery,
                     )?;
                 }
                 Output::DeadLetter {
@@ -169,23 +183,53 @@ impl OutputSink for KafkaSink {
                         key.as_deref().unwrap_or_default(),
                         payload,
                         h,
+                        delivery,
                     )?;
                 }
             }
         }
         Ok(())
     }
+}
 
-    fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer
-            .flush(timeout)
-            .map_err(|e| SinkError(format!("flush: {e}")))?;
-        match self.failed.load(Ordering::SeqCst) {
-            0 => Ok(()),
-            n => Err(SinkError(format!(
-                "{n} outputs failed delivery since start"
-            ))),
+/// A partition's records, from its own librdkafka queue; the worker's
+/// channel carries only the stop request.
+struct QueueSource {
+    queue: PartitionQueue<ConsumerCtx>,
+    control: Receiver<Msg>,
+}
+
+/// Longest a worker waits on its queue before looking at its channel: the
+/// bound on how long a revoke waits for the worker to notice.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+/// Records taken per wake-up before the channel is looked at again.
+const BURST: usize = 512;
+
+impl Source for QueueSource {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(RecordRef<'_>)) -> Control {
+        match self.control.try_recv() {
+            Ok(Msg::Stop(ack)) => return Control::Stop(ack),
+            Ok(Msg::Record(_)) | Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => return Control::Closed,
         }
+        let mut wait = timeout.min(POLL_SLICE);
+        for _ in 0..BURST {
+            match self.queue.poll(wait) {
+                Some(Ok(m)) => f(RecordRef {
+                    offset: m.offset(),
+                    broker_ts_ms: m.timestamp().to_millis(),
+                    key: m.key(),
+                    payload: m.payload().unwrap_or_default(),
+                }),
+                Some(Err(e)) => {
+                    tracing::warn!(event = "consumer_error", error = %e);
+                    break;
+                }
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
+        Control::Continue
     }
 }
 
@@ -194,6 +238,10 @@ struct ConsumerCtx {
     topic: String,
     workers: Mutex<BTreeMap<i32, Worker>>,
     stop: Arc<AtomicBool>,
+    /// The consumer itself, set right after it is created: splitting a
+    /// partition queue needs an `Arc` of it, and the rebalance callback is
+    /// handed only a reference.
+    consumer: OnceLock<Weak<BaseConsumer<ConsumerCtx>>>,
 }
 
 impl ClientContext for ConsumerCtx {}
@@ -219,6 +267,10 @@ impl ConsumerContext for ConsumerCtx {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 m.rebalances.with_label_values(&["assign"]).inc();
+                let Some(me) = self.consumer.get().and_then(Weak::upgrade) else {
+                    tracing::error!(event = "assign_failed", "consumer is closing; not taking partitions");
+                    return;
+                };
                 let mut assignment = TopicPartitionList::new();
                 for p in partitions {
                     let started = Instant::now();
@@ -238,7 +290,16 @@ impl ConsumerContext for ConsumerCtx {
                         restore_ms = started.elapsed().as_millis() as u64,
                         "took partition"
                     );
-                    match Worker::spawn(self.shared.clone(), p, epoch, cp) {
+                    // Split before assigning, so that no record of the
+                    // partition is ever fetched into the group's queue.
+                    let Some(queue) = me.split_partition_queue(&self.topic, p) else {
+                        tracing::error!(event = "assign_failed", partition = p, "no partition queue");
+                        continue;
+                    };
+                    let spawned = Worker::spawn(self.shared.clone(), p, epoch, cp, 1, |control| {
+                        QueueSource { queue, control }
+                    });
+                    match spawned {
                         Ok(w) => {
                             self.workers.lock().insert(p, w);
                             if let Err(e) = assignment.add_partition_offset(&self.topic, p, offset)
@@ -351,10 +412,14 @@ impl KafkaProcessor {
             topic: settings.requests_topic.clone(),
             workers: Mutex::new(BTreeMap::new()),
             stop: stop.clone(),
+            consumer: OnceLock::new(),
         };
-        let consumer: BaseConsumer<ConsumerCtx> = consumer_config(settings)
-            .create_with_context(ctx)
-            .context("creating the Kafka consumer")?;
+        let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
+            consumer_config(settings)
+                .create_with_context(ctx)
+                .context("creating the Kafka consumer")?,
+        );
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer
             .subscribe(&[&settings.requests_topic])
             .with_context(|| format!("subscribing to {}", settings.requests_topic))?;
@@ -379,47 +444,39 @@ impl KafkaProcessor {
     }
 }
 
-fn consume(consumer: BaseConsumer<ConsumerCtx>, stop: Arc<AtomicBool>, ready: Arc<AtomicBool>) {
+fn consume(
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    stop: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+) {
     let ctx = consumer.context();
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_lag = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        // Records go to the partition queues; this serves group events.
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let p = m.partition();
-                let record = Record {
-                    offset: m.offset(),
-                    broker_ts_ms: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                };
-                next.insert(p, m.offset() + 1);
-                let mut workers = ctx.workers.lock();
-                if let Some(w) = workers.get(&p) {
-                    if !w.send(record) {
-                        // The worker was fenced: another instance owns the
-                        // partition; stop feeding it until the rebalance.
-                        tracing::warn!(
-                            event = "partition_lost",
-                            partition = p,
-                            "worker stopped; dropping its records"
-                        );
-                        workers.remove(&p);
-                    }
-                }
-            }
+            Some(Ok(m)) => tracing::error!(
+                event = "unexpected_record",
+                partition = m.partition(),
+                offset = m.offset(),
+                "record reached the group queue instead of its partition's; it is skipped here and replayed by the partition's next owner"
+            ),
             Some(Err(e)) => tracing::warn!(event = "consumer_error", error = %e),
             None => {}
         }
         ready.store(true, Ordering::SeqCst);
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
-            let owned: Vec<i32> = ctx.workers.lock().keys().copied().collect();
-            for p in owned {
+            let owned: Vec<(i32, i64)> = ctx
+                .workers
+                .lock()
+                .values()
+                .filter(|w| !w.is_finished())
+                .map(|w| (w.partition(), w.position()))
+                .collect();
+            for (p, pos) in owned {
                 if let Ok((_, high)) =
                     consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(500))
                 {
-                    let pos = next.get(&p).copied().unwrap_or(0);
                     ctx.shared
                         .metrics
                         .stream
@@ -436,8 +493,8 @@ fn consume(consumer: BaseConsumer<ConsumerCtx>, stop: Arc<AtomicBool>, ready: Ar
     for w in workers {
         w.stop(STOP_TIMEOUT);
     }
-    // Dropping the consumer closes it: it leaves the group (the revoke
-    // callback finds no workers left) before returning.
+    // Dropping the last reference closes the consumer: it leaves the group
+    // (the revoke callback finds no workers left) before returning.
     drop(consumer);
     tracing::info!(event = "consumer_stopped", "left the consumer group");
 }

@@ -1,9 +1,15 @@
-//! One thread per owned partition: decode, process, publish, checkpoint.
+//! One thread per owned partition: decode, process, publish; and beside it
+//! one checkpointer thread that saves the partition's snapshots.
 //!
 //! The same worker serves Kafka partitions and the embedded bus; only the
-//! source feeding its channel, the sink and the checkpoint store differ.
+//! [`Source`] feeding it, the sink and the checkpoint store differ. Saving
+//! a checkpoint waits for the outputs it covers to be delivered and for
+//! Redis; both happen on the checkpointer thread, so the worker keeps
+//! deciding while a checkpoint is in flight. The worker only takes the
+//! snapshot (a copy of the state) and starts a new delivery generation.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,11 +19,12 @@ use parking_lot::RwLock;
 use super::avro::Codec;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
+use crate::pipeline::delivery::Settled;
 use crate::pipeline::partition::InputRecord;
 use crate::pipeline::records::Action;
 use crate::pipeline::{
-    Checkpoint, CheckpointError, CheckpointStore, Output, OutputSink, PartitionProcessor,
-    ProcessorConfig,
+    Checkpoint, CheckpointError, CheckpointStore, Delivery, Output, OutputSink,
+    PartitionProcessor, ProcessorConfig,
 };
 use crate::state::KeyedStore;
 
@@ -30,9 +37,62 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-enum Msg {
+/// One record as a source lends it to the worker, without copying.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub offset: i64,
+    pub broker_ts_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// What reaches a worker through its channel: records (the embedded bus)
+/// and the stop request (every source).
+pub enum Msg {
     Record(Record),
     Stop(SyncSender<()>),
+}
+
+/// What a source saw while the worker waited on it.
+pub enum Control {
+    Continue,
+    /// Drain, write a final checkpoint, acknowledge and stop.
+    Stop(SyncSender<()>),
+    /// The feeding side is gone: write a final checkpoint and stop.
+    Closed,
+}
+
+/// Where a partition's records come from. `poll` waits at most `timeout`
+/// for records and hands each, in offset order, to `f`.
+pub trait Source: Send + 'static {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(RecordRef<'_>)) -> Control;
+}
+
+/// Records pushed through the worker's own channel (the embedded bus).
+pub struct ChannelSource(Receiver<Msg>);
+
+impl Source for ChannelSource {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(RecordRef<'_>)) -> Control {
+        let mut next = self.0.recv_timeout(timeout);
+        loop {
+            match next {
+                Ok(Msg::Record(r)) => f(RecordRef {
+                    offset: r.offset,
+                    broker_ts_ms: r.broker_ts_ms,
+                    key: r.key.as_deref(),
+                    payload: &r.payload,
+                }),
+                Ok(Msg::Stop(ack)) => return Control::Stop(ack),
+                Err(RecvTimeoutError::Timeout) => return Control::Continue,
+                Err(RecvTimeoutError::Disconnected) => return Control::Closed,
+            }
+            next = match self.0.try_recv() {
+                Ok(m) => Ok(m),
+                Err(TryRecvError::Empty) => return Control::Continue,
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            };
+        }
+    }
 }
 
 /// Everything the workers of one process share.
@@ -52,43 +112,83 @@ pub struct Shared {
 
 /// Bound on how long a revoke or shutdown waits for a worker's final checkpoint.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on each wait for outputs to be delivered before a checkpoint.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Records buffered per partition between the source and its worker.
-const CHANNEL_DEPTH: usize = 4096;
+/// Bound on each wait for a checkpoint's outputs to be delivered.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before retrying a checkpoint the store refused (e.g. Redis down).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Records buffered per partition between the embedded bus and its worker.
+pub const CHANNEL_DEPTH: usize = 4096;
 
 /// A running partition worker.
 pub struct Worker {
     partition: i32,
     tx: SyncSender<Msg>,
+    position: Arc<AtomicI64>,
     join: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    /// Take `partition` at `epoch`, resuming from `restored`.
-    pub fn spawn(
+    /// Take `partition` at `epoch`, resuming from `restored`, reading from
+    /// the source `make_source` builds around the worker's channel (of
+    /// `depth` messages).
+    pub fn spawn<S: Source>(
+        shared: Arc<Shared>,
+        partition: i32,
+        epoch: u64,
+        restored: Option<Checkpoint>,
+        depth: usize,
+        make_source: impl FnOnce(Receiver<Msg>) -> S,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(depth);
+        let source = make_source(rx);
+        let start = restored.as_ref().map_or(0, |c| c.next_offset);
+        let position = Arc::new(AtomicI64::new(start));
+        let checkpointer = Checkpointer::spawn(shared.clone(), partition, epoch)?;
+        let pos = position.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("quotaflow-p{partition}"))
+            .spawn(move || run(shared, partition, restored, source, pos, checkpointer))?;
+        Ok(Self {
+            partition,
+            tx,
+            position,
+            join: Some(join),
+        })
+    }
+
+    /// A worker fed through its channel by [`Worker::send`].
+    pub fn spawn_channel(
         shared: Arc<Shared>,
         partition: i32,
         epoch: u64,
         restored: Option<Checkpoint>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
-        let join = std::thread::Builder::new()
-            .name(format!("quotaflow-p{partition}"))
-            .spawn(move || run(shared, partition, epoch, restored, rx))?;
-        Ok(Self {
+        Self::spawn(
+            shared,
             partition,
-            tx,
-            join: Some(join),
-        })
+            epoch,
+            restored,
+            CHANNEL_DEPTH,
+            ChannelSource,
+        )
     }
 
     pub fn partition(&self) -> i32 {
         self.partition
     }
 
-    /// Hand a record to the worker (blocks while its queue is full). `false`
-    /// when the worker has stopped, e.g. because it was fenced.
+    /// The offset of the next record the worker expects.
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker has stopped on its own (it was fenced).
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Hand a record to a channel-fed worker (blocks while its queue is
+    /// full). `false` when the worker has stopped, e.g. because it was fenced.
     pub fn send(&self, record: Record) -> bool {
         self.tx.send(Msg::Record(record)).is_ok()
     }
@@ -110,12 +210,13 @@ impl Worker {
     }
 }
 
-fn run(
+fn run<S: Source>(
     shared: Arc<Shared>,
     partition: i32,
-    epoch: u64,
     restored: Option<Checkpoint>,
-    rx: Receiver<Msg>,
+    mut source: S,
+    position: Arc<AtomicI64>,
+    checkpointer: Checkpointer,
 ) {
     let store = Arc::new(KeyedStore::new(shared.shards));
     let mut proc =
@@ -133,62 +234,70 @@ fn run(
         .events_consumed
         .with_label_values(&[&label]);
     let mut out = Vec::new();
+    let mut delivery = Arc::new(Delivery::default());
     let mut last_checkpoint = Instant::now();
     let mut dirty = false;
-    loop {
+    let end = loop {
         let wait = shared
             .checkpoint_interval
             .saturating_sub(last_checkpoint.elapsed());
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Record(r)) => {
-                let event = shared
-                    .codec
-                    .decode_request(&r.payload)
-                    .map_err(|e| format!("undecodable: {e}"));
-                let input = InputRecord {
-                    offset: r.offset,
-                    broker_ts_ms: r.broker_ts_ms,
-                    key: r.key.as_deref(),
-                    payload: &r.payload,
-                };
-                proc.process(&shared.limiter, input, event, &mut out);
-                consumed.inc();
-                if !out.is_empty() {
-                    count_outputs(&shared.metrics, &out);
-                    publish(&shared, partition, &out);
-                    out.clear();
-                }
-                dirty = true;
+        let control = source.poll(wait, &mut |r| {
+            let event = shared
+                .codec
+                .decode_request(r.payload)
+                .map_err(|e| format!("undecodable: {e}"));
+            let input = InputRecord {
+                offset: r.offset,
+                broker_ts_ms: r.broker_ts_ms,
+                key: r.key,
+                payload: r.payload,
+            };
+            proc.process(&shared.limiter, input, event, &mut out);
+            position.store(r.offset + 1, Ordering::Relaxed);
+            consumed.inc();
+            if !out.is_empty() {
+                count_outputs(&shared.metrics, &out);
+                publish(&shared, partition, &out, &delivery);
+                out.clear();
             }
-            Ok(Msg::Stop(ack)) => {
-                if dirty {
-                    checkpoint(&shared, &proc, epoch);
-                }
-                let _ = ack.send(());
-                break;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                if dirty {
-                    checkpoint(&shared, &proc, epoch);
-                }
-                break;
-            }
+            dirty = true;
+        });
+        match control {
+            Control::Continue => {}
+            Control::Stop(ack) => break End::Stop(ack),
+            Control::Closed => break End::Closed,
+        }
+        if checkpointer.fenced() {
+            break End::Fenced;
         }
         if last_checkpoint.elapsed() >= shared.checkpoint_interval {
             last_checkpoint = Instant::now();
             shared.metrics.keys_expired.inc_by(proc.take_expired());
-            if dirty {
-                match checkpoint(&shared, &proc, epoch) {
-                    Saved::Yes => dirty = false,
-                    Saved::Fenced => break,
-                    Saved::No => {}
-                }
+            if dirty && checkpointer.idle() {
+                let generation = std::mem::take(&mut delivery);
+                checkpointer.submit(proc.checkpoint(shared.limiter.rules().version), generation);
+                dirty = false;
             }
         }
+    };
+    match end {
+        End::Fenced => {
+            // Another instance owns the partition now: our state goes, and
+            // the source stops feeding us (sends fail once it is dropped).
+            drop(source);
+            checkpointer.finish(None);
+        }
+        End::Stop(_) | End::Closed => {
+            let last = dirty.then(|| {
+                let cp = proc.checkpoint(shared.limiter.rules().version);
+                (cp, std::mem::take(&mut delivery))
+            });
+            checkpointer.finish(last);
+        }
     }
-    // When fenced, another instance owns the partition now: our state goes,
-    // and the source stops feeding us (sends fail once `rx` is dropped).
+    if let End::Stop(ack) = end {
+        let _ = ack.send(());
+    }
     shared.owned.write().remove(&partition);
     shared
         .metrics
@@ -203,57 +312,210 @@ fn run(
         .ok();
 }
 
-enum Saved {
-    Yes,
-    No,
+enum End {
+    Stop(SyncSender<()>),
+    Closed,
     Fenced,
 }
 
-fn checkpoint(shared: &Shared, proc: &PartitionProcessor, epoch: u64) -> Saved {
-    let started = Instant::now();
-    let m = &shared.metrics.stream;
-    let partition = proc.partition();
-    if let Err(e) = shared.sink.flush(FLUSH_TIMEOUT) {
-        m.checkpoint_failures.with_label_values(&["flush"]).inc();
-        tracing::warn!(event = "checkpoint_skipped", partition, error = %e, "outputs not delivered; checkpoint postponed");
-        return Saved::No;
+enum Job {
+    Save(Box<Checkpoint>, Arc<Delivery>),
+    /// Save this last snapshot (or retry the one still pending), then stop.
+    Final(Option<(Box<Checkpoint>, Arc<Delivery>)>),
+}
+
+/// The worker's handle on its checkpointer thread.
+struct Checkpointer {
+    tx: Option<SyncSender<Job>>,
+    busy: Arc<AtomicBool>,
+    fenced: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn spawn(shared: Arc<Shared>, partition: i32, epoch: u64) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let busy = Arc::new(AtomicBool::new(false));
+        let fenced = Arc::new(AtomicBool::new(false));
+        let (b, f) = (busy.clone(), fenced.clone());
+        let join = std::thread::Builder::new()
+            .name(format!("quotaflow-cp{partition}"))
+            .spawn(move || checkpoints(shared, partition, epoch, rx, b, f))?;
+        Ok(Self {
+            tx: Some(tx),
+            busy,
+            fenced,
+            join: Some(join),
+        })
     }
-    let cp = proc.checkpoint(shared.limiter.rules().version);
-    match shared.checkpoints.save(partition, epoch, &cp) {
-        Ok(()) => {
-            m.checkpoint_duration
-                .observe(started.elapsed().as_secs_f64());
-            tracing::debug!(
-                event = "checkpoint",
-                partition,
-                next_offset = cp.next_offset,
-                keys = cp.keys.len()
-            );
-            Saved::Yes
+
+    /// Whether a new snapshot would be taken up now; while one is still
+    /// being saved, the worker does not copy its state again.
+    fn idle(&self) -> bool {
+        !self.busy.load(Ordering::SeqCst)
+    }
+
+    fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn submit(&self, cp: Checkpoint, generation: Arc<Delivery>) {
+        self.busy.store(true, Ordering::SeqCst);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job::Save(Box::new(cp), generation));
         }
-        Err(e @ CheckpointError::Fenced { .. }) => {
-            m.checkpoint_failures.with_label_values(&["fenced"]).inc();
-            tracing::warn!(event = "checkpoint_fenced", partition, error = %e, "partition taken by another instance; stopping its worker");
-            Saved::Fenced
+    }
+
+    /// Save `last` (or whatever is still pending) and wait for the thread.
+    fn finish(mut self, last: Option<(Checkpoint, Arc<Delivery>)>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Job::Final(last.map(|(cp, d)| (Box::new(cp), d))));
         }
-        Err(e) => {
-            let reason = match e {
-                CheckpointError::Unavailable(_) => "unavailable",
-                CheckpointError::Backwards { .. } => "backwards",
-                _ => "corrupt",
-            };
-            m.checkpoint_failures.with_label_values(&[reason]).inc();
-            tracing::warn!(event = "checkpoint_failed", partition, error = %e, "checkpoint not written; will retry");
-            Saved::No
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
         }
     }
 }
 
-fn publish(shared: &Shared, partition: i32, out: &[Output]) {
-    // A sink refuses only when its local queue stays full; keep trying, the
-    // source is backpressured meanwhile and nothing is dropped.
+fn checkpoints(
+    shared: Arc<Shared>,
+    partition: i32,
+    epoch: u64,
+    rx: Receiver<Job>,
+    busy: Arc<AtomicBool>,
+    fenced: Arc<AtomicBool>,
+) {
+    // Delivery generations not yet known to be settled, oldest first: a
+    // snapshot is saved only once all of them are, since it covers them all.
+    let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
+    let mut pending: Option<Box<Checkpoint>> = None;
+    let mut failed_logged = false;
+    loop {
+        let job = match &pending {
+            Some(_) => rx.recv_timeout(RETRY_AFTER),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let (cp, last) = match job {
+            Ok(Job::Save(cp, generation)) => {
+                unsettled.push(generation);
+                (Some(cp), false)
+            }
+            Ok(Job::Final(Some((cp, generation)))) => {
+                unsettled.push(generation);
+                (Some(cp), true)
+            }
+            Ok(Job::Final(None)) => (pending.take(), true),
+            Err(RecvTimeoutError::Timeout) => (pending.take(), false),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if let Some(cp) = cp {
+            pending = None;
+            let ctx = SaveCtx {
+                shared: &shared,
+                partition,
+                epoch,
+            };
+            match ctx.save(&cp, &mut unsettled, &mut failed_logged) {
+                Saved::Yes | Saved::Dropped => {}
+                Saved::Retry => pending = Some(cp),
+                Saved::Fenced => {
+                    fenced.store(true, Ordering::SeqCst);
+                    busy.store(false, Ordering::SeqCst);
+                    // The worker stops on its own; a final job may still come.
+                    let _ = rx.recv();
+                    return;
+                }
+            }
+        }
+        busy.store(false, Ordering::SeqCst);
+        if last {
+            break;
+        }
+    }
+}
+
+enum Saved {
+    Yes,
+    /// Not written; try again with this snapshot unless a newer one comes.
+    Retry,
+    /// Not written and not worth retrying.
+    Dropped,
+    Fenced,
+}
+
+struct SaveCtx<'a> {
+    shared: &'a Shared,
+    partition: i32,
+    epoch: u64,
+}
+
+impl SaveCtx<'_> {
+    fn save(
+        &self,
+        cp: &Checkpoint,
+        unsettled: &mut Vec<Arc<Delivery>>,
+        failed_logged: &mut bool,
+    ) -> Saved {
+        let m = &self.shared.metrics.stream;
+        let partition = self.partition;
+        for generation in unsettled.iter() {
+            match generation.wait(DELIVERY_TIMEOUT) {
+                Settled::Delivered => {}
+                Settled::Pending(n) => {
+                    m.checkpoint_failures.with_label_values(&["flush"]).inc();
+                    tracing::warn!(event = "checkpoint_skipped", partition, in_flight = n, "outputs not yet delivered; checkpoint postponed");
+                    return Saved::Retry;
+                }
+                Settled::Failed(n) => {
+                    m.checkpoint_failures.with_label_values(&["flush"]).inc();
+                    if !std::mem::replace(failed_logged, true) {
+                        tracing::error!(event = "checkpoint_stopped", partition, failed = n, "outputs failed delivery; no checkpoint will cover them, so a restart replays them");
+                    }
+                    return Saved::Retry;
+                }
+            }
+        }
+        unsettled.clear();
+        let started = Instant::now();
+        match self.shared.checkpoints.save(partition, self.epoch, cp) {
+            Ok(()) => {
+                m.checkpoint_duration
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    event = "checkpoint",
+                    partition,
+                    next_offset = cp.next_offset,
+                    keys = cp.keys.len(),
+                    save_ms = started.elapsed().as_millis() as u64
+                );
+                Saved::Yes
+            }
+            Err(e @ CheckpointError::Fenced { .. }) => {
+                m.checkpoint_failures.with_label_values(&["fenced"]).inc();
+                tracing::warn!(event = "checkpoint_fenced", partition, error = %e, "partition taken by another instance; stopping its worker");
+                Saved::Fenced
+            }
+            Err(e) => {
+                let (reason, outcome) = match e {
+                    CheckpointError::Unavailable(_) => ("unavailable", Saved::Retry),
+                    CheckpointError::Backwards { .. } => ("backwards", Saved::Dropped),
+                    _ => ("corrupt", Saved::Dropped),
+                };
+                m.checkpoint_failures.with_label_values(&[reason]).inc();
+                tracing::warn!(event = "checkpoint_failed", partition, error = %e, "checkpoint not written; will retry");
+                outcome
+            }
+        }
+    }
+}
+
+fn publish(shared: &Shared, partition: i32, out: &[Output], delivery: &Arc<Delivery>) {
+    // A sink refuses only when it cannot queue; keep trying, the source is
+    // backpressured meanwhile and nothing is dropped. Outputs queued before
+    // a refusal are queued again: their deterministic ids make the copies
+    // recognisable.
     let mut backoff = Duration::from_millis(5);
-    while let Err(e) = shared.sink.publish(partition, out) {
+    while let Err(e) = shared.sink.publish(partition, out, delivery) {
         tracing::warn!(event = "publish_retry", partition, error = %e, "output sink refused; retrying");
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(1));
