@@ -364,7 +364,10 @@ fn topics(specs: &[String], delete: bool) -> anyhow::Result<Value> {
         let partitions: i32 = partitions
             .parse()
             .with_context(|| format!("partitions in `{spec}`"))?;
-        let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        // Never let retention delete records of a run (event times may lie
+        // in the past).
+        let mut t =
+            NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("retention.ms", "-1");
         if log_append {
             t = t.set("message.timestamp.type", "LogAppendTime");
         }

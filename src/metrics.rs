@@ -37,6 +37,7 @@ pub struct StreamMetrics {
     pub events_consumed: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub partition_lag: IntGaugeVec,
+    pub offsets_skipped: IntCounterVec,
     pub partitions_owned: IntGauge,
     pub decisions: IntCounterVec,
     pub alerts: IntCounterVec,
@@ -62,6 +63,13 @@ impl StreamMetrics {
                     "Events sent to the dead-letter topic, by reason kind (decode, invalid).",
                 ),
                 &["reason"],
+            )?,
+            offsets_skipped: IntCounterVec::new(
+                Opts::new(
+                    "offsets_skipped_total",
+                    "Offsets between a partition's checkpoint and the first record read after it, by partition: events deleted by retention before they were processed (or transaction markers).",
+                ),
+                &["partition"],
             )?,
             partition_lag: IntGaugeVec::new(
                 Opts::new(
@@ -124,6 +132,7 @@ impl StreamMetrics {
         registry.register(Box::new(m.events_consumed.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.partition_lag.clone()))?;
+        registry.register(Box::new(m.offsets_skipped.clone()))?;
         registry.register(Box::new(m.partitions_owned.clone()))?;
         registry.register(Box::new(m.decisions.clone()))?;
         registry.register(Box::new(m.alerts.clone()))?;

@@ -505,3 +505,52 @@ async fn simulate_publishes_decodable_events_keyed_like_java_clients() {
     }
     assert_eq!(decoded, published - published / 10);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let f = Fixture::new("retention", 1).await;
+    let config = f.config(
+        PER_USER_5_PER_10S,
+        "[stream]\ncheckpoint_interval = \"200ms\"\n",
+    );
+    let t0 = base();
+    let server = Server::start(Some(&config), &[]);
+    let mut sent = Vec::new();
+    for n in 0..10 {
+        sent.push(f.send(event("alice", t0 + n as i64, n), t0).await);
+    }
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+    assert!(server.terminate().success());
+
+    // While no processor runs, ten more events arrive and the broker
+    // deletes the first five of them (as retention would).
+    for n in 10..20 {
+        sent.push(f.send(event("bob", t0 + n as i64, n), t0).await);
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", common::services::kafka())
+        .create()
+        .expect("admin client");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&f.requests, 0, Offset::Offset(15))
+        .expect("offset");
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+
+    let server = Server::start(Some(&config), &[]);
+    let logged = server.wait_log(Duration::from_secs(60), |v| v["event"] == "offsets_skipped");
+    assert_eq!(logged["from"], 10);
+    assert_eq!(logged["to"], 15);
+    assert_eq!(logged["skipped"], 5);
+    wait_for("the five events left", Duration::from_secs(30), || {
+        metric(&server, "quotaflow_events_consumed_total") == 5.0
+    });
+    assert_eq!(metric(&server, "quotaflow_offsets_skipped_total"), 5.0);
+}

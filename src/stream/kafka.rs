@@ -24,9 +24,7 @@ use anyhow::Context as _;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{
-    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol,
-};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
@@ -268,7 +266,10 @@ impl ConsumerContext for ConsumerCtx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 m.rebalances.with_label_values(&["assign"]).inc();
                 let Some(me) = self.consumer.get().and_then(Weak::upgrade) else {
-                    tracing::error!(event = "assign_failed", "consumer is closing; not taking partitions");
+                    tracing::error!(
+                        event = "assign_failed",
+                        "consumer is closing; not taking partitions"
+                    );
                     return;
                 };
                 let mut assignment = TopicPartitionList::new();
@@ -293,7 +294,11 @@ impl ConsumerContext for ConsumerCtx {
                     // Split before assigning, so that no record of the
                     // partition is ever fetched into the group's queue.
                     let Some(queue) = me.split_partition_queue(&self.topic, p) else {
-                        tracing::error!(event = "assign_failed", partition = p, "no partition queue");
+                        tracing::error!(
+                            event = "assign_failed",
+                            partition = p,
+                            "no partition queue"
+                        );
                         continue;
                     };
                     let spawned = Worker::spawn(self.shared.clone(), p, epoch, cp, 1, |control| {

@@ -23,8 +23,8 @@ use crate::pipeline::delivery::Settled;
 use crate::pipeline::partition::InputRecord;
 use crate::pipeline::records::Action;
 use crate::pipeline::{
-    Checkpoint, CheckpointError, CheckpointStore, Delivery, Output, OutputSink,
-    PartitionProcessor, ProcessorConfig,
+    Checkpoint, CheckpointError, CheckpointStore, Delivery, Output, OutputSink, PartitionProcessor,
+    ProcessorConfig,
 };
 use crate::state::KeyedStore;
 
@@ -233,6 +233,10 @@ fn run<S: Source>(
         .stream
         .events_consumed
         .with_label_values(&[&label]);
+    // Where a restored partition must resume: a first record beyond it
+    // means events were lost before we read them (retention deleted them
+    // and the consumer reset to the earliest offset left).
+    let mut resume_at = (proc.next_offset() > 0).then(|| proc.next_offset());
     let mut out = Vec::new();
     let mut delivery = Arc::new(Delivery::default());
     let mut last_checkpoint = Instant::now();
@@ -242,6 +246,16 @@ fn run<S: Source>(
             .checkpoint_interval
             .saturating_sub(last_checkpoint.elapsed());
         let control = source.poll(wait, &mut |r| {
+            if let Some(at) = resume_at.take().filter(|&at| r.offset > at) {
+                let skipped = r.offset - at;
+                shared
+                    .metrics
+                    .stream
+                    .offsets_skipped
+                    .with_label_values(&[&label])
+                    .inc_by(skipped as u64);
+                tracing::error!(event = "offsets_skipped", partition, from = at, to = r.offset, skipped, "events after the checkpoint are gone from the topic (retention?); resuming at the first one left");
+            }
             let event = shared
                 .codec
                 .decode_request(r.payload)
@@ -463,7 +477,12 @@ impl SaveCtx<'_> {
                 Settled::Delivered => {}
                 Settled::Pending(n) => {
                     m.checkpoint_failures.with_label_values(&["flush"]).inc();
-                    tracing::warn!(event = "checkpoint_skipped", partition, in_flight = n, "outputs not yet delivered; checkpoint postponed");
+                    tracing::warn!(
+                        event = "checkpoint_skipped",
+                        partition,
+                        in_flight = n,
+                        "outputs not yet delivered; checkpoint postponed"
+                    );
                     return Saved::Retry;
                 }
                 Settled::Failed(n) => {

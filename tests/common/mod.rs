@@ -122,6 +122,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // QF_DEBUG_LOG_DIR=DIR keeps every process's whole log, for
+        // debugging a test (add `[log] level = "debug"` to its config).
+        if let Ok(dir) = std::env::var("QF_DEBUG_LOG_DIR") {
+            let path = format!("{dir}/{}.log", self.base.replace([':', '/'], "_"));
+            let _ = std::fs::write(path, self.logs().join("\n"));
+        }
         if std::thread::panicking() {
             // A failing test shows what the process said (its last lines).
             let logs = self.logs();

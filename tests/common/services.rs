@@ -94,7 +94,12 @@ pub async fn create_topics(topics: &[(&str, i32)]) {
         .expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(1)))
+        // Test events carry fixed timestamps from 2023: without this the
+        // broker's retention check (30 s after it starts, then every 5 min)
+        // deletes them under the test's feet.
+        .map(|(name, parts)| {
+            NewTopic::new(name, *parts, TopicReplication::Fixed(1)).set("retention.ms", "-1")
+        })
         .collect();
     let results = admin
         .create_topics(
