@@ -180,25 +180,6 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// What-if, in-process: consume --topic and run decode + limits per
-    /// partition, without outputs or checkpoints, either as quotaflow
-    /// dispatches (`dispatch`: one consumer thread copying each record into
-    /// a bounded channel per partition worker) or with each worker polling
-    /// its own librdkafka partition queue (`split`).
-    Prototype {
-        #[arg(long)]
-        topic: String,
-        #[arg(long)]
-        count: u64,
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long, value_parser = ["dispatch", "split"])]
-        mode: String,
-        #[arg(long, default_value_t = 300)]
-        timeout_secs: u64,
-        #[arg(long)]
-        label: Option<String>,
-    },
     /// Medians, ratios and verdicts from the JSON lines of a run.
     Summarize {
         results: PathBuf,
@@ -287,21 +268,6 @@ fn main() {
             count,
             config,
         } => breakdown(&topic, count, &config),
-        Cmd::Prototype {
-            topic,
-            count,
-            config,
-            mode,
-            timeout_secs,
-            label,
-        } => prototype(
-            &topic,
-            count,
-            &config,
-            &mode,
-            Duration::from_secs(timeout_secs),
-            label,
-        ),
         Cmd::Summarize { results, half_rate } => summarize(&results, half_rate),
     };
     match result {
@@ -1334,69 +1300,6 @@ fn latency(a: &LatencyArgs) -> anyhow::Result<Value> {
 
 // --------------------------------------------------------------- breakdown --
 
-/// A hand-written decoder for the current `RequestEvent` writer schema
-/// (single-object encoding), to measure what Avro decoding costs without
-/// apache-avro's generic `Value` tree. Not a replacement for the codec: no
-/// schema resolution, no fingerprint check; `None` on anything unexpected.
-mod hand {
-    use quotaflow::pipeline::records::RequestEvent;
-
-    struct Cursor<'a>(&'a [u8]);
-
-    impl<'a> Cursor<'a> {
-        fn long(&mut self) -> Option<i64> {
-            let mut value: u64 = 0;
-            for shift in (0..64).step_by(7) {
-                let (&b, rest) = self.0.split_first()?;
-                self.0 = rest;
-                value |= u64::from(b & 0x7f) << shift;
-                if b & 0x80 == 0 {
-                    return Some((value >> 1) as i64 ^ -((value & 1) as i64));
-                }
-            }
-            None
-        }
-
-        fn string(&mut self) -> Option<String> {
-            let len = usize::try_from(self.long()?).ok()?;
-            if len > self.0.len() {
-                return None;
-            }
-            let (s, rest) = self.0.split_at(len);
-            self.0 = rest;
-            std::str::from_utf8(s).ok().map(str::to_owned)
-        }
-
-        fn optional(&mut self) -> Option<Option<String>> {
-            match self.long()? {
-                0 => Some(None),
-                1 => self.string().map(Some),
-                _ => None,
-            }
-        }
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<RequestEvent> {
-        let body = bytes.get(10..)?;
-        if bytes[..2] != [0xc3, 0x01] {
-            return None;
-        }
-        let mut c = Cursor(body);
-        let e = RequestEvent {
-            event_id: c.string()?,
-            timestamp_ms: c.long()?,
-            user_id: c.optional()?,
-            api_key: c.optional()?,
-            client_ip: c.optional()?,
-            method: c.optional()?,
-            path: c.optional()?,
-            cost: c.long()?,
-            gateway_id: c.optional()?,
-        };
-        c.0.is_empty().then_some(e)
-    }
-}
-
 fn ns_per(d: Duration, n: usize) -> f64 {
     (d.as_nanos() as f64 / n.max(1) as f64 * 10.0).round() / 10.0
 }
@@ -1407,32 +1310,10 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
     records.truncate(count as usize);
     let n = records.len();
     ensure!(n > 0, "{topic} is empty");
-    // Owned copies, as the consumer thread makes for its workers.
-    let t = Instant::now();
     let owned: Vec<(i32, i64, Option<i64>, Vec<u8>)> = records
-        .iter()
-        .map(|(p, o, ts, payload)| (*p, *o, ts.to_millis(), payload.clone()))
+        .into_iter()
+        .map(|(p, o, ts, payload)| (p, o, ts.to_millis(), payload))
         .collect();
-    let copy = t.elapsed();
-    drop(records);
-
-    // Hand-off through a bounded channel to another thread, one message per record.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(i64, Vec<u8>)>(4096);
-    let consumer = std::thread::spawn(move || {
-        let mut bytes = 0usize;
-        while let Ok((_, p)) = rx.recv() {
-            bytes += p.len();
-        }
-        bytes
-    });
-    let t = Instant::now();
-    for (_, o, _, payload) in &owned {
-        tx.send((*o, payload.clone()))
-            .map_err(|_| anyhow::anyhow!("channel closed"))?;
-    }
-    drop(tx);
-    let _ = consumer.join();
-    let channel = t.elapsed();
 
     let codec = quotaflow::server::codec(&settings)?;
     let t = Instant::now();
@@ -1441,17 +1322,23 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
         events.push(codec.decode_request(payload).map_err(|e| e.to_string()));
     }
     let decode = t.elapsed();
+    // The general path for comparison: apache-avro's `Value` tree, which the
+    // codec falls back to for older writer schemas and damaged records.
+    let schema = apache_avro::Schema::parse_str(quotaflow::stream::avro::REQUEST_EVENT_SCHEMA)?;
+    let header = match codec.encoding() {
+        quotaflow::stream::avro::Encoding::SingleObject => 10,
+        quotaflow::stream::avro::Encoding::Confluent { .. } => 5,
+    };
+    let generic = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build()?;
     let t = Instant::now();
-    let mut hand_decoded = Vec::with_capacity(n);
+    let mut generic_ok = 0usize;
     for (_, _, _, payload) in &owned {
-        hand_decoded.push(hand::decode(payload));
+        let mut body = payload.get(header..).unwrap_or_default();
+        if generic.read_value(&mut body).is_ok() {
+            generic_ok += 1;
+        }
     }
-    let hand_decode = t.elapsed();
-    let hand_matches = hand_decoded
-        .iter()
-        .zip(&events)
-        .all(|(h, e)| h.as_ref() == e.as_ref().ok());
-    drop(hand_decoded);
+    let generic_decode = t.elapsed();
 
     let state = quotaflow::server::build_state(&settings, None)?;
     let cfg = Arc::new(quotaflow::server::processor_config(&settings));
@@ -1519,217 +1406,22 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
             let _: i64 = redis::cmd("DEL").arg(&keys).query(&mut conn)?;
         }
     }
-    let per_event = ns_per(copy + decode + process, n);
+    let per_event = ns_per(decode + process, n);
     Ok(json!({
         "kind": "breakdown",
         "config": config.display().to_string(),
         "events": n,
         "outputs": outputs,
         "ns_per_event": {
-            "copy_payload": ns_per(copy, n),
-            "channel_handoff_2_threads": ns_per(channel, n),
-            "avro_decode": ns_per(decode, n),
-            "hand_written_decode_same_output": ns_per(hand_decode, n),
+            "codec_decode": ns_per(decode, n),
+            "apache_avro_value_tree_decode": ns_per(generic_decode, n),
             "process_limits": ns_per(process, n),
         },
-        "hand_written_decode_matches_codec": hand_matches,
+        "apache_avro_decoded": generic_ok,
         "checkpoint_encode_all_partitions_ms": checkpoint.as_secs_f64() * 1000.0,
         "checkpoint_bytes": cp_bytes,
         "checkpoint_to_redis_per_partition": saves,
         "one_core_events_per_s_decode_plus_process": 1e9 / per_event,
-    }))
-}
-
-// --------------------------------------------------------------- prototype --
-
-/// quotaflow's consumer settings, as in `raw`.
-fn consumer_config(group: &str) -> anyhow::Result<ClientConfig> {
-    let session_ms: u64 = 10_000;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap()?)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", session_ms.to_string())
-        .set("heartbeat.interval.ms", (session_ms / 3).to_string());
-    Ok(c)
-}
-
-/// One partition's decode + limits, as a worker does it (no outputs published).
-struct MiniWorker {
-    proc: PartitionProcessor,
-    state: quotaflow::api::AppState,
-    codec: Arc<Codec>,
-    out: Vec<quotaflow::pipeline::Output>,
-    done: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl MiniWorker {
-    fn handle(&mut self, offset: i64, ts: Option<i64>, key: Option<&[u8]>, payload: &[u8]) {
-        let event = self
-            .codec
-            .decode_request(payload)
-            .map_err(|e| format!("undecodable: {e}"));
-        let input = InputRecord {
-            offset,
-            broker_ts_ms: ts,
-            key,
-            payload,
-        };
-        self.proc
-            .process(&self.state.limiter, input, event, &mut self.out);
-        self.out.clear();
-        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-fn prototype(
-    topic: &str,
-    count: u64,
-    config: &std::path::Path,
-    mode: &str,
-    timeout: Duration,
-    label: Option<String>,
-) -> anyhow::Result<Value> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let settings = Settings::load(Some(config))?;
-    let state = quotaflow::server::build_state(&settings, None)?;
-    let codec = quotaflow::server::codec(&settings)?;
-    let cfg = Arc::new(quotaflow::server::processor_config(&settings));
-    let shards = settings.state.effective_shards();
-    let group = format!("stream-bench-prototype-{}-{mode}", std::process::id());
-    let consumer: Arc<BaseConsumer> = Arc::new(consumer_config(&group)?.create()?);
-    let partitions: Vec<i32> = watermarks(&consumer, topic)?.into_keys().collect();
-    let mut tpl = TopicPartitionList::new();
-    for &p in &partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = |p: i32| MiniWorker {
-        proc: PartitionProcessor::new(cfg.clone(), p, Arc::new(KeyedStore::new(shards)), None),
-        state: state.clone(),
-        codec: codec.clone(),
-        out: Vec::new(),
-        done: done.clone(),
-    };
-    let me = std::process::id();
-    let started = Instant::now();
-    let mut first: Option<(Instant, u64, CpuSnap)> = None;
-    let mut finished = None;
-    let mut watch = |first: &mut Option<(Instant, u64, CpuSnap)>| -> anyhow::Result<bool> {
-        let n = done.load(Ordering::Relaxed);
-        if n > 0 && first.is_none() {
-            *first = Some((Instant::now(), n, CpuSnap::take(me, None)));
-        }
-        if n >= count {
-            finished = Some((Instant::now(), n, CpuSnap::take(me, None)));
-            return Ok(true);
-        }
-        ensure!(
-            started.elapsed() < timeout,
-            "prototype ({mode}): {n} of {count} after {timeout:?}"
-        );
-        Ok(false)
-    };
-    let mut threads = Vec::new();
-    match mode {
-        "split" => {
-            for &p in &partitions {
-                let queue = consumer
-                    .split_partition_queue(topic, p)
-                    .with_context(|| format!("partition queue {p}"))?;
-                let mut w = worker(p);
-                let stop = stop.clone();
-                threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("proto-p{p}"))
-                        .spawn(move || {
-                            while !stop.load(Ordering::Relaxed) {
-                                if let Some(Ok(m)) = queue.poll(Duration::from_millis(100)) {
-                                    w.handle(
-                                        m.offset(),
-                                        m.timestamp().to_millis(),
-                                        m.key(),
-                                        m.payload().unwrap_or_default(),
-                                    );
-                                }
-                            }
-                        })?,
-                );
-            }
-            // The main queue still has to be served (callbacks, errors).
-            while !watch(&mut first)? {
-                if let Some(Err(e)) = consumer.poll(Duration::from_millis(5)) {
-                    progress(&format!("prototype: {e}"));
-                }
-            }
-        }
-        _ => {
-            let mut senders = BTreeMap::new();
-            for &p in &partitions {
-                let (tx, rx) =
-                    std::sync::mpsc::sync_channel::<(i64, Option<i64>, Option<Vec<u8>>, Vec<u8>)>(
-                        4096,
-                    );
-                senders.insert(p, tx);
-                let mut w = worker(p);
-                threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("proto-p{p}"))
-                        .spawn(move || {
-                            while let Ok((offset, ts, key, payload)) = rx.recv() {
-                                w.handle(offset, ts, key.as_deref(), &payload);
-                            }
-                        })?,
-                );
-            }
-            let mut polled = 0u64;
-            while !watch(&mut first)? {
-                if polled >= count {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                match consumer.poll(Duration::from_millis(100)) {
-                    Some(Ok(m)) => {
-                        polled += 1;
-                        if let Some(tx) = senders.get(&m.partition()) {
-                            tx.send((
-                                m.offset(),
-                                m.timestamp().to_millis(),
-                                m.key().map(<[u8]>::to_vec),
-                                m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                            ))
-                            .map_err(|_| anyhow::anyhow!("worker gone"))?;
-                        }
-                    }
-                    Some(Err(e)) => progress(&format!("prototype: {e}")),
-                    None => {}
-                }
-            }
-            drop(senders);
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    let (t_first, n_first, snap) = first.context("nothing processed")?;
-    let (t_done, n_done, end) = finished.context("not finished")?;
-    let secs = t_done.duration_since(t_first).as_secs_f64();
-    Ok(json!({
-        "kind": "prototype",
-        "mode": mode,
-        "label": label,
-        "config": config.display().to_string(),
-        "count": count,
-        "secs": secs,
-        "events_per_s": (n_done - n_first) as f64 / secs,
-        "cpu": snap.until(&end),
     }))
 }
 
@@ -1833,8 +1525,6 @@ fn summarize(path: &std::path::Path, half_rate: bool) -> anyhow::Result<Value> {
         "processor_cpu_pct_of_core": of("processor").iter().map(|v| v["cpu"]["process_pct_of_core"].clone()).collect::<Vec<_>>(),
         "processor_runs_everything_else_pct_of_core": of("processor").iter().map(|v| v["cpu"]["everything_else_pct_of_core"].clone()).collect::<Vec<_>>(),
         "raw_cpu_pct_of_core": of("raw").iter().map(|v| v["cpu"]["process_pct_of_core"].clone()).collect::<Vec<_>>(),
-        "prototype_dispatch_events_per_s": of("prototype").iter().filter(|v| v["mode"] == "dispatch").map(|v| v["events_per_s"].clone()).collect::<Vec<_>>(),
-        "prototype_split_events_per_s": of("prototype").iter().filter(|v| v["mode"] == "split").map(|v| v["events_per_s"].clone()).collect::<Vec<_>>(),
         "breakdown_ns_per_event": of("breakdown").iter().map(|v| json!({"config": v["config"], "ns_per_event": v["ns_per_event"]})).collect::<Vec<_>>(),
     }))
 }

@@ -18,11 +18,8 @@
 #        until it has processed COUNT events (and until its checkpoints
 #        cover them);
 #    both as events/s from the first record seen to the last;
-# 4. what-if, in the bench tool's own process (PROTOTYPE rounds): decode +
-#    limits on the same topic without outputs or checkpoints, dispatched as
-#    quotaflow does (one consumer thread, a bounded channel per partition
-#    worker) and with each worker polling its own librdkafka partition
-#    queue; then a single-threaded CPU cost per event of each step, with the
+# 4. a single-threaded CPU cost per event of each step (quotaflow's decoder,
+#    apache-avro's generic one for comparison, the limits), with the
 #    throughput limits and with the same limits out of reach
 #    (scripts/bench/stream/no-refusals.toml);
 # 5. latency, LAT_ROUNDS times: a fresh processor (scripts/bench/stream/
@@ -57,7 +54,6 @@
 #                    level is also set on this script's session, since nice
 #                    alone does not weigh against other sessions. The broker
 #                    and Redis (their own sessions) keep theirs
-#   PROTOTYPE=0      skip the what-if prototype rounds of step 4 (default 2)
 #   DIAGNOSE=0       skip the diagnostic latency passes (step 5 again with
 #                    checkpoints every 1h, to isolate checkpoint stalls; and
 #                    at half of RATE, to see the effect of machine load)
@@ -82,7 +78,6 @@ LAT_HOT_USERS="${LAT_HOT_USERS:-200}"
 KEEP="${KEEP:-0}"
 NICE="${NICE:-0}"
 DIAGNOSE="${DIAGNOSE:-1}"
-PROTOTYPE="${PROTOTYPE:-2}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 OUT="${TARGET_DIR}/bench-stream"
 RUN="qfbench-$(date +%s)-$$"
@@ -98,7 +93,7 @@ case "$NICE" in
   -[0-9] | -1[0-9] | [0-9] | 1[0-9]) ;;
   *) die "NICE must be an integer between -19 and 19" ;;
 esac
-case "$COUNT$PARTITIONS$ROUNDS$USERS$HOT_USERS$EVENT_RATE$LAT_DURATION$LAT_WARMUP$LAT_ROUNDS$LAT_USERS$LAT_HOT_USERS$PROTOTYPE${RATE:-0}" in
+case "$COUNT$PARTITIONS$ROUNDS$USERS$HOT_USERS$EVENT_RATE$LAT_DURATION$LAT_WARMUP$LAT_ROUNDS$LAT_USERS$LAT_HOT_USERS${RATE:-0}" in
   *[!0-9]*) die "COUNT, PARTITIONS, ROUNDS, USERS, HOT_USERS, EVENT_RATE, LAT_* and RATE must be integers" ;;
 esac
 
@@ -267,17 +262,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
     run_raw "$r"
   fi
 done
-
-if ((PROTOTYPE > 0)); then
-  for ((r = 1; r <= PROTOTYPE; r++)); do
-    for mode in dispatch split; do
-      say "what-if prototype $r: decode + limits in-process, $mode"
-      timeout 600 nice -n "$NICE" "$BENCH" prototype --topic "$REQUESTS" --count "$COUNT" \
-        --config scripts/bench/stream/throughput.toml --mode "$mode" --label "$r" |
-        tee -a "$RESULTS" >&2
-    done
-  done
-fi
 
 for config in throughput no-refusals; do
   say "CPU breakdown per event (one thread, 300000 events of $REQUESTS, $config.toml)"

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use hashbrown::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::Checkpoint;
@@ -84,8 +86,14 @@ pub struct PartitionProcessor {
     cfg: Arc<ProcessorConfig>,
     partition: i32,
     store: Arc<KeyedStore>,
-    /// window start -> rendered key -> aggregate; BTreeMaps keep emission order deterministic.
-    alerts: BTreeMap<u64, BTreeMap<String, AlertAgg>>,
+    /// window start -> rendered key -> aggregate; windows close in order,
+    /// and a window's alerts are emitted sorted by key, so emission order is
+    /// deterministic.
+    alerts: BTreeMap<u64, HashMap<String, AlertAgg>>,
+    /// Reused for the rendered key and offender values of each refusal, so
+    /// counting a refusal of a known key allocates nothing.
+    scratch_key: String,
+    scratch_value: String,
     watermark_ms: u64,
     /// Watermark of the last expiry sweep: every key whose state expired by
     /// then was dropped, so no event is applied earlier than this (a late
@@ -108,6 +116,8 @@ impl PartitionProcessor {
             partition,
             store,
             alerts: BTreeMap::new(),
+            scratch_key: String::new(),
+            scratch_value: String::new(),
             watermark_ms: 0,
             horizon_ms: 0,
             next_offset: 0,
@@ -146,17 +156,19 @@ impl PartitionProcessor {
 
     /// Everything needed to resume here.
     pub fn checkpoint(&self, config_version: u64) -> Checkpoint {
+        let mut alerts: Vec<(u64, String, AlertAgg)> = self
+            .alerts
+            .iter()
+            .flat_map(|(&start, m)| m.iter().map(move |(k, a)| (start, k.clone(), a.clone())))
+            .collect();
+        alerts.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Checkpoint {
             next_offset: self.next_offset,
             config_version,
             watermark_ms: self.watermark_ms,
             horizon_ms: self.horizon_ms,
             keys: self.store.export(),
-            alerts: self
-                .alerts
-                .iter()
-                .flat_map(|(&start, m)| m.iter().map(move |(k, a)| (start, k.clone(), a.clone())))
-                .collect(),
+            alerts,
         }
     }
 
@@ -325,21 +337,23 @@ impl PartitionProcessor {
     ) {
         let w = self.cfg.alert_window_ms.max(1);
         let start = self.watermark_ms - self.watermark_ms % w;
+        let mut key = std::mem::take(&mut self.scratch_key);
+        let mut value = std::mem::take(&mut self.scratch_value);
         for o in d.outcomes.iter().filter(|o| !o.verdict.allowed) {
             let Some(limit) = rules.limits.get(o.limit) else {
                 continue;
             };
-            let dims = dimensions(limit, req, fp);
-            let key = render_key(&limit.name, &dims);
+            key.clear();
+            write_key(&mut key, limit, req, fp);
             let agg = self
                 .alerts
                 .entry(start)
                 .or_default()
-                .entry(key)
+                .entry_ref(key.as_str())
                 .or_insert_with(|| AlertAgg {
                     limit: limit.name.clone(),
                     shadow: o.shadow,
-                    dimensions: dims,
+                    dimensions: dimensions(limit, req, fp),
                     refused: 0,
                     refused_cost: 0,
                     first_seen_ms: now,
@@ -359,7 +373,8 @@ impl PartitionProcessor {
                 if limit.key.contains(&dim) || !req.has(dim) {
                     continue;
                 }
-                let value = dim_value(req, dim, fp);
+                value.clear();
+                write_dim_value(&mut value, req, dim, fp);
                 let known = agg
                     .offenders
                     .iter()
@@ -367,12 +382,15 @@ impl PartitionProcessor {
                 match known {
                     Some(i) => agg.offenders[i].2 += 1,
                     None if agg.offenders.len() < MAX_OFFENDERS => {
-                        agg.offenders.push((dim.as_str().to_owned(), value, 1))
+                        agg.offenders
+                            .push((dim.as_str().to_owned(), value.clone(), 1))
                     }
                     None => {}
                 }
             }
         }
+        self.scratch_key = key;
+        self.scratch_value = value;
     }
 
     /// Emit the alerts of every window that ended at or before the watermark.
@@ -384,7 +402,9 @@ impl PartitionProcessor {
             if start + w > self.watermark_ms {
                 break;
             }
-            for (key, agg) in entry.remove() {
+            let mut window: Vec<(String, AlertAgg)> = entry.remove().into_iter().collect();
+            window.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, agg) in window {
                 if agg.refused < self.cfg.alert_min_refused {
                     continue;
                 }
@@ -427,13 +447,30 @@ impl PartitionProcessor {
     }
 }
 
+/// A dimension's value as outputs show it: API keys as `fp:<hex>`.
+fn write_dim_value(out: &mut String, req: &Request, dim: Dimension, fp: &Fingerprinter) {
+    if dim == Dimension::ApiKey {
+        out.push_str("fp:");
+    }
+    req.write_dimension(dim, fp, out);
+}
+
 fn dim_value(req: &Request, dim: Dimension, fp: &Fingerprinter) -> String {
     let mut s = String::new();
-    if dim == Dimension::ApiKey {
-        s.push_str("fp:");
-    }
-    req.write_dimension(dim, fp, &mut s);
+    write_dim_value(&mut s, req, dim, fp);
     s
+}
+
+/// [`render_key`] of the limit's dimensions, written into `out` without
+/// building them first.
+fn write_key(out: &mut String, limit: &Limit, req: &Request, fp: &Fingerprinter) {
+    out.push_str(&limit.name);
+    for &d in &limit.key {
+        out.push('/');
+        out.push_str(d.as_str());
+        out.push('=');
+        write_dim_value(out, req, d, fp);
+    }
 }
 
 /// The limit's key dimensions for `req`, API keys as fingerprints.
@@ -659,5 +696,23 @@ mod tests {
             cp
         };
         assert_eq!(sorted(second.checkpoint(1)), sorted(whole.checkpoint(1)));
+    }
+
+    #[test]
+    fn keys_are_written_as_rendered_from_dimensions() {
+        let l = limiter();
+        let fp = l.fingerprinter();
+        let e = event("alice", 5);
+        let req = e.to_request().unwrap();
+        let rules = l.rules();
+        for limit in &rules.limits {
+            let mut written = String::new();
+            write_key(&mut written, limit, &req, fp);
+            assert_eq!(
+                written,
+                render_key(&limit.name, &dimensions(limit, &req, fp))
+            );
+            assert!(!written.contains("sk_secret"), "{written}");
+        }
     }
 }

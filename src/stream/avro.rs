@@ -17,6 +17,8 @@
 //! `schemas/history/` decode with the current schema, fields added since then
 //! taking their defaults. See `schemas/README.md` for the rules.
 
+mod fast;
+
 use std::fmt;
 use std::io::{self, Read};
 use std::sync::OnceLock;
@@ -494,6 +496,21 @@ impl Codec {
     }
 
     pub fn decode_request(&self, bytes: &[u8]) -> Result<RequestEvent, DecodeError> {
+        // Written with the current schema: the specialised decoder, unless
+        // it finds anything unusual (then the general path says what).
+        if bytes.len() <= MAX_MESSAGE_BYTES {
+            if let Some(e) = bytes
+                .strip_prefix(self.request.header.as_slice())
+                .and_then(fast::request_body)
+            {
+                return Ok(e);
+            }
+        }
+        self.decode_request_generally(bytes)
+    }
+
+    /// apache-avro's schema-resolving decode: every writer schema we know.
+    fn decode_request_generally(&self, bytes: &[u8]) -> Result<RequestEvent, DecodeError> {
         let fields = self.request.decode(&self.encoding, bytes)?;
         request_from_fields(fields).map_err(|reason| self.request.invalid(reason))
     }
@@ -1654,5 +1671,71 @@ mod tests {
         }
         let per_sec = f64::from(n) / start.elapsed().as_secs_f64();
         println!("encode_request: {per_sec:.0} events/s");
+    }
+
+    mod fast_path {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![Just(String::new()), "[a-z0-9:/._-]{1,24}", "\\PC{0,12}"]
+        }
+
+        prop_compose! {
+            fn event()(
+                event_id in text(),
+                timestamp_ms in any::<i64>(),
+                user_id in proptest::option::of(text()),
+                api_key in proptest::option::of(text()),
+                client_ip in proptest::option::of(text()),
+                method in proptest::option::of(text()),
+                path in proptest::option::of(text()),
+                cost in any::<i64>(),
+                gateway_id in proptest::option::of(text()),
+            ) -> RequestEvent {
+                RequestEvent { event_id, timestamp_ms, user_id, api_key, client_ip, method, path, cost, gateway_id }
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn reads_every_event_the_writer_writes(e in event()) {
+                for codec in codecs() {
+                    let bytes = codec.encode_request(&e).unwrap();
+                    let body = &bytes[codec.request.header.len()..];
+                    prop_assert_eq!(fast::request_body(body), Some(e.clone()));
+                    prop_assert_eq!(codec.decode_request_generally(&bytes).unwrap(), e.clone());
+                }
+            }
+
+            /// Damaged records: whatever the shortcut accepts, apache-avro
+            /// reads the same way; what it refuses gets the general error.
+            #[test]
+            fn accepts_nothing_apache_avro_reads_otherwise(
+                e in event(),
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+                cut in any::<prop::sample::Index>(),
+                tail in proptest::collection::vec(any::<u8>(), 0..3),
+            ) {
+                for codec in codecs() {
+                    let mut bytes = codec.encode_request(&e).unwrap();
+                    let header = codec.request.header.len();
+                    for (at, byte) in &flips {
+                        let i = header + at.index(bytes.len() - header);
+                        bytes[i] = *byte;
+                    }
+                    bytes.truncate(header + cut.index(bytes.len() - header + 1));
+                    bytes.extend_from_slice(&tail);
+                    let general = codec.decode_request_generally(&bytes);
+                    match fast::request_body(&bytes[header..]) {
+                        Some(fast) => prop_assert_eq!(general.unwrap(), fast),
+                        None => prop_assert_eq!(
+                            codec.decode_request(&bytes).map_err(|e| e.to_string()),
+                            general.map_err(|e| e.to_string())
+                        ),
+                    }
+                }
+            }
+        }
     }
 }

@@ -239,7 +239,15 @@ fn run<S: Source>(
     let mut resume_at = (proc.next_offset() > 0).then(|| proc.next_offset());
     let mut out = Vec::new();
     let mut delivery = Arc::new(Delivery::default());
-    let mut last_checkpoint = Instant::now();
+    // Partitions start their checkpoint timers out of phase (spread over
+    // the interval by the golden ratio), so that partitions assigned
+    // together do not all snapshot and save at the same moment.
+    let phase = shared
+        .checkpoint_interval
+        .mul_f64((f64::from(partition.unsigned_abs()) * 0.618_033_988_749_895).fract());
+    let mut last_checkpoint = Instant::now()
+        .checked_sub(phase)
+        .unwrap_or_else(Instant::now);
     let mut dirty = false;
     let end = loop {
         let wait = shared
