@@ -186,6 +186,10 @@ enum Cmd {
         /// Print only half the median processor throughput (events/s).
         #[arg(long)]
         half_rate: bool,
+        /// Print only half the live ceiling (the median rate the target
+        /// latency runs achieved), or 0 if they achieved the rate asked.
+        #[arg(long)]
+        live_half_rate: bool,
     },
 }
 
@@ -268,7 +272,11 @@ fn main() {
             count,
             config,
         } => breakdown(&topic, count, &config),
-        Cmd::Summarize { results, half_rate } => summarize(&results, half_rate),
+        Cmd::Summarize {
+            results,
+            half_rate,
+            live_half_rate,
+        } => summarize(&results, half_rate, live_half_rate),
     };
     match result {
         Ok(v) => println!("{v}"),
@@ -1440,7 +1448,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn summarize(path: &std::path::Path, half_rate: bool) -> anyhow::Result<Value> {
+fn summarize(
+    path: &std::path::Path,
+    half_rate: bool,
+    live_half_rate: bool,
+) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     let lines: Vec<Value> = text
         .lines()
@@ -1481,6 +1493,21 @@ fn summarize(path: &std::path::Path, half_rate: bool) -> anyhow::Result<Value> {
     let latency = of("latency");
     let is_target = |v: &&&Value| v["label"].as_str().is_some_and(|l| l.starts_with("target"));
     let targets: Vec<&Value> = latency.iter().filter(is_target).copied().collect();
+    // The machine's live ceiling: what the load generator achieved while
+    // the broker and quotaflow ran beside it, when that fell short of the
+    // rate asked (the 2 cores were saturated).
+    let achieved = median(targets.iter().filter_map(|v| v["achieved_rate"].as_f64()).collect());
+    let asked = targets.first().and_then(|v| v["rate"].as_f64());
+    let live_ceiling = match (achieved, asked) {
+        (Some(a), Some(r)) if a < 0.95 * r => Some(a),
+        _ => None,
+    };
+    if live_half_rate {
+        return Ok(json!(live_ceiling.map_or(0, |c| (c / 2.0).round() as u64)));
+    }
+    let is_live = |v: &&&Value| v["label"].as_str().is_some_and(|l| l.starts_with("live-half"));
+    let live: Vec<&Value> = latency.iter().filter(is_live).copied().collect();
+    let live_p99 = median(live.iter().filter_map(|v| v["block"]["p99_ms"].as_f64()).collect());
     let target_p99: Vec<f64> = targets
         .iter()
         .filter_map(|v| v["block"]["p99_ms"].as_f64())
@@ -1502,7 +1529,7 @@ fn summarize(path: &std::path::Path, half_rate: bool) -> anyhow::Result<Value> {
         .collect();
     let diagnostics: Vec<Value> = latency
         .iter()
-        .filter(|v| !is_target(v))
+        .filter(|v| !is_target(v) && !is_live(v))
         .map(|v| json!({"label": v["label"], "rate": v["rate"], "block": v["block"]}))
         .collect();
     Ok(json!({
@@ -1521,6 +1548,15 @@ fn summarize(path: &std::path::Path, half_rate: bool) -> anyhow::Result<Value> {
         "median_block_p99_ms": p99,
         "median_block_p50_ms": median(targets.iter().filter_map(|v| v["block"]["p50_ms"].as_f64()).collect()),
         "latency_target_met": p99.map(|p| p <= 50.0),
+        "latency_live_ceiling": live_ceiling,
+        "latency_live_half_runs": live.iter().map(|v| json!({
+            "label": v["label"],
+            "rate": v["rate"],
+            "block": v["block"],
+            "block_produce_to_ack": v["block_produce_to_ack"],
+            "block_ack_to_decision": v["block_ack_to_decision"],
+        })).collect::<Vec<_>>(),
+        "median_block_p99_ms_at_live_half": live_p99,
         "latency_diagnostics": diagnostics,
         "processor_cpu_pct_of_core": of("processor").iter().map(|v| v["cpu"]["process_pct_of_core"].clone()).collect::<Vec<_>>(),
         "processor_runs_everything_else_pct_of_core": of("processor").iter().map(|v| v["cpu"]["everything_else_pct_of_core"].clone()).collect::<Vec<_>>(),
