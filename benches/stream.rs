@@ -1496,7 +1496,12 @@ fn summarize(
     // The machine's live ceiling: what the load generator achieved while
     // the broker and quotaflow ran beside it, when that fell short of the
     // rate asked (the 2 cores were saturated).
-    let achieved = median(targets.iter().filter_map(|v| v["achieved_rate"].as_f64()).collect());
+    let achieved = median(
+        targets
+            .iter()
+            .filter_map(|v| v["achieved_rate"].as_f64())
+            .collect(),
+    );
     let asked = targets.first().and_then(|v| v["rate"].as_f64());
     let live_ceiling = match (achieved, asked) {
         (Some(a), Some(r)) if a < 0.95 * r => Some(a),
@@ -1505,9 +1510,17 @@ fn summarize(
     if live_half_rate {
         return Ok(json!(live_ceiling.map_or(0, |c| (c / 2.0).round() as u64)));
     }
-    let is_live = |v: &&&Value| v["label"].as_str().is_some_and(|l| l.starts_with("live-half"));
+    let is_live = |v: &&&Value| {
+        v["label"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("live-half"))
+    };
     let live: Vec<&Value> = latency.iter().filter(is_live).copied().collect();
-    let live_p99 = median(live.iter().filter_map(|v| v["block"]["p99_ms"].as_f64()).collect());
+    let live_p99 = median(
+        live.iter()
+            .filter_map(|v| v["block"]["p99_ms"].as_f64())
+            .collect(),
+    );
     let target_p99: Vec<f64> = targets
         .iter()
         .filter_map(|v| v["block"]["p99_ms"].as_f64())

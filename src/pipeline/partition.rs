@@ -201,18 +201,16 @@ impl PartitionProcessor {
             Ok(e) => e,
             Err(reason) => return out.push(dead(reason)),
         };
-        let req = match event.to_request() {
+        let timestamp_ms = event.timestamp_ms;
+        let req = match event.into_request() {
             Ok(r) => r,
             Err(reason) => return out.push(dead(format!("invalid event: {reason}"))),
         };
-        if event.timestamp_ms < 0 {
-            return out.push(dead(format!(
-                "timestamp_ms {} is negative",
-                event.timestamp_ms
-            )));
+        if timestamp_ms < 0 {
+            return out.push(dead(format!("timestamp_ms {timestamp_ms} is negative")));
         }
         let now = self
-            .event_time(event.timestamp_ms, rec.broker_ts_ms)
+            .event_time(timestamp_ms, rec.broker_ts_ms)
             .max(self.horizon_ms);
         self.watermark_ms = self.watermark_ms.max(now);
         self.close_alert_windows(rec.offset, out);
@@ -703,7 +701,7 @@ mod tests {
         let l = limiter();
         let fp = l.fingerprinter();
         let e = event("alice", 5);
-        let req = e.to_request().unwrap();
+        let req = e.into_request().unwrap();
         let rules = l.rules();
         for limit in &rules.limits {
             let mut written = String::new();

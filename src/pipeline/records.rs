@@ -57,8 +57,9 @@ impl RequestEvent {
         key
     }
 
-    /// The request to rate limit, or why this event cannot be one.
-    pub fn to_request(&self) -> Result<Request, String> {
+    /// The request to rate limit, or why this event cannot be one. Takes
+    /// the event: its strings move into the request (no copy per event).
+    pub fn into_request(self) -> Result<Request, String> {
         let client_ip = match &self.client_ip {
             None => None,
             Some(text) => Some(
@@ -69,11 +70,11 @@ impl RequestEvent {
         let cost =
             u64::try_from(self.cost).map_err(|_| format!("cost {} is negative", self.cost))?;
         let req = Request {
-            user_id: self.user_id.clone(),
-            api_key: self.api_key.clone(),
+            user_id: self.user_id,
+            api_key: self.api_key,
             client_ip,
-            method: self.method.clone(),
-            path: self.path.clone(),
+            method: self.method,
+            path: self.path,
             cost,
         };
         req.validate().map_err(|e| e.to_string())?;

@@ -178,10 +178,15 @@ impl KeyedStore {
         };
         let slots: SmallVec<[usize; 4]> = hashes.iter().map(|&(_, s)| table_of(s)).collect();
 
+        // Each key is looked up once: its bucket is remembered for the
+        // commit. Found slots are committed before any insert, because an
+        // insert may grow a table and move the buckets of other probes.
         let mut admitted = true;
+        let mut buckets: SmallVec<[Option<usize>; 4]> = SmallVec::new();
         for (probe, (&(hash, _), &g)) in probes.iter().zip(hashes.iter().zip(&slots)) {
             let table = &guards[g].1;
-            let found = table.find(hash, |s| &*s.key == probe.key);
+            let bucket = table.find_bucket_index(hash, |s| &*s.key == probe.key);
+            let found = bucket.and_then(|b| table.get_bucket(b));
             let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
             let outcome = probe.algorithm.decide(&state, now_ms, cost);
             admitted &= outcome.verdict.allowed || !probe.enforce;
@@ -189,17 +194,20 @@ impl KeyedStore {
                 outcome,
                 refused_before,
             });
+            buckets.push(bucket);
         }
-        for (i, probe) in probes.iter().enumerate() {
-            let (hash, _) = hashes[i];
+        for (i, bucket) in buckets.iter().enumerate() {
             let outcome = out[i].outcome;
             let table = &mut guards[slots[i]].1;
-            match table.find_mut(hash, |s| &*s.key == probe.key) {
-                Some(slot) => commit(slot, &outcome, admitted && outcome.verdict.allowed),
-                None if admitted && outcome.verdict.allowed => {
-                    insert(table, hash, &self.hasher, probe.key, &outcome)
-                }
-                None => {}
+            if let Some(slot) = bucket.and_then(|b| table.get_bucket_mut(b)) {
+                commit(slot, &outcome, admitted && outcome.verdict.allowed);
+            }
+        }
+        for (i, probe) in probes.iter().enumerate() {
+            let outcome = out[i].outcome;
+            if buckets[i].is_none() && admitted && outcome.verdict.allowed {
+                let table = &mut guards[slots[i]].1;
+                insert(table, hashes[i].0, &self.hasher, probe.key, &outcome);
             }
         }
         admitted
