@@ -87,6 +87,17 @@ pub struct MemoryCheckpoints {
     inner: Mutex<Slots>,
 }
 
+impl MemoryCheckpoints {
+    /// The last checkpoint saved for `partition`, without taking it.
+    pub fn peek(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
+        let map = self.inner.lock();
+        map.get(&partition)
+            .and_then(|(_, bytes)| bytes.as_deref())
+            .map(Checkpoint::decode)
+            .transpose()
+    }
+}
+
 impl CheckpointStore for MemoryCheckpoints {
     fn acquire(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError> {
         let mut map = self.inner.lock();

@@ -411,7 +411,8 @@ fn checkpoints(
     // snapshot is saved only once all of them are, since it covers them all.
     let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
     let mut pending: Option<Box<Checkpoint>> = None;
-    let mut failed_logged = false;
+    // Set once outputs failed delivery: no checkpoint may cover them, ever.
+    let mut stopped = false;
     loop {
         let job = match &pending {
             Some(_) => rx.recv_timeout(RETRY_AFTER),
@@ -427,19 +428,27 @@ fn checkpoints(
                 (Some(cp), true)
             }
             Ok(Job::Final(None)) => (pending.take(), true),
-            Err(RecvTimeoutError::Timeout) => (pending.take(), false),
+            Err(RecvTimeoutError::Timeout) => {
+                // Retrying on our own: the worker must not hand over a new
+                // snapshot meanwhile.
+                busy.store(true, Ordering::SeqCst);
+                (pending.take(), false)
+            }
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        if let Some(cp) = cp {
+        if stopped {
+            unsettled.clear();
+        } else if let Some(cp) = cp {
             pending = None;
             let ctx = SaveCtx {
                 shared: &shared,
                 partition,
                 epoch,
             };
-            match ctx.save(&cp, &mut unsettled, &mut failed_logged) {
+            match ctx.save(&cp, &mut unsettled) {
                 Saved::Yes | Saved::Dropped => {}
                 Saved::Retry => pending = Some(cp),
+                Saved::Stopped => stopped = true,
                 Saved::Fenced => {
                     fenced.store(true, Ordering::SeqCst);
                     busy.store(false, Ordering::SeqCst);
@@ -462,6 +471,8 @@ enum Saved {
     Retry,
     /// Not written and not worth retrying.
     Dropped,
+    /// Outputs failed delivery: no checkpoint is written from now on.
+    Stopped,
     Fenced,
 }
 
@@ -472,12 +483,7 @@ struct SaveCtx<'a> {
 }
 
 impl SaveCtx<'_> {
-    fn save(
-        &self,
-        cp: &Checkpoint,
-        unsettled: &mut Vec<Arc<Delivery>>,
-        failed_logged: &mut bool,
-    ) -> Saved {
+    fn save(&self, cp: &Checkpoint, unsettled: &mut Vec<Arc<Delivery>>) -> Saved {
         let m = &self.shared.metrics.stream;
         let partition = self.partition;
         for generation in unsettled.iter() {
@@ -495,10 +501,8 @@ impl SaveCtx<'_> {
                 }
                 Settled::Failed(n) => {
                     m.checkpoint_failures.with_label_values(&["flush"]).inc();
-                    if !std::mem::replace(failed_logged, true) {
-                        tracing::error!(event = "checkpoint_stopped", partition, failed = n, "outputs failed delivery; no checkpoint will cover them, so a restart replays them");
-                    }
-                    return Saved::Retry;
+                    tracing::error!(event = "checkpoint_stopped", partition, failed = n, "outputs failed delivery; no checkpoint will cover them, so a restart replays them");
+                    return Saved::Stopped;
                 }
             }
         }
@@ -578,5 +582,149 @@ fn count_outputs(metrics: &Metrics, out: &[Output]) {
                 m.dead_letters.with_label_values(&[kind]).inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprinter;
+    use crate::pipeline::records::RequestEvent;
+    use crate::pipeline::{MemoryCheckpoints, SinkError};
+    use crate::rules::RulesDoc;
+    use crate::stream::avro::Encoding;
+    use parking_lot::Mutex;
+
+    /// A sink whose deliveries the test settles by hand.
+    #[derive(Default)]
+    struct HeldSink {
+        held: Mutex<Vec<Arc<Delivery>>>,
+    }
+
+    impl OutputSink for HeldSink {
+        fn publish(
+            &self,
+            _partition: i32,
+            outputs: &[Output],
+            delivery: &Arc<Delivery>,
+        ) -> Result<(), SinkError> {
+            for _ in outputs {
+                delivery.queued();
+                self.held.lock().push(delivery.clone());
+            }
+            Ok(())
+        }
+    }
+
+    impl HeldSink {
+        fn settle(&self, delivered: bool) -> usize {
+            let held: Vec<_> = self.held.lock().drain(..).collect();
+            for d in &held {
+                d.done(delivered);
+            }
+            held.len()
+        }
+    }
+
+    fn shared(sink: Arc<HeldSink>, store: Arc<MemoryCheckpoints>) -> Arc<Shared> {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_user", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "10s"}]}"#,
+        )
+        .unwrap();
+        Arc::new(Shared {
+            limiter: Arc::new(Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap()),
+            codec: Arc::new(Codec::new(Encoding::SingleObject).unwrap()),
+            sink,
+            checkpoints: store,
+            metrics: Arc::new(Metrics::new().unwrap()),
+            processor: Arc::new(ProcessorConfig {
+                topic: "requests".into(),
+                max_clock_skew_ms: 1_000,
+                alert_window_ms: 60_000,
+                alert_min_refused: 1_000,
+                alert_critical_refused: 10_000,
+                every_event: false,
+                sweep_interval_ms: 3_600_000,
+            }),
+            checkpoint_interval: Duration::from_millis(20),
+            shards: 1,
+            owned: Default::default(),
+        })
+    }
+
+    /// Three events of one user: the second is refused, which publishes a
+    /// BLOCK decision.
+    fn feed(shared: &Shared, worker: &Worker) {
+        for offset in 0..3 {
+            let ts = 1_700_000_000_000 + offset;
+            let e = RequestEvent {
+                event_id: format!("e{offset}"),
+                timestamp_ms: ts,
+                user_id: Some("alice".into()),
+                api_key: None,
+                client_ip: None,
+                method: None,
+                path: None,
+                cost: 1,
+                gateway_id: None,
+            };
+            assert!(worker.send(Record {
+                offset,
+                broker_ts_ms: Some(ts),
+                key: None,
+                payload: shared.codec.encode_request(&e).unwrap(),
+            }));
+        }
+    }
+
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_saved_only_once_its_outputs_are_delivered() {
+        let (sink, store) = (
+            Arc::new(HeldSink::default()),
+            Arc::new(MemoryCheckpoints::default()),
+        );
+        let shared = shared(sink.clone(), store.clone());
+        let (epoch, _) = store.acquire(0).unwrap();
+        let worker = Worker::spawn_channel(shared.clone(), 0, epoch, None).unwrap();
+        feed(&shared, &worker);
+        wait_until("the BLOCK decision", || !sink.held.lock().is_empty());
+        // Several checkpoint intervals pass with the decision in flight.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(store.peek(0).unwrap(), None);
+        assert_eq!(sink.settle(true), 1);
+        wait_until("the checkpoint", || store.peek(0).unwrap().is_some());
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 3);
+        worker.stop(STOP_TIMEOUT);
+    }
+
+    #[test]
+    fn outputs_that_failed_delivery_are_never_checkpointed_past() {
+        let (sink, store) = (
+            Arc::new(HeldSink::default()),
+            Arc::new(MemoryCheckpoints::default()),
+        );
+        let shared = shared(sink.clone(), store.clone());
+        let (epoch, _) = store.acquire(0).unwrap();
+        let worker = Worker::spawn_channel(shared.clone(), 0, epoch, None).unwrap();
+        feed(&shared, &worker);
+        wait_until("the BLOCK decision", || !sink.held.lock().is_empty());
+        assert_eq!(sink.settle(false), 1);
+        let failures = shared
+            .metrics
+            .stream
+            .checkpoint_failures
+            .with_label_values(&["flush"]);
+        wait_until("the checkpointer to notice", || failures.get() >= 1);
+        // Not even the final checkpoint at stop: a restart must replay.
+        worker.stop(STOP_TIMEOUT);
+        assert_eq!(store.peek(0).unwrap(), None);
     }
 }
