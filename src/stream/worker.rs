@@ -193,7 +193,8 @@ impl Worker {
         self.tx.send(Msg::Record(record)).is_ok()
     }
 
-    /// Process everything queued, write a final checkpoint and stop.
+    /// Finish the records in hand (a channel-fed worker: everything already
+    /// queued), write a final checkpoint and stop.
     pub fn stop(mut self, timeout: Duration) {
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
         if self.tx.send(Msg::Stop(ack_tx)).is_ok() && ack_rx.recv_timeout(timeout).is_err() {
