@@ -76,6 +76,34 @@ pub struct AlertAgg {
     pub offenders: Vec<(String, String, u64)>,
 }
 
+/// An alert window's aggregate for one key while the window is open, with
+/// a hash per offender: counting a refusal then compares 64-bit hashes, not
+/// up to `MAX_OFFENDERS` strings per dimension. The hashes are not
+/// checkpointed; they are recomputed on restore.
+struct OpenAlert {
+    agg: AlertAgg,
+    offender_hashes: Vec<u64>,
+}
+
+impl OpenAlert {
+    fn new(agg: AlertAgg, hasher: &hashbrown::DefaultHashBuilder) -> Self {
+        let offender_hashes: Vec<u64> = agg
+            .offenders
+            .iter()
+            .map(|(d, v, _)| offender_hash(hasher, d, v))
+            .collect();
+        Self {
+            agg,
+            offender_hashes,
+        }
+    }
+}
+
+fn offender_hash(hasher: &hashbrown::DefaultHashBuilder, dim: &str, value: &str) -> u64 {
+    use std::hash::BuildHasher as _;
+    hasher.hash_one((dim, value))
+}
+
 /// Distinct offending values tracked per alert (bounded memory per key).
 const MAX_OFFENDERS: usize = 32;
 /// Offenders reported per alert.
@@ -89,7 +117,9 @@ pub struct PartitionProcessor {
     /// window start -> rendered key -> aggregate; windows close in order,
     /// and a window's alerts are emitted sorted by key, so emission order is
     /// deterministic.
-    alerts: BTreeMap<u64, HashMap<String, AlertAgg>>,
+    alerts: BTreeMap<u64, HashMap<String, OpenAlert>>,
+    /// Hashes offenders for [`OpenAlert::offender_hashes`].
+    offender_hasher: hashbrown::DefaultHashBuilder,
     /// Reused for the rendered key and offender values of each refusal, so
     /// counting a refusal of a known key allocates nothing.
     scratch_key: String,
@@ -116,6 +146,7 @@ impl PartitionProcessor {
             partition,
             store,
             alerts: BTreeMap::new(),
+            offender_hasher: hashbrown::DefaultHashBuilder::default(),
             scratch_key: String::new(),
             scratch_value: String::new(),
             watermark_ms: 0,
@@ -129,7 +160,8 @@ impl PartitionProcessor {
             p.horizon_ms = cp.horizon_ms;
             p.store.import(cp.keys);
             for (start, key, agg) in cp.alerts {
-                p.alerts.entry(start).or_default().insert(key, agg);
+                let open = OpenAlert::new(agg, &p.offender_hasher);
+                p.alerts.entry(start).or_default().insert(key, open);
             }
         } else {
             p.store.import(Vec::new());
@@ -159,7 +191,10 @@ impl PartitionProcessor {
         let mut alerts: Vec<(u64, String, AlertAgg)> = self
             .alerts
             .iter()
-            .flat_map(|(&start, m)| m.iter().map(move |(k, a)| (start, k.clone(), a.clone())))
+            .flat_map(|(&start, m)| {
+                m.iter()
+                    .map(move |(k, a)| (start, k.clone(), a.agg.clone()))
+            })
             .collect();
         alerts.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Checkpoint {
@@ -343,21 +378,25 @@ impl PartitionProcessor {
             };
             key.clear();
             write_key(&mut key, limit, req, fp);
-            let agg = self
+            let open = self
                 .alerts
                 .entry(start)
                 .or_default()
                 .entry_ref(key.as_str())
-                .or_insert_with(|| AlertAgg {
-                    limit: limit.name.clone(),
-                    shadow: o.shadow,
-                    dimensions: dimensions(limit, req, fp),
-                    refused: 0,
-                    refused_cost: 0,
-                    first_seen_ms: now,
-                    last_seen_ms: now,
-                    offenders: Vec::new(),
+                .or_insert_with(|| OpenAlert {
+                    agg: AlertAgg {
+                        limit: limit.name.clone(),
+                        shadow: o.shadow,
+                        dimensions: dimensions(limit, req, fp),
+                        refused: 0,
+                        refused_cost: 0,
+                        first_seen_ms: now,
+                        last_seen_ms: now,
+                        offenders: Vec::new(),
+                    },
+                    offender_hashes: Vec::new(),
                 });
+            let agg = &mut open.agg;
             agg.refused += 1;
             agg.refused_cost += req.cost;
             agg.first_seen_ms = agg.first_seen_ms.min(now);
@@ -373,15 +412,18 @@ impl PartitionProcessor {
                 }
                 value.clear();
                 write_dim_value(&mut value, req, dim, fp);
-                let known = agg
-                    .offenders
+                let h = offender_hash(&self.offender_hasher, dim.as_str(), &value);
+                let known = open
+                    .offender_hashes
                     .iter()
-                    .position(|(d, v, _)| d == dim.as_str() && *v == value);
+                    .zip(&agg.offenders)
+                    .position(|(&oh, (d, v, _))| oh == h && d == dim.as_str() && *v == value);
                 match known {
                     Some(i) => agg.offenders[i].2 += 1,
                     None if agg.offenders.len() < MAX_OFFENDERS => {
                         agg.offenders
-                            .push((dim.as_str().to_owned(), value.clone(), 1))
+                            .push((dim.as_str().to_owned(), value.clone(), 1));
+                        open.offender_hashes.push(h);
                     }
                     None => {}
                 }
@@ -400,7 +442,11 @@ impl PartitionProcessor {
             if start + w > self.watermark_ms {
                 break;
             }
-            let mut window: Vec<(String, AlertAgg)> = entry.remove().into_iter().collect();
+            let mut window: Vec<(String, AlertAgg)> = entry
+                .remove()
+                .into_iter()
+                .map(|(key, open)| (key, open.agg))
+                .collect();
             window.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             for (key, agg) in window {
                 if agg.refused < self.cfg.alert_min_refused {
@@ -662,6 +708,38 @@ mod tests {
         assert_eq!(dims, vec![("api_key", 4), ("client_ip", 4), ("path", 4)]);
         assert!(a.top_offenders[0].value.starts_with("fp:"));
         assert!(!format!("{out:?}").contains("sk_secret"));
+    }
+
+    #[test]
+    fn an_alert_window_open_across_a_restore_counts_its_offenders_once() {
+        let l = limiter();
+        let run = |p: &mut PartitionProcessor, range: std::ops::Range<i64>| -> Vec<Output> {
+            range
+                .flat_map(|i| feed(p, &l, i, 1_000 + i, 1_000 + i))
+                .collect()
+        };
+        let mut whole = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let mut expected = run(&mut whole, 0..6);
+        expected.extend(feed(&mut whole, &l, 6, 61_000, 61_000));
+
+        // Two refusals before the checkpoint, two after the restore.
+        let mut first = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let mut got = run(&mut first, 0..4);
+        let cp = first.checkpoint(1);
+        assert_eq!(cp.alerts.len(), 1);
+        let mut second = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), Some(cp));
+        got.extend(run(&mut second, 4..6));
+        got.extend(feed(&mut second, &l, 6, 61_000, 61_000));
+        assert_eq!(got, expected);
+        let offenders: Vec<i64> = got
+            .iter()
+            .filter_map(|o| match o {
+                Output::Alert(a) => Some(a.top_offenders.iter().map(|o| o.count)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(offenders, vec![4, 4, 4]);
     }
 
     #[test]
