@@ -678,6 +678,33 @@ mod tests {
         }
     }
 
+    struct Started {
+        sink: Arc<HeldSink>,
+        store: Arc<MemoryCheckpoints>,
+        shared: Arc<Shared>,
+        worker: Worker,
+    }
+
+    /// A worker on partition 0 that has processed three events and
+    /// published one BLOCK decision, not yet delivered.
+    fn start_with_a_block_in_flight() -> Started {
+        let (sink, store) = (
+            Arc::new(HeldSink::default()),
+            Arc::new(MemoryCheckpoints::default()),
+        );
+        let shared = shared(sink.clone(), store.clone());
+        let (epoch, _) = store.acquire(0).unwrap();
+        let worker = Worker::spawn_channel(shared.clone(), 0, epoch, None).unwrap();
+        feed(&shared, &worker);
+        wait_until("the BLOCK decision", || !sink.held.lock().is_empty());
+        Started {
+            sink,
+            store,
+            shared,
+            worker,
+        }
+    }
+
     fn wait_until(what: &str, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !cond() {
@@ -688,15 +715,12 @@ mod tests {
 
     #[test]
     fn a_checkpoint_is_saved_only_once_its_outputs_are_delivered() {
-        let (sink, store) = (
-            Arc::new(HeldSink::default()),
-            Arc::new(MemoryCheckpoints::default()),
-        );
-        let shared = shared(sink.clone(), store.clone());
-        let (epoch, _) = store.acquire(0).unwrap();
-        let worker = Worker::spawn_channel(shared.clone(), 0, epoch, None).unwrap();
-        feed(&shared, &worker);
-        wait_until("the BLOCK decision", || !sink.held.lock().is_empty());
+        let Started {
+            sink,
+            store,
+            worker,
+            ..
+        } = start_with_a_block_in_flight();
         // Several checkpoint intervals pass with the decision in flight.
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(store.peek(0).unwrap(), None);
@@ -708,15 +732,12 @@ mod tests {
 
     #[test]
     fn outputs_that_failed_delivery_are_never_checkpointed_past() {
-        let (sink, store) = (
-            Arc::new(HeldSink::default()),
-            Arc::new(MemoryCheckpoints::default()),
-        );
-        let shared = shared(sink.clone(), store.clone());
-        let (epoch, _) = store.acquire(0).unwrap();
-        let worker = Worker::spawn_channel(shared.clone(), 0, epoch, None).unwrap();
-        feed(&shared, &worker);
-        wait_until("the BLOCK decision", || !sink.held.lock().is_empty());
+        let Started {
+            sink,
+            store,
+            shared,
+            worker,
+        } = start_with_a_block_in_flight();
         assert_eq!(sink.settle(false), 1);
         let failures = shared
             .metrics
