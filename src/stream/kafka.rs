@@ -33,7 +33,8 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use super::avro::Codec;
-use super::worker::{Control, Msg, RecordRef, Shared, Source, Worker, STOP_TIMEOUT};
+use super::worker::{Control, Msg, Shared, Source, Worker, STOP_TIMEOUT};
+use crate::pipeline::partition::InputRecord;
 use crate::pipeline::{Delivery, Output, OutputSink, SinkError};
 use crate::settings::KafkaSettings;
 
@@ -204,7 +205,7 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 const BURST: usize = 512;
 
 impl Source for QueueSource {
-    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(RecordRef<'_>)) -> Control {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
         match self.control.try_recv() {
             Ok(Msg::Stop(ack)) => return Control::Stop(ack),
             Ok(Msg::Record(_)) | Err(TryRecvError::Empty) => {}
@@ -213,7 +214,7 @@ impl Source for QueueSource {
         let mut wait = timeout.min(POLL_SLICE);
         for _ in 0..BURST {
             match self.queue.poll(wait) {
-                Some(Ok(m)) => f(RecordRef {
+                Some(Ok(m)) => f(InputRecord {
                     offset: m.offset(),
                     broker_ts_ms: m.timestamp().to_millis(),
                     key: m.key(),

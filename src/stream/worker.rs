@@ -37,15 +37,6 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-/// One record as a source lends it to the worker, without copying.
-#[derive(Debug, Clone, Copy)]
-pub struct RecordRef<'a> {
-    pub offset: i64,
-    pub broker_ts_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub payload: &'a [u8],
-}
-
 /// What reaches a worker through its channel: records (the embedded bus)
 /// and the stop request (every source).
 pub enum Msg {
@@ -63,20 +54,20 @@ pub enum Control {
 }
 
 /// Where a partition's records come from. `poll` waits at most `timeout`
-/// for records and hands each, in offset order, to `f`.
+/// for records and lends each, in offset order and without a copy, to `f`.
 pub trait Source: Send + 'static {
-    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(RecordRef<'_>)) -> Control;
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control;
 }
 
 /// Records pushed through the worker's own channel (the embedded bus).
 pub struct ChannelSource(Receiver<Msg>);
 
 impl Source for ChannelSource {
-    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(RecordRef<'_>)) -> Control {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
         let mut next = self.0.recv_timeout(timeout);
         loop {
             match next {
-                Ok(Msg::Record(r)) => f(RecordRef {
+                Ok(Msg::Record(r)) => f(InputRecord {
                     offset: r.offset,
                     broker_ts_ms: r.broker_ts_ms,
                     key: r.key.as_deref(),
@@ -269,13 +260,7 @@ fn run<S: Source>(
                 .codec
                 .decode_request(r.payload)
                 .map_err(|e| format!("undecodable: {e}"));
-            let input = InputRecord {
-                offset: r.offset,
-                broker_ts_ms: r.broker_ts_ms,
-                key: r.key,
-                payload: r.payload,
-            };
-            proc.process(&shared.limiter, input, event, &mut out);
+            proc.process(&shared.limiter, r, event, &mut out);
             position.store(r.offset + 1, Ordering::Relaxed);
             consumed.inc();
             if !out.is_empty() {
