@@ -426,12 +426,7 @@ fn checkpoints(
             unsettled.clear();
         } else if let Some(cp) = cp {
             pending = None;
-            let ctx = SaveCtx {
-                shared: &shared,
-                partition,
-                epoch,
-            };
-            match ctx.save(&cp, &mut unsettled) {
+            match save(&shared, partition, epoch, &cp, &mut unsettled) {
                 Saved::Yes | Saved::Dropped => {}
                 Saved::Retry => pending = Some(cp),
                 Saved::Stopped => stopped = true,
@@ -462,66 +457,64 @@ enum Saved {
     Fenced,
 }
 
-struct SaveCtx<'a> {
-    shared: &'a Shared,
+/// Wait for every unsettled delivery generation, then write `cp`.
+fn save(
+    shared: &Shared,
     partition: i32,
     epoch: u64,
-}
-
-impl SaveCtx<'_> {
-    fn save(&self, cp: &Checkpoint, unsettled: &mut Vec<Arc<Delivery>>) -> Saved {
-        let m = &self.shared.metrics.stream;
-        let partition = self.partition;
-        for generation in unsettled.iter() {
-            match generation.wait(DELIVERY_TIMEOUT) {
-                Settled::Delivered => {}
-                Settled::Pending(n) => {
-                    m.checkpoint_failures.with_label_values(&["flush"]).inc();
-                    tracing::warn!(
-                        event = "checkpoint_skipped",
-                        partition,
-                        in_flight = n,
-                        "outputs not yet delivered; checkpoint postponed"
-                    );
-                    return Saved::Retry;
-                }
-                Settled::Failed(n) => {
-                    m.checkpoint_failures.with_label_values(&["flush"]).inc();
-                    tracing::error!(event = "checkpoint_stopped", partition, failed = n, "outputs failed delivery; no checkpoint will cover them, so a restart replays them");
-                    return Saved::Stopped;
-                }
+    cp: &Checkpoint,
+    unsettled: &mut Vec<Arc<Delivery>>,
+) -> Saved {
+    let m = &shared.metrics.stream;
+    for generation in unsettled.iter() {
+        match generation.wait(DELIVERY_TIMEOUT) {
+            Settled::Delivered => {}
+            Settled::Pending(n) => {
+                m.checkpoint_failures.with_label_values(&["flush"]).inc();
+                tracing::warn!(
+                    event = "checkpoint_skipped",
+                    partition,
+                    in_flight = n,
+                    "outputs not yet delivered; checkpoint postponed"
+                );
+                return Saved::Retry;
+            }
+            Settled::Failed(n) => {
+                m.checkpoint_failures.with_label_values(&["flush"]).inc();
+                tracing::error!(event = "checkpoint_stopped", partition, failed = n, "outputs failed delivery; no checkpoint will cover them, so a restart replays them");
+                return Saved::Stopped;
             }
         }
-        unsettled.clear();
-        let started = Instant::now();
-        match self.shared.checkpoints.save(partition, self.epoch, cp) {
-            Ok(()) => {
-                m.checkpoint_duration
-                    .observe(started.elapsed().as_secs_f64());
-                tracing::debug!(
-                    event = "checkpoint",
-                    partition,
-                    next_offset = cp.next_offset,
-                    keys = cp.keys.len(),
-                    save_ms = started.elapsed().as_millis() as u64
-                );
-                Saved::Yes
-            }
-            Err(e @ CheckpointError::Fenced { .. }) => {
-                m.checkpoint_failures.with_label_values(&["fenced"]).inc();
-                tracing::warn!(event = "checkpoint_fenced", partition, error = %e, "partition taken by another instance; stopping its worker");
-                Saved::Fenced
-            }
-            Err(e) => {
-                let (reason, outcome) = match e {
-                    CheckpointError::Unavailable(_) => ("unavailable", Saved::Retry),
-                    CheckpointError::Backwards { .. } => ("backwards", Saved::Dropped),
-                    _ => ("corrupt", Saved::Dropped),
-                };
-                m.checkpoint_failures.with_label_values(&[reason]).inc();
-                tracing::warn!(event = "checkpoint_failed", partition, error = %e, "checkpoint not written; will retry");
-                outcome
-            }
+    }
+    unsettled.clear();
+    let started = Instant::now();
+    match shared.checkpoints.save(partition, epoch, cp) {
+        Ok(()) => {
+            m.checkpoint_duration
+                .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                event = "checkpoint",
+                partition,
+                next_offset = cp.next_offset,
+                keys = cp.keys.len(),
+                save_ms = started.elapsed().as_millis() as u64
+            );
+            Saved::Yes
+        }
+        Err(e @ CheckpointError::Fenced { .. }) => {
+            m.checkpoint_failures.with_label_values(&["fenced"]).inc();
+            tracing::warn!(event = "checkpoint_fenced", partition, error = %e, "partition taken by another instance; stopping its worker");
+            Saved::Fenced
+        }
+        Err(e) => {
+            let (reason, outcome) = match e {
+                CheckpointError::Unavailable(_) => ("unavailable", Saved::Retry),
+                CheckpointError::Backwards { .. } => ("backwards", Saved::Dropped),
+                _ => ("corrupt", Saved::Dropped),
+            };
+            m.checkpoint_failures.with_label_values(&[reason]).inc();
+            tracing::warn!(event = "checkpoint_failed", partition, error = %e, "checkpoint not written; will retry");
+            outcome
         }
     }
 }
