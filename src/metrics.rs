@@ -43,6 +43,7 @@ pub struct StreamMetrics {
     pub alerts: IntCounterVec,
     pub checkpoint_duration: Histogram,
     pub checkpoint_failures: IntCounterVec,
+    pub checkpoints_stopped: IntGauge,
     pub restore_duration: Histogram,
     pub rebalances: IntCounterVec,
 }
@@ -112,6 +113,10 @@ impl StreamMetrics {
                 ),
                 &["reason"],
             )?,
+            checkpoints_stopped: IntGauge::new(
+                "checkpoints_stopped",
+                "Partitions owned here that write no more checkpoints because outputs failed delivery; restarting the instance replays them from their last checkpoint.",
+            )?,
             restore_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "restore_duration_seconds",
@@ -138,6 +143,7 @@ impl StreamMetrics {
         registry.register(Box::new(m.alerts.clone()))?;
         registry.register(Box::new(m.checkpoint_duration.clone()))?;
         registry.register(Box::new(m.checkpoint_failures.clone()))?;
+        registry.register(Box::new(m.checkpoints_stopped.clone()))?;
         registry.register(Box::new(m.restore_duration.clone()))?;
         registry.register(Box::new(m.rebalances.clone()))?;
         Ok(m)

@@ -296,7 +296,7 @@ fn run<S: Source>(
             checkpointer.finish(None);
         }
         End::Stop(_) | End::Closed => {
-            let last = dirty.then(|| {
+            let last = (dirty && !checkpointer.stopped()).then(|| {
                 let cp = proc.checkpoint(shared.limiter.rules().version);
                 (cp, std::mem::take(&mut delivery))
             });
@@ -337,6 +337,8 @@ struct Checkpointer {
     tx: Option<SyncSender<Job>>,
     busy: Arc<AtomicBool>,
     fenced: Arc<AtomicBool>,
+    /// Outputs failed delivery: no snapshot will ever be saved again.
+    stopped: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
 }
 
@@ -345,22 +347,33 @@ impl Checkpointer {
         let (tx, rx) = mpsc::sync_channel(1);
         let busy = Arc::new(AtomicBool::new(false));
         let fenced = Arc::new(AtomicBool::new(false));
-        let (b, f) = (busy.clone(), fenced.clone());
+        let stopped = Arc::new(AtomicBool::new(false));
+        let flags = Flags {
+            busy: busy.clone(),
+            fenced: fenced.clone(),
+            stopped: stopped.clone(),
+        };
         let join = std::thread::Builder::new()
             .name(format!("quotaflow-cp{partition}"))
-            .spawn(move || checkpoints(shared, partition, epoch, rx, b, f))?;
+            .spawn(move || checkpoints(shared, partition, epoch, rx, flags))?;
         Ok(Self {
             tx: Some(tx),
             busy,
             fenced,
+            stopped,
             join: Some(join),
         })
     }
 
     /// Whether a new snapshot would be taken up now; while one is still
-    /// being saved, the worker does not copy its state again.
+    /// being saved, or once none can be saved any more, the worker does not
+    /// copy its state again.
     fn idle(&self) -> bool {
-        !self.busy.load(Ordering::SeqCst)
+        !self.busy.load(Ordering::SeqCst) && !self.stopped()
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     fn fenced(&self) -> bool {
@@ -385,14 +398,19 @@ impl Checkpointer {
     }
 }
 
-fn checkpoints(
-    shared: Arc<Shared>,
-    partition: i32,
-    epoch: u64,
-    rx: Receiver<Job>,
+/// What the checkpointer thread tells its worker.
+struct Flags {
     busy: Arc<AtomicBool>,
     fenced: Arc<AtomicBool>,
-) {
+    stopped: Arc<AtomicBool>,
+}
+
+fn checkpoints(shared: Arc<Shared>, partition: i32, epoch: u64, rx: Receiver<Job>, flags: Flags) {
+    let Flags {
+        busy,
+        fenced,
+        stopped: stopped_flag,
+    } = flags;
     // Delivery generations not yet known to be settled, oldest first: a
     // snapshot is saved only once all of them are, since it covers them all.
     let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
@@ -429,7 +447,11 @@ fn checkpoints(
             match save(&shared, partition, epoch, &cp, &mut unsettled) {
                 Saved::Yes | Saved::Dropped => {}
                 Saved::Retry => pending = Some(cp),
-                Saved::Stopped => stopped = true,
+                Saved::Stopped => {
+                    stopped = true;
+                    stopped_flag.store(true, Ordering::SeqCst);
+                    shared.metrics.stream.checkpoints_stopped.inc();
+                }
                 Saved::Fenced => {
                     fenced.store(true, Ordering::SeqCst);
                     busy.store(false, Ordering::SeqCst);
@@ -443,6 +465,10 @@ fn checkpoints(
         if last {
             break;
         }
+    }
+    if stopped {
+        // The partition leaves this instance: its replay is the new owner's.
+        shared.metrics.stream.checkpoints_stopped.dec();
     }
 }
 
@@ -723,8 +749,11 @@ mod tests {
             .checkpoint_failures
             .with_label_values(&["flush"]);
         wait_until("the checkpointer to notice", || failures.get() >= 1);
+        let stopped = &shared.metrics.stream.checkpoints_stopped;
+        wait_until("the partition to be reported", || stopped.get() == 1);
         // Not even the final checkpoint at stop: a restart must replay.
         worker.stop(STOP_TIMEOUT);
         assert_eq!(store.peek(0).unwrap(), None);
+        assert_eq!(stopped.get(), 0, "the partition is no longer ours");
     }
 }
