@@ -16,6 +16,9 @@ use quotaflow::{logging, server};
 /// mimalloc instead of glibc malloc: the sidecar allocates per request
 /// (body, response, headers), and glibc's malloc/free were a fifth of its CPU
 /// profile; mimalloc cut server CPU per request by 18–24% (docs/benchmarks.md).
+/// The crate's `override` feature also hands it librdkafka's `malloc`/`free`:
+/// librdkafka allocates every consumed record on its broker thread and frees
+/// it on the worker's, which under glibc contended on an arena lock.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
