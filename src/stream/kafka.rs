@@ -382,9 +382,6 @@ impl ConsumerCtx {
     }
 }
 
-/// The consumer settings of a processor: offsets live in Redis, never in
-/// Kafka's group offsets. Public so the raw-consumer baseline of the stream
-/// benchmark fetches exactly as the processor does.
 /// librdkafka stops fetching a partition whose local queue holds more than
 /// `queued.min.messages` and, by default, waits a whole second before it
 /// looks again. A worker that is slower than the fetcher (the normal case
@@ -395,6 +392,9 @@ impl ConsumerCtx {
 const FETCH_QUEUE_BACKOFF: &str = "fetch.queue.backoff.ms";
 const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
+/// The consumer settings of a processor: offsets live in Redis, never in
+/// Kafka's group offsets. Public so the raw-consumer baseline of the stream
+/// benchmark fetches exactly as the processor does.
 pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
     let session_ms = settings.session_timeout.as_millis().max(1000);
     let mut c = client_config(settings);

@@ -335,32 +335,21 @@ enum Job {
 /// The worker's handle on its checkpointer thread.
 struct Checkpointer {
     tx: Option<SyncSender<Job>>,
-    busy: Arc<AtomicBool>,
-    fenced: Arc<AtomicBool>,
-    /// Outputs failed delivery: no snapshot will ever be saved again.
-    stopped: Arc<AtomicBool>,
+    flags: Arc<Flags>,
     join: Option<JoinHandle<()>>,
 }
 
 impl Checkpointer {
     fn spawn(shared: Arc<Shared>, partition: i32, epoch: u64) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let busy = Arc::new(AtomicBool::new(false));
-        let fenced = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::new(AtomicBool::new(false));
-        let flags = Flags {
-            busy: busy.clone(),
-            fenced: fenced.clone(),
-            stopped: stopped.clone(),
-        };
+        let flags = Arc::new(Flags::default());
+        let theirs = flags.clone();
         let join = std::thread::Builder::new()
             .name(format!("quotaflow-cp{partition}"))
-            .spawn(move || checkpoints(shared, partition, epoch, rx, flags))?;
+            .spawn(move || checkpoints(shared, partition, epoch, rx, &theirs))?;
         Ok(Self {
             tx: Some(tx),
-            busy,
-            fenced,
-            stopped,
+            flags,
             join: Some(join),
         })
     }
@@ -369,19 +358,19 @@ impl Checkpointer {
     /// being saved, or once none can be saved any more, the worker does not
     /// copy its state again.
     fn idle(&self) -> bool {
-        !self.busy.load(Ordering::SeqCst) && !self.stopped()
+        !self.flags.busy.load(Ordering::SeqCst) && !self.stopped()
     }
 
     fn stopped(&self) -> bool {
-        self.stopped.load(Ordering::SeqCst)
+        self.flags.stopped.load(Ordering::SeqCst)
     }
 
     fn fenced(&self) -> bool {
-        self.fenced.load(Ordering::SeqCst)
+        self.flags.fenced.load(Ordering::SeqCst)
     }
 
     fn submit(&self, cp: Checkpoint, generation: Arc<Delivery>) {
-        self.busy.store(true, Ordering::SeqCst);
+        self.flags.busy.store(true, Ordering::SeqCst);
         if let Some(tx) = &self.tx {
             let _ = tx.send(Job::Save(Box::new(cp), generation));
         }
@@ -399,24 +388,26 @@ impl Checkpointer {
 }
 
 /// What the checkpointer thread tells its worker.
+#[derive(Default)]
 struct Flags {
-    busy: Arc<AtomicBool>,
-    fenced: Arc<AtomicBool>,
-    stopped: Arc<AtomicBool>,
+    /// A snapshot is being saved (or retried): take no new one.
+    busy: AtomicBool,
+    /// Another instance owns the partition now.
+    fenced: AtomicBool,
+    /// Outputs failed delivery: no snapshot will ever be saved again.
+    stopped: AtomicBool,
 }
 
-fn checkpoints(shared: Arc<Shared>, partition: i32, epoch: u64, rx: Receiver<Job>, flags: Flags) {
+fn checkpoints(shared: Arc<Shared>, partition: i32, epoch: u64, rx: Receiver<Job>, flags: &Flags) {
     let Flags {
         busy,
         fenced,
-        stopped: stopped_flag,
+        stopped,
     } = flags;
     // Delivery generations not yet known to be settled, oldest first: a
     // snapshot is saved only once all of them are, since it covers them all.
     let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
     let mut pending: Option<Box<Checkpoint>> = None;
-    // Set once outputs failed delivery: no checkpoint may cover them, ever.
-    let mut stopped = false;
     loop {
         let job = match &pending {
             Some(_) => rx.recv_timeout(RETRY_AFTER),
@@ -440,7 +431,7 @@ fn checkpoints(shared: Arc<Shared>, partition: i32, epoch: u64, rx: Receiver<Job
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        if stopped {
+        if stopped.load(Ordering::SeqCst) {
             unsettled.clear();
         } else if let Some(cp) = cp {
             pending = None;
@@ -448,8 +439,7 @@ fn checkpoints(shared: Arc<Shared>, partition: i32, epoch: u64, rx: Receiver<Job
                 Saved::Yes | Saved::Dropped => {}
                 Saved::Retry => pending = Some(cp),
                 Saved::Stopped => {
-                    stopped = true;
-                    stopped_flag.store(true, Ordering::SeqCst);
+                    stopped.store(true, Ordering::SeqCst);
                     shared.metrics.stream.checkpoints_stopped.inc();
                 }
                 Saved::Fenced => {
@@ -466,7 +456,7 @@ fn checkpoints(shared: Arc<Shared>, partition: i32, epoch: u64, rx: Receiver<Job
             break;
         }
     }
-    if stopped {
+    if stopped.load(Ordering::SeqCst) {
         // The partition leaves this instance: its replay is the new owner's.
         shared.metrics.stream.checkpoints_stopped.dec();
     }
