@@ -1032,8 +1032,8 @@ impl StaggeredLoad {
     }
 
     fn next(&mut self, now_ms: i64) -> quotaflow::pipeline::records::RequestEvent {
+        use quotaflow::simulate::PATHS;
         use rand::Rng as _;
-        const PATHS: &[&str] = &["/orders", "/search", "/login", "/items/42", "/cart"];
         self.n += 1;
         let elapsed_ms = self.started.elapsed().as_millis() as u64;
         let active =
@@ -1044,17 +1044,13 @@ impl StaggeredLoad {
             self.hot_users + self.rng.random_range(0..self.users)
         };
         let path = PATHS[self.rng.random_range(0..PATHS.len())];
-        quotaflow::pipeline::records::RequestEvent {
-            event_id: format!("lat-{}", self.n),
-            timestamp_ms: now_ms,
-            user_id: Some(format!("user-{user}")),
-            api_key: Some(format!("sk_sim_{user:06}")),
-            client_ip: Some(format!("198.51.100.{}", user % 250 + 1)),
-            method: Some(if path == "/login" { "POST" } else { "GET" }.into()),
-            path: Some(path.into()),
-            cost: 1,
-            gateway_id: Some("stream-bench".into()),
-        }
+        quotaflow::simulate::user_event(
+            format!("lat-{}", self.n),
+            now_ms,
+            user,
+            path,
+            "stream-bench",
+        )
     }
 }
 

@@ -38,7 +38,31 @@ pub struct Plan {
     pub seed: u64,
 }
 
-const PATHS: &[&str] = &["/orders", "/search", "/login", "/items/42", "/cart"];
+/// The paths simulated traffic spreads over (`/login` as `POST`).
+pub const PATHS: &[&str] = &["/orders", "/search", "/login", "/items/42", "/cart"];
+
+/// The event a simulated `user` sends on `path`. The one definition of what
+/// simulated traffic looks like, so the stream benchmark's live load is the
+/// same mix as `quotaflow simulate`'s.
+pub fn user_event(
+    event_id: String,
+    timestamp_ms: i64,
+    user: u32,
+    path: &str,
+    gateway_id: &str,
+) -> RequestEvent {
+    RequestEvent {
+        event_id,
+        timestamp_ms,
+        user_id: Some(format!("user-{user}")),
+        api_key: Some(format!("sk_sim_{user:06}")),
+        client_ip: Some(format!("198.51.100.{}", user % 250 + 1)),
+        method: Some(if path == "/login" { "POST" } else { "GET" }.into()),
+        path: Some(path.into()),
+        cost: 1,
+        gateway_id: Some(gateway_id.into()),
+    }
+}
 
 /// Deterministic traffic for a seed.
 pub struct Generator {
@@ -75,17 +99,13 @@ impl Generator {
             self.rng.random_range(0..self.plan.users.max(1))
         };
         let path = PATHS[self.rng.random_range(0..PATHS.len())];
-        Generated::Event(Box::new(RequestEvent {
-            event_id: format!("sim-{}-{}", self.plan.seed, self.n),
-            timestamp_ms: now_ms + self.plan.skew_ms,
-            user_id: Some(format!("user-{user}")),
-            api_key: Some(format!("sk_sim_{user:06}")),
-            client_ip: Some(format!("198.51.100.{}", user % 250 + 1)),
-            method: Some(if path == "/login" { "POST" } else { "GET" }.into()),
-            path: Some(path.into()),
-            cost: 1,
-            gateway_id: Some("simulator".into()),
-        }))
+        Generated::Event(Box::new(user_event(
+            format!("sim-{}-{}", self.plan.seed, self.n),
+            now_ms + self.plan.skew_ms,
+            user,
+            path,
+            "simulator",
+        )))
     }
 }
 
