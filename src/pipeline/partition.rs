@@ -124,6 +124,8 @@ pub struct PartitionProcessor {
     /// counting a refusal of a known key allocates nothing.
     scratch_key: String,
     scratch_value: String,
+    /// The request of the record being processed, reused for every record.
+    scratch_req: Request,
     watermark_ms: u64,
     /// Watermark of the last expiry sweep: every key whose state expired by
     /// then was dropped, so no event is applied earlier than this (a late
@@ -149,6 +151,7 @@ impl PartitionProcessor {
             offender_hasher: hashbrown::DefaultHashBuilder::default(),
             scratch_key: String::new(),
             scratch_value: String::new(),
+            scratch_req: Request::default(),
             watermark_ms: 0,
             horizon_ms: 0,
             next_offset: 0,
@@ -218,7 +221,7 @@ impl PartitionProcessor {
         &mut self,
         limiter: &Limiter,
         rec: InputRecord<'_>,
-        event: Result<RequestEvent, String>,
+        event: Result<&RequestEvent, String>,
         out: &mut Vec<Output>,
     ) {
         if rec.offset < self.next_offset {
@@ -237,11 +240,13 @@ impl PartitionProcessor {
             Err(reason) => return out.push(dead(reason)),
         };
         let timestamp_ms = event.timestamp_ms;
-        let req = match event.into_request() {
-            Ok(r) => r,
-            Err(reason) => return out.push(dead(format!("invalid event: {reason}"))),
-        };
+        let mut req = std::mem::take(&mut self.scratch_req);
+        if let Err(reason) = event.request_into(&mut req) {
+            self.scratch_req = req;
+            return out.push(dead(format!("invalid event: {reason}")));
+        }
         if timestamp_ms < 0 {
+            self.scratch_req = req;
             return out.push(dead(format!("timestamp_ms {timestamp_ms} is negative")));
         }
         let now = self
@@ -257,6 +262,7 @@ impl PartitionProcessor {
             self.decisions(rules, d, &req, fp, now, rec.offset, out);
             self.count_refusals(rules, d, &req, fp, now);
         });
+        self.scratch_req = req;
     }
 
     /// Expiry runs at event-time boundaries, not on a wall-clock timer, so
@@ -598,7 +604,7 @@ mod tests {
             key: None,
             payload: b"",
         };
-        p.process(l, rec, Ok(event("alice", ts)), &mut out);
+        p.process(l, rec, Ok(&event("alice", ts)), &mut out);
         out
     }
 
@@ -654,7 +660,7 @@ mod tests {
         p.process(&l, rec, Err("truncated record".into()), &mut out);
         let mut bad = event("bob", 5);
         bad.client_ip = Some("not-an-ip".into());
-        p.process(&l, InputRecord { offset: 8, ..rec }, Ok(bad), &mut out);
+        p.process(&l, InputRecord { offset: 8, ..rec }, Ok(&bad), &mut out);
         match &out[..] {
             [Output::DeadLetter {
                 source_offset: 7,
@@ -778,8 +784,8 @@ mod tests {
     fn keys_are_written_as_rendered_from_dimensions() {
         let l = limiter();
         let fp = l.fingerprinter();
-        let e = event("alice", 5);
-        let req = e.into_request().unwrap();
+        let mut req = Request::default();
+        event("alice", 5).request_into(&mut req).unwrap();
         let rules = l.rules();
         for limit in &rules.limits {
             let mut written = String::new();

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::rules::Request;
 
 /// One request seen by a gateway (topic `requests`, schema `request_event.avsc`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestEvent {
     pub event_id: String,
     /// Gateway clock, milliseconds since the epoch.
@@ -57,28 +57,25 @@ impl RequestEvent {
         key
     }
 
-    /// The request to rate limit, or why this event cannot be one. Takes
-    /// the event: its strings move into the request (no copy per event).
-    pub fn into_request(self) -> Result<Request, String> {
-        let client_ip = match &self.client_ip {
+    /// The request to rate limit written into `req`, or why this event
+    /// cannot be one. The processor keeps one `req` and one event for all
+    /// its records, so the strings are copied into buffers that are already
+    /// there instead of allocated per event.
+    pub fn request_into(&self, req: &mut Request) -> Result<(), String> {
+        req.client_ip = match &self.client_ip {
             None => None,
             Some(text) => Some(
                 text.parse()
                     .map_err(|_| format!("client_ip `{text}` is not an IP address"))?,
             ),
         };
-        let cost =
+        req.cost =
             u64::try_from(self.cost).map_err(|_| format!("cost {} is negative", self.cost))?;
-        let req = Request {
-            user_id: self.user_id,
-            api_key: self.api_key,
-            client_ip,
-            method: self.method,
-            path: self.path,
-            cost,
-        };
-        req.validate().map_err(|e| e.to_string())?;
-        Ok(req)
+        req.user_id.clone_from(&self.user_id);
+        req.api_key.clone_from(&self.api_key);
+        req.method.clone_from(&self.method);
+        req.path.clone_from(&self.path);
+        req.validate().map_err(|e| e.to_string())
     }
 }
 

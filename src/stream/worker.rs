@@ -21,7 +21,7 @@ use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::pipeline::delivery::Settled;
 use crate::pipeline::partition::InputRecord;
-use crate::pipeline::records::Action;
+use crate::pipeline::records::{Action, RequestEvent};
 use crate::pipeline::{
     Checkpoint, CheckpointError, CheckpointStore, Delivery, Output, OutputSink, PartitionProcessor,
     ProcessorConfig,
@@ -230,6 +230,8 @@ fn run<S: Source>(
     // and the consumer reset to the earliest offset left).
     let mut resume_at = (proc.next_offset() > 0).then(|| proc.next_offset());
     let mut out = Vec::new();
+    // Every record is decoded into this one event, reusing its strings.
+    let mut decoded = RequestEvent::default();
     let mut delivery = Arc::new(Delivery::default());
     // Partitions start their checkpoint timers out of phase (spread over
     // the interval by the golden ratio), so that partitions assigned
@@ -258,7 +260,8 @@ fn run<S: Source>(
             }
             let event = shared
                 .codec
-                .decode_request(r.payload)
+                .decode_request_into(r.payload, &mut decoded)
+                .map(|()| &decoded)
                 .map_err(|e| format!("undecodable: {e}"));
             proc.process(&shared.limiter, r, event, &mut out);
             position.store(r.offset + 1, Ordering::Relaxed);

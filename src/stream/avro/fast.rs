@@ -13,21 +13,22 @@
 
 use crate::pipeline::records::RequestEvent;
 
-/// Decode a body written with `schemas/request_event.avsc` as it is now.
-pub(super) fn request_body(body: &[u8]) -> Option<RequestEvent> {
+/// Decode a body written with `schemas/request_event.avsc` as it is now
+/// into `e`, reusing its strings' buffers: the worker decodes every event
+/// into the same one, so a steady stream allocates nothing here. On `None`
+/// `e` holds a partial record and the caller decodes the general way.
+pub(super) fn request_body_into(body: &[u8], e: &mut RequestEvent) -> Option<()> {
     let mut c = Cursor(body);
-    let e = RequestEvent {
-        event_id: c.string()?,
-        timestamp_ms: c.long()?,
-        user_id: c.optional_string()?,
-        api_key: c.optional_string()?,
-        client_ip: c.optional_string()?,
-        method: c.optional_string()?,
-        path: c.optional_string()?,
-        cost: c.long()?,
-        gateway_id: c.optional_string()?,
-    };
-    c.0.is_empty().then_some(e)
+    c.string_into(&mut e.event_id)?;
+    e.timestamp_ms = c.long()?;
+    c.optional_string_into(&mut e.user_id)?;
+    c.optional_string_into(&mut e.api_key)?;
+    c.optional_string_into(&mut e.client_ip)?;
+    c.optional_string_into(&mut e.method)?;
+    c.optional_string_into(&mut e.path)?;
+    e.cost = c.long()?;
+    c.optional_string_into(&mut e.gateway_id)?;
+    c.0.is_empty().then_some(())
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -49,18 +50,23 @@ impl Cursor<'_> {
         None
     }
 
-    fn string(&mut self) -> Option<String> {
+    fn string_into(&mut self, out: &mut String) -> Option<()> {
         let len = usize::try_from(self.long()?).ok()?;
         let bytes = self.0.get(..len)?;
         self.0 = &self.0[len..];
-        std::str::from_utf8(bytes).ok().map(str::to_owned)
+        out.clear();
+        out.push_str(std::str::from_utf8(bytes).ok()?);
+        Some(())
     }
 
     /// `["null", "string"]`: branch 0 is null, branch 1 a string.
-    fn optional_string(&mut self) -> Option<Option<String>> {
+    fn optional_string_into(&mut self, out: &mut Option<String>) -> Option<()> {
         match self.long()? {
-            0 => Some(None),
-            1 => self.string().map(Some),
+            0 => {
+                *out = None;
+                Some(())
+            }
+            1 => self.string_into(out.get_or_insert_with(String::new)),
             _ => None,
         }
     }
