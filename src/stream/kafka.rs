@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -33,6 +32,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use super::avro::Codec;
+use super::partition_queue::{BatchQueue, Record};
 use super::worker::{Control, Msg, Shared, Source, Worker, STOP_TIMEOUT};
 use crate::pipeline::partition::InputRecord;
 use crate::pipeline::{Delivery, Output, OutputSink, SinkError};
@@ -194,7 +194,7 @@ impl OutputSink for KafkaSink {
 /// A partition's records, from its own librdkafka queue; the worker's
 /// channel carries only the stop request.
 struct QueueSource {
-    queue: PartitionQueue<ConsumerCtx>,
+    queue: BatchQueue<ConsumerCtx>,
     control: Receiver<Msg>,
 }
 
@@ -203,6 +203,8 @@ struct QueueSource {
 const POLL_SLICE: Duration = Duration::from_millis(50);
 /// Records taken per wake-up before the channel is looked at again.
 const BURST: usize = 512;
+/// Records taken from the queue per call.
+const BATCH: usize = 128;
 
 impl Source for QueueSource {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
@@ -212,20 +214,16 @@ impl Source for QueueSource {
             Err(TryRecvError::Disconnected) => return Control::Closed,
         }
         let mut wait = timeout.min(POLL_SLICE);
-        for _ in 0..BURST {
-            match self.queue.poll(wait) {
-                Some(Ok(m)) => f(InputRecord {
-                    offset: m.offset(),
-                    broker_ts_ms: m.timestamp().to_millis(),
-                    key: m.key(),
-                    payload: m.payload().unwrap_or_default(),
-                }),
-                Some(Err(e)) => {
-                    tracing::warn!(event = "consumer_error", error = %e);
-                    break;
-                }
-                None => break,
+        let mut taken = 0;
+        while taken < BURST {
+            let n = self.queue.drain(wait, &mut |r| match r {
+                Record::Ok(r) => f(r),
+                Record::Err(error) => tracing::warn!(event = "consumer_error", error),
+            });
+            if n == 0 {
+                break;
             }
+            taken += n;
             wait = Duration::ZERO;
         }
         Control::Continue
@@ -294,7 +292,7 @@ impl ConsumerContext for ConsumerCtx {
                     );
                     // Split before assigning, so that no record of the
                     // partition is ever fetched into the group's queue.
-                    let Some(queue) = me.split_partition_queue(&self.topic, p) else {
+                    let Some(queue) = BatchQueue::split(&me, &self.topic, p, BATCH) else {
                         tracing::error!(
                             event = "assign_failed",
                             partition = p,

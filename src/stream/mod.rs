@@ -5,5 +5,6 @@
 pub mod avro;
 pub mod embedded;
 pub mod kafka;
+mod partition_queue;
 pub mod redis_store;
 pub mod worker;
