@@ -6,8 +6,8 @@
 //! (docs/benchmarks.md, run H2). rust-rdkafka has no batch API, so this is
 //! the same split queue (`rd_kafka_queue_get_partition` without forwarding,
 //! exactly what `BaseConsumer::split_partition_queue` does) read with
-//! `rd_kafka_consume_batch_queue`, which takes every record already queued
-//! in one call. The unsafe code is confined here; records are lent to the
+//! `rd_kafka_consume_batch_queue`, which takes the records already queued,
+//! up to a batch, in one call. The unsafe code is confined here; records are lent to the
 //! caller and destroyed as soon as it returns.
 
 use std::ffi::{c_void, CStr, CString};
