@@ -241,13 +241,14 @@ impl PartitionProcessor {
         };
         let timestamp_ms = event.timestamp_ms;
         let mut req = std::mem::take(&mut self.scratch_req);
-        if let Err(reason) = event.request_into(&mut req) {
+        let invalid = match event.request_into(&mut req) {
+            Err(reason) => Some(format!("invalid event: {reason}")),
+            Ok(()) if timestamp_ms < 0 => Some(format!("timestamp_ms {timestamp_ms} is negative")),
+            Ok(()) => None,
+        };
+        if let Some(reason) = invalid {
             self.scratch_req = req;
-            return out.push(dead(format!("invalid event: {reason}")));
-        }
-        if timestamp_ms < 0 {
-            self.scratch_req = req;
-            return out.push(dead(format!("timestamp_ms {timestamp_ms} is negative")));
+            return out.push(dead(reason));
         }
         let now = self
             .event_time(timestamp_ms, rec.broker_ts_ms)
