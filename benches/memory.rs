@@ -1,14 +1,18 @@
 //! Memory per tracked key: insert 1,000,000 distinct realistic state keys
 //! into a `KeyedStore` sized as the server sizes it, and report the growth
-//! beyond the keys' own bytes. governor's keyed limiter (DashMap) holding
-//! the same keys is measured in a child process as the baseline.
+//! per key. governor's keyed limiter (DashMap) holding the same keys is
+//! measured in a child process as the baseline.
 //!
 //! Run: `cargo bench --bench memory` (a few seconds). Under `cargo test`
 //! (no `--bench` argument) it runs a 10,000-key smoke version instead.
 //! `QUOTAFLOW_MEMBENCH_KEYS=N` measures N keys instead of 1,000,000.
 //!
-//! Two measures, both after minus before, divided by the key count, minus
-//! the mean key length:
+//! The target is "at most 150 bytes a key beyond the key's own bytes". The
+//! store keeps a 128-bit id per key instead of its text, so the verdict is
+//! taken on the whole growth per key, key bytes included (stricter); the
+//! figure beyond the key bytes is printed for governor, which keeps the text.
+//!
+//! Two measures, both after minus before, divided by the key count:
 //! - RSS: `VmRSS` from `/proc/self/status`: what the process really costs,
 //!   including malloc's own headers and rounding, after asking mimalloc (the
 //!   allocator the `quotaflow` binary ships with, used here too) to return
@@ -26,6 +30,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quotaflow::algorithms::TokenBucket;
+use quotaflow::fingerprint::Fingerprinter;
 use quotaflow::settings::StateSettings;
 use quotaflow::state::{KeyedStore, Probe};
 
@@ -88,11 +93,15 @@ struct Measured {
 
 impl Measured {
     fn rss_per_key(&self) -> f64 {
-        (self.rss as f64 - self.key_bytes as f64) / self.keys as f64
+        self.rss as f64 / self.keys as f64
     }
 
     fn heap_per_key(&self) -> f64 {
-        (self.heap as f64 - self.key_bytes as f64) / self.keys as f64
+        self.heap as f64 / self.keys as f64
+    }
+
+    fn mean_key(&self) -> f64 {
+        self.key_bytes as f64 / self.keys as f64
     }
 
     fn to_line(&self) -> String {
@@ -146,10 +155,11 @@ fn measure(n: usize, mut insert: impl FnMut(&str)) -> Measured {
 fn quotaflow_store(n: usize) -> Measured {
     let store = KeyedStore::new(StateSettings::default().effective_shards());
     let tb = TokenBucket::new(1_000, 1_000.0).expect("valid bucket");
+    let fp = Fingerprinter::from_secret("bench");
     let now = quotaflow::api::now_ms();
     let m = measure(n, |key| {
         let probe = Probe {
-            key,
+            key: fp.key_id(key.as_bytes()),
             algorithm: &tb,
             enforce: true,
         };
@@ -223,7 +233,7 @@ fn main() {
         );
         return;
     }
-    let mean_key = qf.key_bytes as f64 / qf.keys as f64;
+    let mean_key = qf.mean_key();
     let shards = StateSettings::default().effective_shards();
     println!(
         "memory: {} keys of {mean_key:.0} bytes, KeyedStore with {shards} shards",
@@ -231,11 +241,12 @@ fn main() {
     );
     for (name, m) in [("quotaflow", &qf), ("governor (baseline)", &gov)] {
         println!(
-            "memory: {name:<20} RSS +{:>7.1} MiB, heap +{:>7.1} MiB; beyond key bytes: {:>6.1} B/key (RSS), {:>6.1} B/key (heap)",
+            "memory: {name:<20} RSS +{:>7.1} MiB, heap +{:>7.1} MiB; per key: {:>6.1} B (RSS), {:>6.1} B (heap); beyond key bytes: {:>6.1} B (RSS)",
             m.rss as f64 / 1_048_576.0,
             m.heap as f64 / 1_048_576.0,
             m.rss_per_key(),
             m.heap_per_key(),
+            m.rss_per_key() - m.mean_key(),
         );
     }
     let verdict = if qf.rss_per_key() <= TARGET {
@@ -244,7 +255,7 @@ fn main() {
         "MISSED"
     };
     println!(
-        "memory: quotaflow overhead {:.1} bytes/key beyond the key's own bytes (RSS; target <= {TARGET:.0}: {verdict}); governor {:.1} bytes/key, ratio {:.2}x",
+        "memory: quotaflow {:.1} bytes/key in all, key bytes included (RSS; target <= {TARGET:.0} beyond the key's bytes: {verdict}); governor {:.1} bytes/key in all, ratio {:.2}x",
         qf.rss_per_key(),
         gov.rss_per_key(),
         qf.rss_per_key() / gov.rss_per_key(),

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quotaflow::fingerprint::Fingerprinter;
 use quotaflow::pipeline::partition::PartitionProcessor;
 use quotaflow::pipeline::{Checkpoint, CheckpointStore, ProcessorConfig};
 use quotaflow::state::{KeyedStore, StoredKey};
@@ -36,9 +37,10 @@ fn main() {
                 std::process::exit(2);
             }
         };
+    let fp = Fingerprinter::from_secret("bench");
     let keys: Vec<StoredKey> = (0..KEYS)
         .map(|i| StoredKey {
-            key: format!("per_user\u{1f}token_bucket\u{1f}user-{i:08}").into(),
+            key: fp.key_id(format!("per_user\u{1f}token_bucket\u{1f}user-{i:08}").as_bytes()),
             state: [1_700_000_000_000_000_000 + i as u64, 1_700_000_000_000, 0],
             expires_at_ms: 1_700_000_100_000,
             refused: 0,
@@ -47,6 +49,7 @@ fn main() {
     let cp = Checkpoint {
         next_offset: 123_456_789,
         config_version: 1,
+        key_check: fp.check_value(),
         watermark_ms: 1_700_000_000_000,
         horizon_ms: 1_700_000_000_000,
         keys,
@@ -60,6 +63,7 @@ fn main() {
         alert_critical_refused: 1000,
         every_event: false,
         sweep_interval_ms: 5_000,
+        key_check: fp.check_value(),
     });
     let (epoch, _) = store.acquire(0).unwrap_or_else(|e| panic!("acquire: {e}"));
     let started = Instant::now();

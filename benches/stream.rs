@@ -1350,7 +1350,10 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
     let generic_decode = t.elapsed();
 
     let state = quotaflow::server::build_state(&settings, None)?;
-    let cfg = Arc::new(quotaflow::server::processor_config(&settings));
+    let cfg = Arc::new(quotaflow::server::processor_config(
+        &settings,
+        state.limiter.fingerprinter(),
+    ));
     let shards = settings.state.effective_shards();
     let mut procs: BTreeMap<i32, PartitionProcessor> = BTreeMap::new();
     let mut out = Vec::new();

@@ -10,6 +10,8 @@ use std::hash::Hasher;
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
+use crate::state::KeyId;
+
 /// Computes fingerprints with one secret key.
 #[derive(Clone)]
 pub struct Fingerprinter {
@@ -46,6 +48,20 @@ impl Fingerprinter {
         let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
         h.write(data);
         h.finish128().as_u128()
+    }
+
+    /// The identity of a state key (see [`KeyId`]): keyed, so nobody without
+    /// the secret can choose two keys that share state.
+    pub fn key_id(&self, key: &[u8]) -> KeyId {
+        KeyId(self.hash(key))
+    }
+
+    /// A value that differs, with overwhelming probability, between two
+    /// fingerprinters with different secrets, and reveals nothing of the
+    /// secret: checkpoints carry it so that state whose key ids were made
+    /// under another secret is recognised instead of silently never matching.
+    pub fn check_value(&self) -> u64 {
+        self.hash(b"quotaflow key-id check value") as u64
     }
 
     /// Append the 32-hex-digit fingerprint of `data` to `out`. Every state

@@ -205,21 +205,22 @@ impl Limiter {
             let probes: SmallVec<[Probe<'_>; 4]> = spans
                 .iter()
                 .map(|&(i, a, b)| Probe {
-                    key: &buf[a..b],
+                    key: self.fingerprinter.key_id(&buf.as_bytes()[a..b]),
                     algorithm: &*rules.limits[i].algorithm,
                     enforce: !rules.limits[i].shadow,
                 })
                 .collect();
             let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
             decision.allowed = store.apply(&probes, now_ms, req.cost, &mut probed);
-            for ((&(i, a, b), p), probe) in spans.iter().zip(&probed).zip(&probes) {
+            for ((&(i, _, _), p), probe) in spans.iter().zip(&probed).zip(&probes) {
                 let event = breach_event(p, decision.allowed);
                 decision.outcomes.push(LimitOutcome {
                     limit: i,
                     verdict: p.outcome.verdict,
                     shadow: !probe.enforce,
                     event,
-                    key_fingerprint: event.map(|_| self.fingerprinter.hex(&buf.as_bytes()[a..b])),
+                    // The id is the key's fingerprint.
+                    key_fingerprint: event.map(|_| probe.key.to_string()),
                 });
             }
         });

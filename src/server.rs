@@ -108,7 +108,7 @@ pub fn codec(settings: &Settings) -> anyhow::Result<Arc<Codec>> {
 }
 
 /// What each partition processor needs from the settings.
-pub fn processor_config(settings: &Settings) -> ProcessorConfig {
+pub fn processor_config(settings: &Settings, fingerprinter: &Fingerprinter) -> ProcessorConfig {
     ProcessorConfig {
         topic: settings.kafka.requests_topic.clone(),
         max_clock_skew_ms: settings.stream.max_clock_skew.as_millis() as u64,
@@ -117,6 +117,7 @@ pub fn processor_config(settings: &Settings) -> ProcessorConfig {
         alert_critical_refused: settings.alerts.critical_refused,
         every_event: settings.decisions.every_event,
         sweep_interval_ms: settings.state.sweep_interval.as_millis().max(1) as u64,
+        key_check: fingerprinter.check_value(),
     }
 }
 
@@ -131,7 +132,7 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
             sink,
             checkpoints,
             metrics: state.metrics.clone(),
-            processor: Arc::new(processor_config(settings)),
+            processor: Arc::new(processor_config(settings, state.limiter.fingerprinter())),
             checkpoint_interval: settings.stream.checkpoint_interval,
             shards: settings.state.effective_shards(),
             owned: Default::default(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::services::{redis, unique};
 use quotaflow::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
-use quotaflow::state::StoredKey;
+use quotaflow::state::{KeyId, StoredKey};
 use quotaflow::stream::redis_store::RedisCheckpoints;
 
 fn store(prefix: &str) -> RedisCheckpoints {
@@ -24,11 +24,12 @@ fn cp(next_offset: i64, keys: usize) -> Checkpoint {
     Checkpoint {
         next_offset,
         config_version: 7,
+        key_check: 11,
         watermark_ms: 1_000,
         horizon_ms: 500,
         keys: (0..keys)
             .map(|i| StoredKey {
-                key: format!("k{i}").into(),
+                key: KeyId(u128::MAX / 3 + i as u128),
                 state: [i as u64, 2, 3],
                 expires_at_ms: 9,
                 refused: 0,

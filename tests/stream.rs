@@ -7,9 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::services::read_until;
-use common::stream::{event, Fixture, Oracle, Sent};
+use common::stream::{event, Fixture, Oracle, Sent, FINGERPRINT_KEY};
 use common::Server;
+use quotaflow::fingerprint::Fingerprinter;
 use quotaflow::pipeline::records::DecisionRecord;
+use quotaflow::rules::{Request, Rules, RulesDoc};
+use quotaflow::state::KeyId;
 use quotaflow::stream::embedded::partition_for;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -215,12 +218,34 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
     }
     .run(&sent);
     // Every key's final state equals the oracle's: no event lost, none twice.
+    // State holds keyed ids, not texts: name each user's id as the limiter does.
+    let fp = Fingerprinter::from_secret(FINGERPRINT_KEY);
+    let doc = RulesDoc::from_json(
+        br#"{"limits": [{"name": "per_user", "algorithm": "fixed_window", "key": ["user_id"], "limit": 1000000, "window": "1h"}]}"#,
+    )
+    .expect("the test's limit");
+    let rules = Rules::compile(doc, 1, &fp).expect("the test's limit compiles");
+    let user_of: BTreeMap<KeyId, String> = (0..120)
+        .map(|u| {
+            let user = format!("user-{u}");
+            let req = Request {
+                user_id: Some(user.clone()),
+                ..Request::default()
+            };
+            let mut text = String::new();
+            assert!(rules.limits[0].key_for(&req, &fp, &mut text));
+            (fp.key_id(text.as_bytes()), user)
+        })
+        .collect();
     let store = f.checkpoints();
     let mut state = BTreeMap::new();
     for p in 0..f.partitions {
         let (_, cp) = store.peek(p).expect("peek");
         for k in cp.expect("every partition has a checkpoint").keys {
-            let user = k.key.rsplit('\u{1f}').next().unwrap_or_default().to_owned();
+            let user = user_of
+                .get(&k.key)
+                .cloned()
+                .unwrap_or_else(|| format!("{:?}", k.key));
             state.insert(user, (k.state[0] as i64, k.state[1]));
         }
     }

@@ -15,7 +15,9 @@ use super::partition::AlertAgg;
 use crate::state::StoredKey;
 
 /// Format version of the encoded checkpoint, first byte of every blob.
-const FORMAT: u8 = 1;
+/// 2: keys are 128-bit ids and the blob carries the secret's check value
+/// (format 1 held key texts).
+const FORMAT: u8 = 2;
 
 /// Everything needed to resume a partition exactly where it was.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +25,9 @@ pub struct Checkpoint {
     /// The offset of the first event not reflected in this state.
     pub next_offset: i64,
     pub config_version: u64,
+    /// Check value of the secret the key ids were made with
+    /// (`Fingerprinter::check_value`).
+    pub key_check: u64,
     /// Highest event time seen (after skew clamping): closes alert windows.
     pub watermark_ms: u64,
     /// Event time of the last expiry sweep; no event is applied before it.
@@ -44,6 +49,12 @@ impl Checkpoint {
             Some((&FORMAT, body)) => {
                 postcard::from_bytes(body).map_err(|e| CheckpointError::Corrupt(e.to_string()))
             }
+            Some((1, _)) => Err(CheckpointError::Corrupt(
+                "checkpoint format 1 (key texts, quotaflow before key ids) is not read by this \
+                 version: delete the partition's checkpoint to start it from the beginning \
+                 of the topic"
+                    .into(),
+            )),
             Some((v, _)) => Err(CheckpointError::Corrupt(format!(
                 "unknown checkpoint format {v}"
             ))),
@@ -133,6 +144,7 @@ impl CheckpointStore for MemoryCheckpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::KeyId;
 
     #[test]
     fn a_stale_epoch_cannot_overwrite_the_new_owner() {
@@ -167,10 +179,11 @@ mod tests {
         let cp = Checkpoint {
             next_offset: 42,
             config_version: 3,
+            key_check: 0xfeed,
             watermark_ms: 99,
             horizon_ms: 90,
             keys: vec![StoredKey {
-                key: "k".into(),
+                key: KeyId(u128::MAX - 7),
                 state: [1, 2, 3],
                 expires_at_ms: 7,
                 refused: 1,
@@ -180,6 +193,8 @@ mod tests {
         assert_eq!(Checkpoint::decode(&cp.encode().unwrap()).unwrap(), cp);
         assert!(Checkpoint::decode(&[FORMAT, 0xff, 0xff]).is_err());
         assert!(Checkpoint::decode(&[9]).is_err());
+        let old = Checkpoint::decode(&[1, 0]).unwrap_err().to_string();
+        assert!(old.contains("format 1"), "{old}");
         assert!(Checkpoint::decode(&[]).is_err());
     }
 }

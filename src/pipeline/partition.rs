@@ -36,6 +36,9 @@ pub struct ProcessorConfig {
     pub every_event: bool,
     /// Event time between expiry sweeps of idle keys.
     pub sweep_interval_ms: u64,
+    /// [`Fingerprinter::check_value`] of the secret the state's key ids are
+    /// made with: written into checkpoints, compared on restore.
+    pub key_check: u64,
 }
 
 /// One input record as the processor sees it.
@@ -133,6 +136,9 @@ pub struct PartitionProcessor {
     horizon_ms: u64,
     next_offset: i64,
     expired: u64,
+    /// Keys of the restored checkpoint left out because their ids were made
+    /// under another secret.
+    foreign_keys: usize,
 }
 
 impl PartitionProcessor {
@@ -156,12 +162,20 @@ impl PartitionProcessor {
             horizon_ms: 0,
             next_offset: 0,
             expired: 0,
+            foreign_keys: 0,
         };
         if let Some(cp) = restored {
             p.next_offset = cp.next_offset;
             p.watermark_ms = cp.watermark_ms;
             p.horizon_ms = cp.horizon_ms;
-            p.store.import(cp.keys);
+            if cp.key_check == p.cfg.key_check {
+                p.store.import(cp.keys);
+            } else {
+                // Ids made under another secret would never match a key
+                // again: importing them would only hold memory until expiry.
+                p.foreign_keys = cp.keys.len();
+                p.store.import(Vec::new());
+            }
             for (start, key, agg) in cp.alerts {
                 let open = OpenAlert::new(agg, &p.offender_hasher);
                 p.alerts.entry(start).or_default().insert(key, open);
@@ -203,11 +217,19 @@ impl PartitionProcessor {
         Checkpoint {
             next_offset: self.next_offset,
             config_version,
+            key_check: self.cfg.key_check,
             watermark_ms: self.watermark_ms,
             horizon_ms: self.horizon_ms,
             keys: self.store.export(),
             alerts,
         }
+    }
+
+    /// How many keys of the restored checkpoint were left out because it was
+    /// written under another `security.fingerprint_key`: their counts restart
+    /// from zero.
+    pub fn foreign_keys(&self) -> usize {
+        self.foreign_keys
     }
 
     /// Keys dropped by expiry sweeps since the last call (for metrics).
@@ -574,6 +596,7 @@ mod tests {
             alert_critical_refused: 3,
             every_event: false,
             sweep_interval_ms: 3_600_000,
+            key_check: 1,
         })
     }
 
@@ -747,6 +770,33 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(offenders, vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn a_checkpoint_made_under_another_secret_keeps_its_offset_but_not_its_keys() {
+        let l = limiter();
+        let mut first = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        for i in 0..4 {
+            feed(&mut first, &l, i, 1_000 + i, 1_000 + i);
+        }
+        let cp = first.checkpoint(1);
+        assert!(!cp.keys.is_empty());
+        let same =
+            PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), Some(cp.clone()));
+        assert_eq!(
+            (same.foreign_keys(), same.store().len()),
+            (0, cp.keys.len())
+        );
+        let other = Arc::new(ProcessorConfig {
+            key_check: 2,
+            ..(*cfg()).clone()
+        });
+        let moved =
+            PartitionProcessor::new(other, 0, Arc::new(KeyedStore::new(1)), Some(cp.clone()));
+        assert_eq!(moved.foreign_keys(), cp.keys.len());
+        assert!(moved.store().is_empty());
+        assert_eq!(moved.next_offset(), cp.next_offset);
+        assert_eq!(moved.checkpoint(1).alerts, cp.alerts);
     }
 
     #[test]

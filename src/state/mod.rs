@@ -3,16 +3,22 @@
 //! Why not a ready concurrent map: a request that matches several limits must
 //! be decided atomically across all their keys ("a refused request consumes
 //! from none"), which needs several shard locks taken in a fixed order. A
-//! plain array of `Mutex<HashTable>` shards gives exactly that, with one hash
-//! per key and a 48-byte slot per entry.
+//! plain array of `Mutex<HashTable>` shards gives exactly that, with a
+//! 48-byte slot per entry.
+//!
+//! Keys are stored as [`KeyId`]s, 128-bit keyed hashes of their text, not as
+//! the text: a lookup then touches the slot only, not also the key's bytes
+//! elsewhere on the heap (that second cache miss was the largest single cost
+//! of the stream processor), a key costs no allocation, and state holds no
+//! user's identifiers at all.
 //!
 //! Keys expire once their state is equivalent to a fresh key's (the
 //! algorithm says when), so a sweep never changes a verdict and memory stays
 //! bounded by the keys active within their longest window.
 
-use std::hash::BuildHasher;
+use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
@@ -20,11 +26,55 @@ use smallvec::SmallVec;
 
 use crate::algorithms::{Algorithm, Outcome, State};
 
+/// The identity of one state key: a 128-bit keyed hash of the key's text
+/// (limit, algorithm and dimension values).
+///
+/// Two distinct keys share an id with probability about n²/2¹²⁹ (2⁻⁸⁹ for a
+/// million keys), and because the hash is keyed with a secret, nobody can
+/// choose values that collide. The same secret must be used wherever ids are
+/// compared: on every instance that restores another's checkpoints.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub u128);
+
+impl KeyId {
+    /// Already uniform: the table and the shard take their bits from it
+    /// without hashing again.
+    fn table_hash(self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// 32 hex digits: how logs name a key without revealing it.
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+/// As 16 bytes: a varint `u128` would take 19 for a uniform value.
+impl Serialize for KeyId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.to_le_bytes().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <[u8; 16]>::deserialize(d).map(|b| Self(u128::from_le_bytes(b)))
+    }
+}
+
 /// One key of one limit, to be decided together with the other probes of the
 /// same request.
 #[derive(Clone, Copy)]
 pub struct Probe<'a> {
-    pub key: &'a str,
+    pub key: KeyId,
     pub algorithm: &'a dyn Algorithm,
     /// `false` for shadow limits: decided and counted, but never blocking.
     pub enforce: bool,
@@ -42,15 +92,15 @@ pub struct Probed {
 /// One key's stored state, as checkpoints carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredKey {
-    pub key: Box<str>,
+    pub key: KeyId,
     pub state: State,
     pub expires_at_ms: u64,
     pub refused: u32,
 }
 
-/// 48 bytes: the key pointer, the algorithm state, and two 32-bit fields.
+/// 48 bytes: the key's id, the algorithm state, and two 32-bit fields.
 struct Slot {
-    key: Box<str>,
+    key: KeyId,
     state: State,
     /// Whole seconds since the epoch, rounded up: a key lives at most a
     /// second longer than needed, for 8 bytes less per key.
@@ -58,7 +108,7 @@ struct Slot {
     refused: u32,
 }
 
-// The memory target (≤ 150 bytes a key beyond its own bytes) rests on this.
+// The memory target (≤ 150 bytes a key) rests on this.
 const _: () = assert!(std::mem::size_of::<Slot>() == 48);
 
 /// `ms` as whole seconds, rounded up (saturating at 2106).
@@ -73,7 +123,6 @@ struct Shard(Mutex<HashTable<Slot>>);
 pub struct KeyedStore {
     shards: Box<[Shard]>,
     mask: usize,
-    hasher: foldhash::quality::RandomState,
 }
 
 const FRESH: State = [0; 3];
@@ -87,7 +136,6 @@ impl KeyedStore {
                 .map(|_| Shard(Mutex::new(HashTable::new())))
                 .collect(),
             mask: n - 1,
-            hasher: foldhash::quality::RandomState::default(),
         }
     }
 
@@ -122,9 +170,9 @@ impl KeyedStore {
 
     /// The single-key fast path: one lock, one lookup.
     pub fn apply_one(&self, probe: &Probe<'_>, now_ms: u64, cost: u64) -> Probed {
-        let hash = self.hasher.hash_one(probe.key);
+        let hash = probe.key.table_hash();
         let mut table = self.shards[self.shard_of(hash)].0.lock();
-        match table.find_mut(hash, |s| &*s.key == probe.key) {
+        match table.find_mut(hash, |s| s.key == probe.key) {
             Some(slot) => {
                 let outcome = probe.algorithm.decide(&slot.state, now_ms, cost);
                 let refused_before = slot.refused;
@@ -137,7 +185,7 @@ impl KeyedStore {
             None => {
                 let outcome = probe.algorithm.decide(&FRESH, now_ms, cost);
                 if outcome.verdict.allowed {
-                    insert(&mut table, hash, &self.hasher, probe.key, &outcome);
+                    insert(&mut table, probe.key, &outcome);
                 }
                 Probed {
                     outcome,
@@ -157,7 +205,7 @@ impl KeyedStore {
         let hashes: SmallVec<[(u64, usize); 4]> = probes
             .iter()
             .map(|p| {
-                let h = self.hasher.hash_one(p.key);
+                let h = p.key.table_hash();
                 (h, self.shard_of(h))
             })
             .collect();
@@ -185,7 +233,7 @@ impl KeyedStore {
         let mut buckets: SmallVec<[Option<usize>; 4]> = SmallVec::new();
         for (probe, (&(hash, _), &g)) in probes.iter().zip(hashes.iter().zip(&slots)) {
             let table = &guards[g].1;
-            let bucket = table.find_bucket_index(hash, |s| &*s.key == probe.key);
+            let bucket = table.find_bucket_index(hash, |s| s.key == probe.key);
             let found = bucket.and_then(|b| table.get_bucket(b));
             let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
             let outcome = probe.algorithm.decide(&state, now_ms, cost);
@@ -207,7 +255,7 @@ impl KeyedStore {
             let outcome = out[i].outcome;
             if buckets[i].is_none() && admitted && outcome.verdict.allowed {
                 let table = &mut guards[slots[i]].1;
-                insert(table, hashes[i].0, &self.hasher, probe.key, &outcome);
+                insert(table, probe.key, &outcome);
             }
         }
         admitted
@@ -223,7 +271,7 @@ impl KeyedStore {
             table.retain(|s| u64::from(s.expires_at_s) * 1000 > now_ms);
             removed += before - table.len();
             if table.capacity() > 64 && table.len() * 4 < table.capacity() {
-                table.shrink_to_fit(|s| self.hasher.hash_one(&s.key));
+                table.shrink_to_fit(|s| s.key.table_hash());
             }
         }
         removed
@@ -245,7 +293,7 @@ impl KeyedStore {
         for shard in self.shards.iter() {
             let table = shard.0.lock();
             out.extend(table.iter().map(|s| StoredKey {
-                key: s.key.clone(),
+                key: s.key,
                 state: s.state,
                 expires_at_ms: u64::from(s.expires_at_s) * 1000,
                 refused: s.refused,
@@ -260,7 +308,7 @@ impl KeyedStore {
             shard.0.lock().clear();
         }
         for k in keys {
-            let hash = self.hasher.hash_one(&*k.key);
+            let hash = k.key.table_hash();
             let mut table = self.shards[self.shard_of(hash)].0.lock();
             let slot = Slot {
                 key: k.key,
@@ -271,17 +319,17 @@ impl KeyedStore {
             match table.find_mut(hash, |s| s.key == slot.key) {
                 Some(existing) => *existing = slot,
                 None => {
-                    table.insert_unique(hash, slot, |s| self.hasher.hash_one(&s.key));
+                    table.insert_unique(hash, slot, |s| s.key.table_hash());
                 }
             }
         }
     }
 
     /// The stored state of `key`, if any (for tests, checkpoints and debugging).
-    pub fn get(&self, key: &str) -> Option<State> {
-        let hash = self.hasher.hash_one(key);
+    pub fn get(&self, key: KeyId) -> Option<State> {
+        let hash = key.table_hash();
         let table = self.shards[self.shard_of(hash)].0.lock();
-        table.find(hash, |s| &*s.key == key).map(|s| s.state)
+        table.find(hash, |s| s.key == key).map(|s| s.state)
     }
 }
 
@@ -299,22 +347,16 @@ fn commit(slot: &mut Slot, outcome: &Outcome, consume: bool) {
     }
 }
 
-fn insert(
-    table: &mut HashTable<Slot>,
-    hash: u64,
-    hasher: &foldhash::quality::RandomState,
-    key: &str,
-    outcome: &Outcome,
-) {
+fn insert(table: &mut HashTable<Slot>, key: KeyId, outcome: &Outcome) {
     table.insert_unique(
-        hash,
+        key.table_hash(),
         Slot {
-            key: key.into(),
+            key,
             state: outcome.state,
             expires_at_s: ceil_secs(outcome.expires_at_ms),
             refused: 0,
         },
-        |s| hasher.hash_one(&s.key),
+        |s| s.key.table_hash(),
     );
 }
 
@@ -324,9 +366,13 @@ mod tests {
     use crate::algorithms::{FixedWindow, TokenBucket};
     use std::sync::Arc;
 
-    fn probe<'a>(key: &'a str, a: &'a dyn Algorithm) -> Probe<'a> {
+    fn id(key: &str) -> KeyId {
+        crate::fingerprint::Fingerprinter::from_secret("t").key_id(key.as_bytes())
+    }
+
+    fn probe<'a>(key: &str, a: &'a dyn Algorithm) -> Probe<'a> {
         Probe {
-            key,
+            key: id(key),
             algorithm: a,
             enforce: true,
         }
@@ -343,7 +389,7 @@ mod tests {
         assert!(!store.apply(&probes, 1_001, 1, &mut out));
         assert!(!out[1].outcome.verdict.allowed);
         // "a" was charged once, by the admitted request only.
-        assert_eq!(store.get("a").unwrap()[1], 1);
+        assert_eq!(store.get(id("a")).unwrap()[1], 1);
         assert_eq!(out[1].refused_before, 0);
         assert!(!store.apply(&probes, 1_002, 1, &mut out));
         assert_eq!(out[1].refused_before, 1);
@@ -354,7 +400,7 @@ mod tests {
         let store = KeyedStore::new(1);
         let tight = FixedWindow::new(1, 60_000).unwrap();
         let shadow = Probe {
-            key: "s",
+            key: id("s"),
             algorithm: &tight,
             enforce: false,
         };
@@ -391,8 +437,8 @@ mod tests {
         assert_eq!(b.len(), 1000);
         let mut x = a.export();
         let mut y = b.export();
-        x.sort_by(|p, q| p.key.cmp(&q.key));
-        y.sort_by(|p, q| p.key.cmp(&q.key));
+        x.sort_by_key(|k| k.key.0);
+        y.sort_by_key(|k| k.key.0);
         assert_eq!(x, y);
     }
 
@@ -416,7 +462,7 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
         });
         assert_eq!(admitted, 1_000);
-        assert_eq!(store.get("x").unwrap()[1], 1_000);
-        assert_eq!(store.get("y").unwrap()[1], 1_000);
+        assert_eq!(store.get(id("x")).unwrap()[1], 1_000);
+        assert_eq!(store.get(id("y")).unwrap()[1], 1_000);
     }
 }

@@ -213,6 +213,16 @@ fn run<S: Source>(
     let store = Arc::new(KeyedStore::new(shared.shards));
     let mut proc =
         PartitionProcessor::new(shared.processor.clone(), partition, store.clone(), restored);
+    if proc.foreign_keys() > 0 {
+        tracing::error!(
+            event = "checkpoint_key_mismatch",
+            partition,
+            keys = proc.foreign_keys(),
+            "the checkpoint's key ids were made under another security.fingerprint_key: \
+             its counts restart from zero (offsets and open alerts are kept); set the same \
+             fingerprint_key on every instance"
+        );
+    }
     shared.owned.write().insert(partition, store);
     shared
         .metrics
@@ -643,6 +653,7 @@ mod tests {
                 alert_critical_refused: 10_000,
                 every_event: false,
                 sweep_interval_ms: 3_600_000,
+                key_check: 1,
             }),
             checkpoint_interval: Duration::from_millis(20),
             shards: 1,

@@ -15,6 +15,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::services::{create_topics, kafka, redis, unique};
 
+/// `security.fingerprint_key` of every processor a fixture configures: the
+/// secret state key ids are made with, the same on every instance.
+pub const FINGERPRINT_KEY: &str = "test-fingerprint-key";
+
 pub struct Fixture {
     pub requests: String,
     pub decisions: String,
@@ -85,12 +89,13 @@ url = "{redis}"
 key_prefix = "{prefix}"
 
 [security]
-fingerprint_key = "test-fingerprint-key"
+fingerprint_key = "{fingerprint_key}"
 
 {extra}
 
 {limits}
 "#,
+            fingerprint_key = FINGERPRINT_KEY,
             kafka = kafka(),
             redis = redis(),
             group = self.group,
