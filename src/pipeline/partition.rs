@@ -825,7 +825,7 @@ mod tests {
         got.extend(replayed);
         assert_eq!(got, expected);
         let sorted = |mut cp: Checkpoint| {
-            cp.keys.sort_by(|a, b| a.key.cmp(&b.key));
+            cp.keys.sort_by_key(|k| k.key);
             cp
         };
         assert_eq!(sorted(second.checkpoint(1)), sorted(whole.checkpoint(1)));
