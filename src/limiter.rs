@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 use crate::algorithms::Verdict;
 use crate::fingerprint::Fingerprinter;
 use crate::rules::{InvalidConfig, Request, Rules, RulesDoc};
-use crate::state::{KeyedStore, Probe, Probed};
+use crate::state::{KeyId, KeyedStore, Probe, Probed};
 
 /// Something worth one log line and one metric: the edges of a breach, and
 /// clients that keep knocking after being told to back off.
@@ -32,6 +32,9 @@ pub enum BreachEvent {
 pub struct LimitOutcome {
     /// Index into [`Rules::limits`] of the rule set the decision was made with.
     pub limit: usize,
+    /// The state key this limit was decided on, for callers that keep
+    /// something per key (the stream processor's alert windows).
+    pub key: KeyId,
     pub verdict: Verdict,
     pub shadow: bool,
     pub event: Option<BreachEvent>,
@@ -198,7 +201,7 @@ impl Limiter {
             let mut spans: SmallVec<[(usize, usize, usize); 4]> = SmallVec::new();
             for (i, limit) in rules.limits.iter().enumerate() {
                 let start = buf.len();
-                if limit.key_for(req, &self.fingerprinter, buf) {
+                if limit.key_for(req, buf) {
                     spans.push((i, start, buf.len()));
                 }
             }
@@ -216,6 +219,7 @@ impl Limiter {
                 let event = breach_event(p, decision.allowed);
                 decision.outcomes.push(LimitOutcome {
                     limit: i,
+                    key: probe.key,
                     verdict: p.outcome.verdict,
                     shadow: !probe.enforce,
                     event,
@@ -311,6 +315,23 @@ mod tests {
             d.outcomes[0].key_fingerprint.as_deref().map(str::len),
             Some(32)
         );
+    }
+
+    #[test]
+    fn state_and_breach_fingerprints_never_hold_an_api_key() {
+        let l = limiter(json!({"limits": [
+            {"name": "per_key", "key": ["api_key"], "algorithm": "fixed_window", "limit": 1, "window": "1m"},
+        ]}));
+        let req = Request {
+            api_key: Some("sk_live_secret".into()),
+            ..Request::default()
+        };
+        assert!(l.check(&req, 0).allowed);
+        let d = l.check(&req, 1);
+        assert_eq!(d.outcomes[0].event, Some(BreachEvent::Started));
+        let text = format!("{d:?} {:?}", l.store().export());
+        assert!(!text.contains("sk_live_secret"), "{text}");
+        assert_eq!(l.store().export()[0].key, d.outcomes[0].key);
     }
 
     #[test]

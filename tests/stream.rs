@@ -233,7 +233,7 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
                 ..Request::default()
             };
             let mut text = String::new();
-            assert!(rules.limits[0].key_for(&req, &fp, &mut text));
+            assert!(rules.limits[0].key_for(&req, &mut text));
             (fp.key_id(text.as_bytes()), user)
         })
         .collect();

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::partition::AlertAgg;
-use crate::state::StoredKey;
+use crate::state::{KeyId, StoredKey};
 
 /// Format version of the encoded checkpoint, first byte of every blob.
 /// 2: keys are 128-bit ids and the blob carries the secret's check value
@@ -34,7 +34,7 @@ pub struct Checkpoint {
     pub horizon_ms: u64,
     pub keys: Vec<StoredKey>,
     /// Open alert windows: (window start, state key, aggregate).
-    pub alerts: Vec<(u64, String, AlertAgg)>,
+    pub alerts: Vec<(u64, KeyId, AlertAgg)>,
 }
 
 impl Checkpoint {
@@ -144,7 +144,6 @@ impl CheckpointStore for MemoryCheckpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::KeyId;
 
     #[test]
     fn a_stale_epoch_cannot_overwrite_the_new_owner() {

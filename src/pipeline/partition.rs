@@ -17,7 +17,7 @@ use super::records::{Action, BreachAlert, DecisionRecord, Dim, Offender, Request
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::{BreachEvent, Decision, Limiter};
 use crate::rules::{Dimension, Limit, Request, Rules};
-use crate::state::KeyedStore;
+use crate::state::{KeyId, KeyedStore};
 
 /// What a partition processor needs to know beyond the rules.
 #[derive(Debug, Clone)]
@@ -66,8 +66,10 @@ pub enum Output {
 }
 
 /// Refusals of one key in one alert window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertAgg {
+    /// The key as alerts show it ([`render_key`]).
+    pub key: String,
     pub limit: String,
     pub shadow: bool,
     pub dimensions: Vec<Dim>,
@@ -86,6 +88,30 @@ pub struct AlertAgg {
 struct OpenAlert {
     agg: AlertAgg,
     offender_hashes: Vec<u64>,
+}
+
+impl AlertAgg {
+    /// Add `other`'s refusals (same rendered key, same window) to these.
+    fn absorb(&mut self, other: AlertAgg) {
+        self.refused += other.refused;
+        self.refused_cost += other.refused_cost;
+        self.first_seen_ms = self.first_seen_ms.min(other.first_seen_ms);
+        self.last_seen_ms = self.last_seen_ms.max(other.last_seen_ms);
+        self.shadow &= other.shadow;
+        for (dim, value, count) in other.offenders {
+            let known = self
+                .offenders
+                .iter()
+                .position(|(d, v, _)| *d == dim && *v == value);
+            match known {
+                Some(i) => self.offenders[i].2 += count,
+                None if self.offenders.len() < MAX_OFFENDERS => {
+                    self.offenders.push((dim, value, count))
+                }
+                None => {}
+            }
+        }
+    }
 }
 
 impl OpenAlert {
@@ -107,6 +133,52 @@ fn offender_hash(hasher: &hashbrown::DefaultHashBuilder, dim: &str, value: &str)
     hasher.hash_one((dim, value))
 }
 
+/// The dimensions an alert reports offending values of (method is too
+/// coarse to tell offenders apart).
+const OFFENDER_DIMENSIONS: [Dimension; 4] = [
+    Dimension::UserId,
+    Dimension::ApiKey,
+    Dimension::ClientIp,
+    Dimension::Path,
+];
+
+/// Offender values of one record as alerts show them, with their hashes,
+/// each made on first use: a record refused by three limits reports the
+/// same offenders three times, and an API key's fingerprint is a keyed hash.
+#[derive(Default)]
+struct DimValues {
+    values: [String; OFFENDER_DIMENSIONS.len()],
+    hashes: [u64; OFFENDER_DIMENSIONS.len()],
+    made: [bool; OFFENDER_DIMENSIONS.len()],
+}
+
+impl DimValues {
+    fn clear(&mut self) {
+        self.made = [false; OFFENDER_DIMENSIONS.len()];
+    }
+
+    fn get(
+        &mut self,
+        dim: Dimension,
+        req: &Request,
+        fp: &Fingerprinter,
+        hasher: &hashbrown::DefaultHashBuilder,
+    ) -> (&str, u64) {
+        let i = OFFENDER_DIMENSIONS
+            .iter()
+            .position(|&d| d == dim)
+            .unwrap_or_default();
+        if !self.made[i] {
+            let value = &mut self.values[i];
+            value.clear();
+            write_dim_value(value, req, dim, fp);
+            self.hashes[i] = offender_hash(hasher, dim.as_str(), value);
+            self.made[i] = true;
+        }
+        (&self.values[i], self.hashes[i])
+    }
+}
+
 /// Distinct offending values tracked per alert (bounded memory per key).
 const MAX_OFFENDERS: usize = 32;
 /// Offenders reported per alert.
@@ -117,16 +189,16 @@ pub struct PartitionProcessor {
     cfg: Arc<ProcessorConfig>,
     partition: i32,
     store: Arc<KeyedStore>,
-    /// window start -> rendered key -> aggregate; windows close in order,
-    /// and a window's alerts are emitted sorted by key, so emission order is
-    /// deterministic.
-    alerts: BTreeMap<u64, HashMap<String, OpenAlert>>,
+    /// window start -> state key -> aggregate; windows close in order,
+    /// and a window's alerts are emitted sorted by rendered key, so emission
+    /// order is deterministic. Keyed by the state key's id, which the
+    /// decision carries, so counting a refusal of a known key renders nothing.
+    alerts: BTreeMap<u64, HashMap<KeyId, OpenAlert>>,
     /// Hashes offenders for [`OpenAlert::offender_hashes`].
     offender_hasher: hashbrown::DefaultHashBuilder,
-    /// Reused for the rendered key and offender values of each refusal, so
-    /// counting a refusal of a known key allocates nothing.
-    scratch_key: String,
-    scratch_value: String,
+    /// The offender values of the record being processed, each made once
+    /// however many limits the record breaks.
+    dims: DimValues,
     /// The request of the record being processed, reused for every record.
     scratch_req: Request,
     watermark_ms: u64,
@@ -155,8 +227,7 @@ impl PartitionProcessor {
             store,
             alerts: BTreeMap::new(),
             offender_hasher: hashbrown::DefaultHashBuilder::default(),
-            scratch_key: String::new(),
-            scratch_value: String::new(),
+            dims: DimValues::default(),
             scratch_req: Request::default(),
             watermark_ms: 0,
             horizon_ms: 0,
@@ -205,15 +276,12 @@ impl PartitionProcessor {
 
     /// Everything needed to resume here.
     pub fn checkpoint(&self, config_version: u64) -> Checkpoint {
-        let mut alerts: Vec<(u64, String, AlertAgg)> = self
+        let mut alerts: Vec<(u64, KeyId, AlertAgg)> = self
             .alerts
             .iter()
-            .flat_map(|(&start, m)| {
-                m.iter()
-                    .map(move |(k, a)| (start, k.clone(), a.agg.clone()))
-            })
+            .flat_map(|(&start, m)| m.iter().map(move |(&k, a)| (start, k, a.agg.clone())))
             .collect();
-        alerts.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        alerts.sort_unstable_by(|a, b| (a.0, &a.2.key, a.1).cmp(&(b.0, &b.2.key, b.1)));
         Checkpoint {
             next_offset: self.next_offset,
             config_version,
@@ -399,67 +467,59 @@ impl PartitionProcessor {
     ) {
         let w = self.cfg.alert_window_ms.max(1);
         let start = self.watermark_ms - self.watermark_ms % w;
-        let mut key = std::mem::take(&mut self.scratch_key);
-        let mut value = std::mem::take(&mut self.scratch_value);
+        self.dims.clear();
         for o in d.outcomes.iter().filter(|o| !o.verdict.allowed) {
             let Some(limit) = rules.limits.get(o.limit) else {
                 continue;
             };
-            key.clear();
-            write_key(&mut key, limit, req, fp);
             let open = self
                 .alerts
                 .entry(start)
                 .or_default()
-                .entry_ref(key.as_str())
-                .or_insert_with(|| OpenAlert {
-                    agg: AlertAgg {
-                        limit: limit.name.clone(),
-                        shadow: o.shadow,
-                        dimensions: dimensions(limit, req, fp),
-                        refused: 0,
-                        refused_cost: 0,
-                        first_seen_ms: now,
-                        last_seen_ms: now,
-                        offenders: Vec::new(),
-                    },
-                    offender_hashes: Vec::new(),
+                .entry(o.key)
+                .or_insert_with(|| {
+                    let dimensions = dimensions(limit, req, fp);
+                    OpenAlert {
+                        agg: AlertAgg {
+                            key: render_key(&limit.name, &dimensions),
+                            limit: limit.name.clone(),
+                            shadow: o.shadow,
+                            dimensions,
+                            refused: 0,
+                            refused_cost: 0,
+                            first_seen_ms: now,
+                            last_seen_ms: now,
+                            offenders: Vec::new(),
+                        },
+                        offender_hashes: Vec::new(),
+                    }
                 });
             let agg = &mut open.agg;
             agg.refused += 1;
             agg.refused_cost += req.cost;
             agg.first_seen_ms = agg.first_seen_ms.min(now);
             agg.last_seen_ms = agg.last_seen_ms.max(now);
-            for dim in [
-                Dimension::UserId,
-                Dimension::ApiKey,
-                Dimension::ClientIp,
-                Dimension::Path,
-            ] {
+            for dim in OFFENDER_DIMENSIONS {
                 if limit.key.contains(&dim) || !req.has(dim) {
                     continue;
                 }
-                value.clear();
-                write_dim_value(&mut value, req, dim, fp);
-                let h = offender_hash(&self.offender_hasher, dim.as_str(), &value);
+                let (value, h) = self.dims.get(dim, req, fp, &self.offender_hasher);
                 let known = open
                     .offender_hashes
                     .iter()
                     .zip(&agg.offenders)
-                    .position(|(&oh, (d, v, _))| oh == h && d == dim.as_str() && *v == value);
+                    .position(|(&oh, (d, v, _))| oh == h && d == dim.as_str() && v == value);
                 match known {
                     Some(i) => agg.offenders[i].2 += 1,
                     None if agg.offenders.len() < MAX_OFFENDERS => {
                         agg.offenders
-                            .push((dim.as_str().to_owned(), value.clone(), 1));
+                            .push((dim.as_str().to_owned(), value.to_owned(), 1));
                         open.offender_hashes.push(h);
                     }
                     None => {}
                 }
             }
         }
-        self.scratch_key = key;
-        self.scratch_value = value;
     }
 
     /// Emit the alerts of every window that ended at or before the watermark.
@@ -471,13 +531,20 @@ impl PartitionProcessor {
             if start + w > self.watermark_ms {
                 break;
             }
-            let mut window: Vec<(String, AlertAgg)> = entry
-                .remove()
-                .into_iter()
-                .map(|(key, open)| (key, open.agg))
-                .collect();
-            window.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (key, agg) in window {
+            let mut window: Vec<AlertAgg> = entry.remove().into_values().map(|o| o.agg).collect();
+            window.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            // Two state keys render alike when a limit's algorithm changed
+            // within the window, or after a restore under another secret:
+            // one key, one alert.
+            window.dedup_by(|later, kept| {
+                let same = later.key == kept.key;
+                if same {
+                    kept.absorb(std::mem::take(later));
+                }
+                same
+            });
+            for agg in window {
+                let key = agg.key;
                 if agg.refused < self.cfg.alert_min_refused {
                     continue;
                 }
@@ -532,18 +599,6 @@ fn dim_value(req: &Request, dim: Dimension, fp: &Fingerprinter) -> String {
     let mut s = String::new();
     write_dim_value(&mut s, req, dim, fp);
     s
-}
-
-/// [`render_key`] of the limit's dimensions, written into `out` without
-/// building them first.
-fn write_key(out: &mut String, limit: &Limit, req: &Request, fp: &Fingerprinter) {
-    out.push_str(&limit.name);
-    for &d in &limit.key {
-        out.push('/');
-        out.push_str(d.as_str());
-        out.push('=');
-        write_dim_value(out, req, d, fp);
-    }
 }
 
 /// The limit's key dimensions for `req`, API keys as fingerprints.
@@ -832,20 +887,42 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_written_as_rendered_from_dimensions() {
+    fn one_key_gets_one_alert_per_window_even_when_its_limit_changed_algorithm() {
         let l = limiter();
-        let fp = l.fingerprinter();
-        let mut req = Request::default();
-        event("alice", 5).request_into(&mut req).unwrap();
-        let rules = l.rules();
-        for limit in &rules.limits {
-            let mut written = String::new();
-            write_key(&mut written, limit, &req, fp);
-            assert_eq!(
-                written,
-                render_key(&limit.name, &dimensions(limit, &req, fp))
-            );
-            assert!(!written.contains("sk_secret"), "{written}");
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        // per_user allows 2 per 10 s: offsets 2 and 3 are refused.
+        for i in 0..4 {
+            assert!(feed(&mut p, &l, i, 1_000 + i, 1_000 + i)
+                .iter()
+                .all(|o| !matches!(o, Output::Alert(_))));
         }
+        // Same limit name, another algorithm: another state key, same alert key.
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_user", "key": ["user_id"], "capacity": 1, "refill_per_sec": 0.001}]}"#,
+        )
+        .unwrap();
+        l.replace_rules(doc).unwrap();
+        for i in 4..7 {
+            feed(&mut p, &l, i, 1_000 + i, 1_000 + i);
+        }
+        let out = feed(&mut p, &l, 7, 61_000, 61_000);
+        let alerts: Vec<&BreachAlert> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Alert(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alerts.len(), 1, "{out:?}");
+        // 2 refusals under the fixed window, 2 under the bucket (the first
+        // of 4..7 is allowed by the fresh bucket).
+        assert_eq!(alerts[0].refused, 4);
+        assert_eq!(alerts[0].key, "per_user/user_id=alice");
+        assert_eq!(
+            (alerts[0].first_seen_ms, alerts[0].last_seen_ms),
+            (1_002, 1_006)
+        );
+        let offenders: Vec<i64> = alerts[0].top_offenders.iter().map(|o| o.count).collect();
+        assert_eq!(offenders, vec![4, 4, 4]);
     }
 }

@@ -80,7 +80,7 @@ impl Request {
             if v.len() > MAX_FIELD_LEN {
                 return Err(RequestError::TooLong { field });
             }
-            if v.chars().any(char::is_control) {
+            if has_control(v) {
                 return Err(RequestError::ControlCharacter { field });
             }
         }
@@ -100,14 +100,25 @@ impl Request {
         }
     }
 
-    /// Append the key part for `dim`. API keys go in as fingerprints, so
-    /// state (and anything made from it) never holds them in clear.
+    /// Append the value of `dim` as outputs (decisions, alerts) show it:
+    /// API keys as fingerprints, never in clear.
     pub fn write_dimension(&self, dim: Dimension, fp: &Fingerprinter, out: &mut String) {
         match dim {
-            Dimension::UserId => out.push_str(self.user_id.as_deref().unwrap_or_default()),
             Dimension::ApiKey => {
                 fp.write_hex(self.api_key.as_deref().unwrap_or_default().as_bytes(), out)
             }
+            _ => self.write_key_part(dim, out),
+        }
+    }
+
+    /// Append the value of `dim` as it goes into the text a state key's id
+    /// is hashed from. API keys go in as they are: the text is hashed under
+    /// the secret and dropped, so fingerprinting them first would only add a
+    /// second hash per request.
+    pub fn write_key_part(&self, dim: Dimension, out: &mut String) {
+        match dim {
+            Dimension::UserId => out.push_str(self.user_id.as_deref().unwrap_or_default()),
+            Dimension::ApiKey => out.push_str(self.api_key.as_deref().unwrap_or_default()),
             Dimension::ClientIp => match self.client_ip {
                 // The common case, written without `fmt` (hot: every
                 // per-IP key); same text as `Display`.
@@ -132,6 +143,16 @@ impl Request {
             Dimension::Path => out.push_str(self.path.as_deref().unwrap_or_default()),
         }
         debug_assert!(!out.ends_with(KEY_SEP));
+    }
+}
+
+/// `text.chars().any(char::is_control)`, byte by byte for ASCII text (every
+/// request is checked, and its fields are nearly always ASCII).
+fn has_control(text: &str) -> bool {
+    if text.is_ascii() {
+        text.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        text.chars().any(char::is_control)
     }
 }
 
@@ -192,6 +213,19 @@ mod tests {
             ..Request::default()
         };
         assert_eq!(r.validate(), Err(RequestError::CostTooHigh));
+    }
+
+    #[test]
+    fn control_characters_are_found_in_ascii_and_beyond() {
+        for c in (0..=0x10ffffu32)
+            .filter_map(char::from_u32)
+            .step_by(7)
+            .chain(['\u{7f}', '\u{85}', '\u{9f}', '\u{a0}', '\u{1f}', ' '])
+        {
+            let text = format!("a{c}b");
+            assert_eq!(has_control(&text), c.is_control(), "{:?}", c);
+        }
+        assert!(!has_control("/orders/42?q=x"));
     }
 
     #[test]
