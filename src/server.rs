@@ -163,6 +163,7 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(Pipeline::Embedded(embedded))
     } else {
+        settings.check_mode()?;
         let r = &settings.redis;
         let checkpoints = RedisCheckpoints::new(
             &r.url,

@@ -308,6 +308,22 @@ impl Settings {
             .map_err(|e| SettingsError(e.to_string()))
     }
 
+    /// Settings that are each valid but cannot run together. Checked when
+    /// serving, after environment overrides (a file alone may leave the
+    /// secret to the environment, so `check-config` does not check this).
+    pub fn check_mode(&self) -> Result<(), SettingsError> {
+        if !self.kafka.bootstrap_servers.is_empty() && self.security.fingerprint_key.is_empty() {
+            return Err(SettingsError(
+                "security.fingerprint_key must be set in Kafka mode: state keys are kept as \
+                 ids hashed under it, and a partition's state moves to other instances and \
+                 across restarts, so every instance needs the same secret (for example \
+                 QUOTAFLOW__SECURITY__FINGERPRINT_KEY)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The rate-limit document within these settings.
     pub fn rules(&self) -> RulesDoc {
         RulesDoc {
@@ -330,6 +346,18 @@ mod tests {
         let rules = Rules::compile(s.rules(), 1, &Fingerprinter::random()).unwrap();
         assert_eq!(rules.limits.len(), 5);
         assert_eq!(s.state.sweep_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kafka_mode_needs_a_fingerprint_key_and_the_embedded_mode_does_not() {
+        let mut s = Settings::load_with_env(None, false).unwrap();
+        assert!(s.security.fingerprint_key.is_empty());
+        assert!(s.check_mode().is_ok());
+        s.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        let err = s.check_mode().unwrap_err().to_string();
+        assert!(err.contains("security.fingerprint_key"), "{err}");
+        s.security.fingerprint_key = "k".into();
+        assert!(s.check_mode().is_ok());
     }
 
     #[test]
