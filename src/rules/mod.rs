@@ -248,9 +248,12 @@ impl Limit {
     }
 }
 
+/// Looked up on every request. Its sets use hashbrown's fast hasher rather
+/// than std's SipHash: their content comes from the operator, not from
+/// requests, so a flooding attack has nothing to insert.
 struct Whitelist {
-    user_ids: HashSet<String>,
-    api_keys: HashSet<String>,
+    user_ids: hashbrown::HashSet<String>,
+    api_keys: hashbrown::HashSet<String>,
     client_ips: Vec<IpNet>,
 }
 
@@ -441,7 +444,7 @@ fn compile_whitelist(
             )),
         }
     }
-    let mut api_keys = HashSet::new();
+    let mut api_keys = hashbrown::HashSet::new();
     for (i, key) in doc.api_keys.iter().enumerate() {
         let hex = match key.strip_prefix(FP_PREFIX) {
             Some(h) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
