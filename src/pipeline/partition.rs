@@ -531,19 +531,25 @@ impl PartitionProcessor {
             if start + w > self.watermark_ms {
                 break;
             }
-            let mut window: Vec<AlertAgg> = entry.remove().into_values().map(|o| o.agg).collect();
-            window.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            let mut window: Vec<(KeyId, AlertAgg)> = entry
+                .remove()
+                .into_iter()
+                .map(|(id, o)| (id, o.agg))
+                .collect();
+            // By id within a rendered key, so that merging below (and so
+            // which offenders fit) does not depend on hash-map order.
+            window.sort_unstable_by(|a, b| (&a.1.key, a.0).cmp(&(&b.1.key, b.0)));
             // Two state keys render alike when a limit's algorithm changed
             // within the window, or after a restore under another secret:
             // one key, one alert.
             window.dedup_by(|later, kept| {
-                let same = later.key == kept.key;
+                let same = later.1.key == kept.1.key;
                 if same {
-                    kept.absorb(std::mem::take(later));
+                    kept.1.absorb(std::mem::take(&mut later.1));
                 }
                 same
             });
-            for agg in window {
+            for (_, agg) in window {
                 let key = agg.key;
                 if agg.refused < self.cfg.alert_min_refused {
                     continue;
