@@ -64,9 +64,9 @@ impl Fingerprinter {
         self.hash(b"quotaflow key-id check value") as u64
     }
 
-    /// Append the 32-hex-digit fingerprint of `data` to `out`. Every state
-    /// key with an API key and every refusal of one goes through here, so
-    /// the digits are written directly rather than through `fmt`.
+    /// Append the 32-hex-digit fingerprint of `data` to `out`. Every output
+    /// naming an API key goes through here, so the digits are written
+    /// directly rather than through `fmt`.
     pub fn write_hex(&self, data: &[u8], out: &mut String) {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let h = self.hash(data);

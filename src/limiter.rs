@@ -33,14 +33,13 @@ pub struct LimitOutcome {
     /// Index into [`Rules::limits`] of the rule set the decision was made with.
     pub limit: usize,
     /// The state key this limit was decided on, for callers that keep
-    /// something per key (the stream processor's alert windows).
+    /// something per key (the stream processor's alert windows). Being a
+    /// keyed hash, it is also the key's fingerprint: logs name keys only
+    /// through it.
     pub key: KeyId,
     pub verdict: Verdict,
     pub shadow: bool,
     pub event: Option<BreachEvent>,
-    /// Keyed fingerprint of the state key, set when `event` is: logs name
-    /// keys only through it.
-    pub key_fingerprint: Option<String>,
 }
 
 /// The decision for one request.
@@ -223,8 +222,6 @@ impl Limiter {
                     verdict: p.outcome.verdict,
                     shadow: !probe.enforce,
                     event,
-                    // The id is the key's fingerprint.
-                    key_fingerprint: event.map(|_| probe.key.to_string()),
                 });
             }
         });
@@ -295,9 +292,6 @@ mod tests {
             .map(|_| l.check(&user("a"), 10).outcomes[0].event)
             .collect();
         assert_eq!(events[0], Some(BreachEvent::Started));
-        assert!(l.check(&user("a"), 20).outcomes[0]
-            .key_fingerprint
-            .is_none());
         let notable: Vec<_> = events.iter().flatten().skip(1).collect();
         assert_eq!(
             notable,
@@ -311,10 +305,7 @@ mod tests {
             d.outcomes[0].event,
             Some(BreachEvent::Ended { refused: 1001 })
         );
-        assert_eq!(
-            d.outcomes[0].key_fingerprint.as_deref().map(str::len),
-            Some(32)
-        );
+        assert_eq!(d.outcomes[0].key.to_string().len(), 32);
     }
 
     #[test]

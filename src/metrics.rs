@@ -291,7 +291,7 @@ impl Metrics {
                 .with_label_values(&[limit.name.as_str(), v])
                 .inc();
             let Some(event) = o.event else { continue };
-            let key_fp = o.key_fingerprint.as_deref().unwrap_or_default();
+            let key_fp = o.key;
             let dims: Vec<&str> = limit.key.iter().map(|d| d.as_str()).collect();
             let dims = dims.join(",");
             match event {
@@ -305,7 +305,7 @@ impl Metrics {
                     tracing::warn!(
                         event = "breach_started",
                         limit = %limit.name,
-                        key_fp,
+                        key_fp = %key_fp,
                         key_dimensions = %dims,
                         shadow = o.shadow,
                         quota = o.verdict.limit,
@@ -319,7 +319,7 @@ impl Metrics {
                     tracing::info!(
                         event = "breach_ended",
                         limit = %limit.name,
-                        key_fp,
+                        key_fp = %key_fp,
                         key_dimensions = %dims,
                         shadow = o.shadow,
                         refused,
@@ -334,7 +334,7 @@ impl Metrics {
                         event = "suspicious_pattern",
                         pattern = "ignores_retry_after",
                         limit = %limit.name,
-                        key_fp,
+                        key_fp = %key_fp,
                         key_dimensions = %dims,
                         shadow = o.shadow,
                         refused,
