@@ -292,6 +292,7 @@ mod tests {
             .map(|_| l.check(&user("a"), 10).outcomes[0].event)
             .collect();
         assert_eq!(events[0], Some(BreachEvent::Started));
+        assert_eq!(l.check(&user("a"), 20).outcomes[0].event, None);
         let notable: Vec<_> = events.iter().flatten().skip(1).collect();
         assert_eq!(
             notable,
