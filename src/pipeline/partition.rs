@@ -693,6 +693,15 @@ mod tests {
         out
     }
 
+    fn alerts(out: &[Output]) -> Vec<&BreachAlert> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Alert(a) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn block_then_unblock_with_deterministic_ids() {
         let l = limiter();
@@ -775,13 +784,7 @@ mod tests {
         }
         // The next window's first event closes the first one.
         let out = feed(&mut p, &l, 6, 61_000, 61_000);
-        let alerts: Vec<_> = out
-            .iter()
-            .filter_map(|o| match o {
-                Output::Alert(a) => Some(a),
-                _ => None,
-            })
-            .collect();
+        let alerts = alerts(&out);
         assert_eq!(alerts.len(), 1, "{out:?}");
         let a = alerts[0];
         assert_eq!(a.alert_id, "requests:0:6:alert:0");
@@ -898,9 +901,7 @@ mod tests {
         let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
         // per_user allows 2 per 10 s: offsets 2 and 3 are refused.
         for i in 0..4 {
-            assert!(feed(&mut p, &l, i, 1_000 + i, 1_000 + i)
-                .iter()
-                .all(|o| !matches!(o, Output::Alert(_))));
+            assert!(alerts(&feed(&mut p, &l, i, 1_000 + i, 1_000 + i)).is_empty());
         }
         // Same limit name, another algorithm: another state key, same alert key.
         let doc = RulesDoc::from_json(
@@ -912,13 +913,7 @@ mod tests {
             feed(&mut p, &l, i, 1_000 + i, 1_000 + i);
         }
         let out = feed(&mut p, &l, 7, 61_000, 61_000);
-        let alerts: Vec<&BreachAlert> = out
-            .iter()
-            .filter_map(|o| match o {
-                Output::Alert(a) => Some(a),
-                _ => None,
-            })
-            .collect();
+        let alerts = alerts(&out);
         assert_eq!(alerts.len(), 1, "{out:?}");
         // 2 refusals under the fixed window, 2 under the bucket (the first
         // of 4..7 is allowed by the fresh bucket).
