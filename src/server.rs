@@ -259,3 +259,21 @@ pub async fn shutdown_signal() {
     }
     tracing::info!(event = "shutdown", "shutdown requested; draining");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_mode_without_a_fingerprint_key_is_refused_before_connecting() {
+        let mut settings = Settings::load_with_env(None, false).expect("the embedded default");
+        // Nothing listens here: the refusal must come before any connection.
+        settings.kafka.bootstrap_servers = "127.0.0.1:1".into();
+        let mut state = build_state(&settings, None).expect("state");
+        let err = match start_pipeline(&settings, &mut state) {
+            Ok(_) => panic!("started without a fingerprint key"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("security.fingerprint_key"), "{err}");
+    }
+}
