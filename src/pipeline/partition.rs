@@ -78,7 +78,7 @@ pub struct AlertAgg {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
     /// (dimension, value, count), first `MAX_OFFENDERS` distinct values.
-    pub offenders: Vec<(String, String, u64)>,
+    pub offenders: Vec<(Dimension, String, u64)>,
 }
 
 /// An alert window's aggregate for one key while the window is open, with
@@ -119,7 +119,7 @@ impl OpenAlert {
         let offender_hashes: Vec<u64> = agg
             .offenders
             .iter()
-            .map(|(d, v, _)| offender_hash(hasher, d, v))
+            .map(|(d, v, _)| offender_hash(hasher, *d, v))
             .collect();
         Self {
             agg,
@@ -128,7 +128,7 @@ impl OpenAlert {
     }
 }
 
-fn offender_hash(hasher: &hashbrown::DefaultHashBuilder, dim: &str, value: &str) -> u64 {
+fn offender_hash(hasher: &hashbrown::DefaultHashBuilder, dim: Dimension, value: &str) -> u64 {
     use std::hash::BuildHasher as _;
     hasher.hash_one((dim, value))
 }
@@ -172,7 +172,7 @@ impl DimValues {
             let value = &mut self.values[i];
             value.clear();
             write_dim_value(value, req, dim, fp);
-            self.hashes[i] = offender_hash(hasher, dim.as_str(), value);
+            self.hashes[i] = offender_hash(hasher, dim, value);
             self.made[i] = true;
         }
         (&self.values[i], self.hashes[i])
@@ -508,12 +508,11 @@ impl PartitionProcessor {
                     .offender_hashes
                     .iter()
                     .zip(&agg.offenders)
-                    .position(|(&oh, (d, v, _))| oh == h && d == dim.as_str() && v == value);
+                    .position(|(&oh, (d, v, _))| oh == h && *d == dim && v == value);
                 match known {
                     Some(i) => agg.offenders[i].2 += 1,
                     None if agg.offenders.len() < MAX_OFFENDERS => {
-                        agg.offenders
-                            .push((dim.as_str().to_owned(), value.to_owned(), 1));
+                        agg.offenders.push((dim, value.to_owned(), 1));
                         open.offender_hashes.push(h);
                     }
                     None => {}
@@ -555,8 +554,10 @@ impl PartitionProcessor {
                     continue;
                 }
                 let mut offenders = agg.offenders;
-                offenders
-                    .sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (&a.0, &a.1).cmp(&(&b.0, &b.1))));
+                offenders.sort_by(|a, b| {
+                    b.2.cmp(&a.2)
+                        .then_with(|| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)))
+                });
                 out.push(Output::Alert(BreachAlert {
                     alert_id: format!("{}:{}:{offset}:alert:{n}", self.cfg.topic, self.partition),
                     limit: agg.limit,
@@ -578,7 +579,7 @@ impl PartitionProcessor {
                         .into_iter()
                         .take(TOP_OFFENDERS)
                         .map(|(dimension, value, count)| Offender {
-                            dimension,
+                            dimension: dimension.as_str().to_owned(),
                             value,
                             count: count as i64,
                         })
