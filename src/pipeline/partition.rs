@@ -157,17 +157,15 @@ impl DimValues {
         self.made = [false; OFFENDER_DIMENSIONS.len()];
     }
 
+    /// The value and hash of `OFFENDER_DIMENSIONS[i]`.
     fn get(
         &mut self,
-        dim: Dimension,
+        i: usize,
         req: &Request,
         fp: &Fingerprinter,
         hasher: &hashbrown::DefaultHashBuilder,
     ) -> (&str, u64) {
-        let i = OFFENDER_DIMENSIONS
-            .iter()
-            .position(|&d| d == dim)
-            .unwrap_or_default();
+        let dim = OFFENDER_DIMENSIONS[i];
         if !self.made[i] {
             let value = &mut self.values[i];
             value.clear();
@@ -499,11 +497,11 @@ impl PartitionProcessor {
             agg.refused_cost += req.cost;
             agg.first_seen_ms = agg.first_seen_ms.min(now);
             agg.last_seen_ms = agg.last_seen_ms.max(now);
-            for dim in OFFENDER_DIMENSIONS {
+            for (i, dim) in OFFENDER_DIMENSIONS.into_iter().enumerate() {
                 if limit.key.contains(&dim) || !req.has(dim) {
                     continue;
                 }
-                let (value, h) = self.dims.get(dim, req, fp, &self.offender_hasher);
+                let (value, h) = self.dims.get(i, req, fp, &self.offender_hasher);
                 let known = open
                     .offender_hashes
                     .iter()
