@@ -94,7 +94,7 @@ pub struct Limiter {
 }
 
 thread_local! {
-    /// Reused buffer for the state keys of one request (no allocation per check).
+    /// Reused buffer for the text of a state key (no allocation per check).
     static KEYS: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
@@ -195,36 +195,31 @@ impl Limiter {
             decision.whitelisted = true;
             return decision;
         }
+        let mut limits: SmallVec<[usize; 4]> = SmallVec::new();
+        let mut probes: SmallVec<[Probe<'_>; 4]> = SmallVec::new();
         KEYS.with_borrow_mut(|buf| {
-            buf.clear();
-            let mut spans: SmallVec<[(usize, usize, usize); 4]> = SmallVec::new();
             for (i, limit) in rules.limits.iter().enumerate() {
-                let start = buf.len();
-                if limit.key_for(req, buf) {
-                    spans.push((i, start, buf.len()));
+                if let Some(key) = limit.key_id(req, buf) {
+                    limits.push(i);
+                    probes.push(Probe {
+                        key,
+                        algorithm: &*limit.algorithm,
+                        enforce: !limit.shadow,
+                    });
                 }
             }
-            let probes: SmallVec<[Probe<'_>; 4]> = spans
-                .iter()
-                .map(|&(i, a, b)| Probe {
-                    key: self.fingerprinter.key_id(&buf.as_bytes()[a..b]),
-                    algorithm: &*rules.limits[i].algorithm,
-                    enforce: !rules.limits[i].shadow,
-                })
-                .collect();
-            let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
-            decision.allowed = store.apply(&probes, now_ms, req.cost, &mut probed);
-            for ((&(i, _, _), p), probe) in spans.iter().zip(&probed).zip(&probes) {
-                let event = breach_event(p, decision.allowed);
-                decision.outcomes.push(LimitOutcome {
-                    limit: i,
-                    key: probe.key,
-                    verdict: p.outcome.verdict,
-                    shadow: !probe.enforce,
-                    event,
-                });
-            }
         });
+        let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
+        decision.allowed = store.apply(&probes, now_ms, req.cost, &mut probed);
+        for ((&i, p), probe) in limits.iter().zip(&probed).zip(&probes) {
+            decision.outcomes.push(LimitOutcome {
+                limit: i,
+                key: probe.key,
+                verdict: p.outcome.verdict,
+                shadow: !probe.enforce,
+                event: breach_event(p, decision.allowed),
+            });
+        }
         decision
     }
 }

@@ -19,8 +19,9 @@ use serde_json::{Map, Value};
 
 use crate::algorithms::{self, Algorithm, PolicyShape};
 use crate::fingerprint::Fingerprinter;
+use crate::state::KeyId;
 
-pub use request::{Request, RequestError};
+pub use request::{parse_ip, Request, RequestError};
 
 /// A request attribute a limit can be keyed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -218,6 +219,12 @@ pub struct Limit {
     /// limit keeps its state across config changes unless renamed or given
     /// another algorithm (whose state would mean something else).
     key_prefix: String,
+    /// Hashes key texts into state ids; the one the rule set was compiled
+    /// with, so [`Limit::key_id`] and `fixed_key` always agree.
+    fingerprinter: Fingerprinter,
+    /// The id of a keyless (global) limit's only key, hashed once at compile
+    /// time instead of on every request.
+    fixed_key: Option<KeyId>,
 }
 
 impl fmt::Debug for Limit {
@@ -236,7 +243,7 @@ impl Limit {
     /// if the request does not carry every dimension of the key or the
     /// limit's match does not select it.
     pub fn key_for(&self, req: &Request, out: &mut String) -> bool {
-        if !self.matcher.matches(req) || !self.key.iter().all(|d| req.has(*d)) {
+        if !self.applies(req) {
             return false;
         }
         out.push_str(&self.key_prefix);
@@ -245,6 +252,22 @@ impl Limit {
             req.write_key_part(*dim, out);
         }
         true
+    }
+
+    /// This limit's state key for `req` (the keyed hash of [`Limit::key_for`]'s
+    /// text), or `None` if the limit does not apply. `buf` is scratch space
+    /// for the text, reused so that a request allocates nothing.
+    pub fn key_id(&self, req: &Request, buf: &mut String) -> Option<KeyId> {
+        if let Some(id) = self.fixed_key {
+            return self.applies(req).then_some(id);
+        }
+        buf.clear();
+        self.key_for(req, buf)
+            .then(|| self.fingerprinter.key_id(buf.as_bytes()))
+    }
+
+    fn applies(&self, req: &Request) -> bool {
+        self.matcher.matches(req) && self.key.iter().all(|d| req.has(*d))
     }
 }
 
@@ -312,15 +335,20 @@ impl Rules {
             }
             let matcher = compile_match(l.matcher.as_ref(), &at("match"), &mut errors);
             match algorithms::build(&l.algorithm, &l.params) {
-                Ok(algorithm) => limits.push(Limit {
-                    key_prefix: format!("{}{KEY_SEP}{}", l.name, algorithm.name()),
-                    shape: algorithm.shape(),
-                    name: l.name.clone(),
-                    algorithm,
-                    key: l.key.clone(),
-                    shadow: l.shadow,
-                    matcher,
-                }),
+                Ok(algorithm) => {
+                    let key_prefix = format!("{}{KEY_SEP}{}", l.name, algorithm.name());
+                    limits.push(Limit {
+                        fixed_key: l.key.is_empty().then(|| fp.key_id(key_prefix.as_bytes())),
+                        fingerprinter: fp.clone(),
+                        key_prefix,
+                        shape: algorithm.shape(),
+                        name: l.name.clone(),
+                        algorithm,
+                        key: l.key.clone(),
+                        shadow: l.shadow,
+                        matcher,
+                    });
+                }
                 Err(errs) => errors.extend(
                     errs.into_iter()
                         .map(|e| FieldError::new(at(&e.field), e.message)),
@@ -559,6 +587,35 @@ mod tests {
         req.path = Some("/login/x".into());
         req.client_ip = None;
         assert!(!limit.key_for(&req, &mut String::new()));
+    }
+
+    #[test]
+    fn key_ids_are_the_keyed_hash_of_the_key_text_also_for_global_limits() {
+        let rules = compile(json!({"limits": [
+            {"name": "per_user", "key": ["user_id"], "capacity": 5, "refill_per_sec": 1},
+            {"name": "global", "algorithm": "sliding_window", "key": [], "limit": 9, "window": "1s",
+             "match": {"path_prefix": "/api"}},
+        ]}))
+        .unwrap();
+        let mut req = Request {
+            user_id: Some("alice".into()),
+            path: Some("/api/x".into()),
+            ..Request::default()
+        };
+        let mut buf = String::from("left over");
+        for limit in &rules.limits {
+            let mut text = String::new();
+            assert!(limit.key_for(&req, &mut text));
+            assert_eq!(
+                limit.key_id(&req, &mut buf),
+                Some(fp().key_id(text.as_bytes()))
+            );
+        }
+        // The precomputed id of the global limit still honours its match.
+        req.path = Some("/web".into());
+        assert_eq!(rules.limits[1].key_id(&req, &mut buf), None);
+        req.user_id = None;
+        assert_eq!(rules.limits[0].key_id(&req, &mut buf), None);
     }
 
     #[test]
