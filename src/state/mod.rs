@@ -228,12 +228,19 @@ impl KeyedStore {
 
         // Each key is looked up once: its bucket is remembered for the
         // commit. Found slots are committed before any insert, because an
-        // insert may grow a table and move the buckets of other probes.
+        // insert may grow a table and move the buckets of other probes. All
+        // lookups come before any decision: they are independent, so their
+        // cache misses overlap instead of queueing behind each algorithm call.
+        let buckets: SmallVec<[Option<usize>; 4]> = probes
+            .iter()
+            .zip(hashes.iter().zip(&slots))
+            .map(|(probe, (&(hash, _), &g))| {
+                guards[g].1.find_bucket_index(hash, |s| s.key == probe.key)
+            })
+            .collect();
         let mut admitted = true;
-        let mut buckets: SmallVec<[Option<usize>; 4]> = SmallVec::new();
-        for (probe, (&(hash, _), &g)) in probes.iter().zip(hashes.iter().zip(&slots)) {
+        for ((probe, &g), &bucket) in probes.iter().zip(&slots).zip(&buckets) {
             let table = &guards[g].1;
-            let bucket = table.find_bucket_index(hash, |s| s.key == probe.key);
             let found = bucket.and_then(|b| table.get_bucket(b));
             let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
             let outcome = probe.algorithm.decide(&state, now_ms, cost);
@@ -242,7 +249,6 @@ impl KeyedStore {
                 outcome,
                 refused_before,
             });
-            buckets.push(bucket);
         }
         for (i, bucket) in buckets.iter().enumerate() {
             let outcome = out[i].outcome;
