@@ -17,7 +17,9 @@
 #        with a fresh group and Redis key prefix, timed through /metrics
 #        until it has processed COUNT events (and until its checkpoints
 #        cover them);
-#    both as events/s from the first record seen to the last;
+#    both as events/s from the first record seen to the last; then, unless
+#    FLOORS=0, the raw consumer again doing the least any limiter must do:
+#    decode each event, and decode plus one keyed state lookup;
 # 4. a single-threaded CPU cost per event of each step (quotaflow's decoder,
 #    apache-avro's generic one for comparison, the limits), with the
 #    throughput limits and with the same limits out of reach
@@ -59,6 +61,7 @@
 #   DIAGNOSE=0       skip the diagnostic latency passes (step 5 again with
 #                    checkpoints every 1h, to isolate checkpoint stalls; and
 #                    at half of RATE, to see the effect of machine load)
+#   FLOORS=0         skip the floor rounds of step 3 (decode; decode + lookup)
 #   KEEP=1           keep topics and Redis keys
 # Results: target/bench-stream/ (under CARGO_TARGET_DIR when set):
 # results.jsonl (one JSON line per measurement), summary.json, logs.
@@ -80,6 +83,7 @@ LAT_HOT_USERS="${LAT_HOT_USERS:-200}"
 KEEP="${KEEP:-0}"
 NICE="${NICE:-0}"
 DIAGNOSE="${DIAGNOSE:-1}"
+FLOORS="${FLOORS:-1}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 OUT="${TARGET_DIR}/bench-stream"
 RUN="qfbench-$(date +%s)-$$"
@@ -245,6 +249,19 @@ run_raw() {
     --broker-pid "$BROKER_PID" --label "$1" | tee -a "$RESULTS" >&2
 }
 
+# The least work any limiter must do per event, on the same consumer: decode
+# it, then also look up one key. Not the baseline; they show how much of the
+# raw consumer's rate the target leaves for the limits themselves.
+run_floors() {
+  ((FLOORS)) || return 0
+  for work in decode decode-lookup; do
+    say "round $1: raw consumer that does $work"
+    timeout 600 nice -n "$NICE" "$BENCH" raw --topic "$REQUESTS" --count "$COUNT" \
+      --group "$RUN-$work-$1" --broker-pid "$BROKER_PID" --label "$1" --work "$work" \
+      | tee -a "$RESULTS" >&2
+  done
+}
+
 run_processor() {
   local name="$RUN-qf-$1"
   say "round $1: quotaflow serve ($name)"
@@ -263,6 +280,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     run_processor "$r"
     run_raw "$r"
   fi
+  run_floors "$r"
 done
 
 for config in throughput no-refusals; do
