@@ -26,7 +26,7 @@ pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> 
         .collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
-        let Ok(ip) = crate::rules::parse_ip(hop) else {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
             // A garbled hop was written by someone we cannot vouch for:
             // stop at the last address a trusted proxy reported.
             break;

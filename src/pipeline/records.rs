@@ -65,7 +65,7 @@ impl RequestEvent {
         req.client_ip = match &self.client_ip {
             None => None,
             Some(text) => Some(
-                crate::rules::parse_ip(text)
+                text.parse()
                     .map_err(|_| format!("client_ip `{text}` is not an IP address"))?,
             ),
         };

@@ -21,7 +21,7 @@ use crate::algorithms::{self, Algorithm, PolicyShape};
 use crate::fingerprint::Fingerprinter;
 use crate::state::KeyId;
 
-pub use request::{parse_ip, Request, RequestError};
+pub use request::{Request, RequestError};
 
 /// A request attribute a limit can be keyed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
