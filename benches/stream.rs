@@ -698,9 +698,10 @@ fn raw(
     config: &std::path::Path,
 ) -> anyhow::Result<Value> {
     let started = Instant::now();
-    let settings = Settings::load(Some(config))?;
-    let codec = quotaflow::server::codec(&settings)?;
-    let fp = quotaflow::fingerprint::Fingerprinter::from_secret(&settings.security.fingerprint_key);
+    let work_settings = Settings::load(Some(config))?;
+    let codec = quotaflow::server::codec(&work_settings)?;
+    let fp =
+        quotaflow::fingerprint::Fingerprinter::from_secret(&work_settings.security.fingerprint_key);
     let mut scratch = quotaflow::pipeline::records::RequestEvent::default();
     let mut counts: hashbrown::HashMap<quotaflow::state::KeyId, u64> = hashbrown::HashMap::new();
     let mut decoded = 0u64;
@@ -1411,7 +1412,6 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
     // Decoded and processed one record at a time into the same scratch
     // event, as the worker does, so the processor reads an event that is
     // still in cache; its own cost is that minus the decode-only pass.
-    let mut scratch = quotaflow::pipeline::records::RequestEvent::default();
     let t = Instant::now();
     for (p, o, ts, payload) in &owned {
         let proc = procs.entry(*p).or_insert_with(|| {
