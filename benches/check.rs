@@ -1,6 +1,6 @@
 //! Keyed check throughput: quotaflow's `KeyedStore` + `TokenBucket` side by
 //! side with `governor`'s keyed limiter (the baseline), plus the full
-//! `Limiter::check_with` request path.
+//! `Limiter::check_then` request path.
 //!
 //! Run: `cargo bench --bench check` (about 2 minutes on 2 cores).
 //! Summary of medians and ratios afterwards: `python3 scripts/bench/criterion-summary.py`.
@@ -16,7 +16,7 @@
 //! is measured twice:
 //! - `quotaflow/counter_now`: `now_ms` from a loop counter (advances 1 ms per
 //!   1024 checks), no clock read: the cost of the store and the algorithm;
-//! - `quotaflow/clock_now`: `quotaflow::api::now_ms()` (SystemTime, vDSO
+//! - `quotaflow/clock_now`: `quotaflow_adapters::clock::now_ms()` (SystemTime, vDSO
 //!   `clock_gettime`) read on every check, as the sidecar does: the figure
 //!   to compare with governor, which also pays a clock read per check.
 
@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use quotaflow::algorithms::TokenBucket;
-use quotaflow::api::now_ms;
-use quotaflow::fingerprint::Fingerprinter;
-use quotaflow::limiter::Limiter;
-use quotaflow::metrics::Metrics;
-use quotaflow::rules::{Request, RulesDoc};
 use quotaflow::settings::{Settings, StateSettings};
-use quotaflow::state::{KeyedStore, Probe};
+use quotaflow_adapters::clock::now_ms;
+use quotaflow_adapters::metrics::Metrics;
+use quotaflow_core::algorithms::TokenBucket;
+use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::limiter::Limiter;
+use quotaflow_core::rules::{Request, RulesDoc};
+use quotaflow_core::state::{KeyedStore, Probe};
 use smallvec::SmallVec;
 
 /// Bucket capacity and refill per second, on both sides.
@@ -70,7 +70,7 @@ fn keys(n: usize) -> Vec<String> {
 enum Now {
     /// `base + i / 1024`: no clock read.
     Counter(u64),
-    /// `quotaflow::api::now_ms()` on every check.
+    /// `quotaflow_adapters::clock::now_ms()` on every check.
     Clock,
 }
 
@@ -303,7 +303,7 @@ fn request(c: &mut Criterion) {
         // Allowed share over one pass, for the report.
         let allowed = reqs
             .iter()
-            .filter(|r| l.check_with(r, now_ms(), |_, d| d.allowed))
+            .filter(|r| l.check_then(r, now_ms(), |_, d| d.allowed))
             .count();
         eprintln!(
             "request/{name}: {} limits, {:.1}% of a first pass of {MANY} checks allowed",
@@ -315,7 +315,7 @@ fn request(c: &mut Criterion) {
             b.iter(|| {
                 i += 1;
                 let req = black_box(&reqs[i % MANY]);
-                l.check_with(req, now_ms(), |_, d| d.allowed)
+                l.check_then(req, now_ms(), |_, d| d.allowed)
             })
         });
     }
@@ -367,7 +367,7 @@ fn sidecar_parts(c: &mut Criterion) {
                 i += 1;
                 let req = black_box(&reqs[i % MANY]);
                 let started = Instant::now();
-                l.check_with(req, now_ms(), |rules, d| {
+                l.check_then(req, now_ms(), |rules, d| {
                     if with_metrics {
                         metrics.record("check", rules, d, started.elapsed());
                     }

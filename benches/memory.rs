@@ -29,10 +29,10 @@ use std::num::NonZeroU32;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use quotaflow::algorithms::TokenBucket;
-use quotaflow::fingerprint::Fingerprinter;
 use quotaflow::settings::StateSettings;
-use quotaflow::state::{KeyedStore, Probe};
+use quotaflow_core::algorithms::TokenBucket;
+use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::state::{KeyedStore, Probe};
 
 /// Bytes per key beyond the key's own bytes that the store may use.
 const TARGET: f64 = 150.0;
@@ -156,7 +156,7 @@ fn quotaflow_store(n: usize) -> Measured {
     let store = KeyedStore::new(StateSettings::default().effective_shards());
     let tb = TokenBucket::new(1_000, 1_000.0).expect("valid bucket");
     let fp = Fingerprinter::from_secret("bench");
-    let now = quotaflow::api::now_ms();
+    let now = quotaflow_adapters::clock::now_ms();
     let m = measure(n, |key| {
         let probe = Probe {
             key: fp.key_id(key.as_bytes()),

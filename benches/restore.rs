@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quotaflow::fingerprint::Fingerprinter;
-use quotaflow::pipeline::partition::PartitionProcessor;
-use quotaflow::pipeline::{Checkpoint, CheckpointStore, ProcessorConfig};
-use quotaflow::state::{KeyedStore, StoredKey};
-use quotaflow::stream::redis_store::RedisCheckpoints;
+use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
+use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::pipeline::partition::PartitionProcessor;
+use quotaflow_core::pipeline::{Checkpoint, CheckpointStore, ProcessorConfig};
+use quotaflow_core::state::{KeyedStore, StoredKey};
 
 const KEYS: usize = 1_000_000;
 const RUNS: usize = 5;

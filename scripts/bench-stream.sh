@@ -5,7 +5,7 @@
 #   scripts/bench-stream.sh
 #
 # 1. starts Kafka and Redis (scripts/services.sh up; idempotent), builds the
-#    release binary and the `stream` bench tool (benches/stream.rs);
+#    release binary and the stream bench tool (tools/stream-bench);
 # 2. creates a fresh topic of PARTITIONS partitions and pre-fills it with
 #    COUNT Avro request events (quotaflow::simulate's traffic mix, produced
 #    with the producer `quotaflow simulate --kafka` uses);
@@ -168,10 +168,9 @@ BROKER_PID=$(scripts/services.sh status 2>/dev/null | sed -n 's/^kafka: running 
 [[ -n $BROKER_PID ]] || die "cannot find the Kafka broker's pid"
 
 say "building (release): quotaflow and the stream bench tool"
-timeout 1800 cargo build --release --bin quotaflow --bench stream \
-  --message-format=json-render-diagnostics >"$OUT/build.jsonl" ||
-  die "cargo build failed"
-BENCH=$(grep -o '"executable":"[^"]*/stream-[0-9a-f]*"' "$OUT/build.jsonl" | tail -n1 | cut -d'"' -f4)
+timeout 1800 cargo build --release --bin quotaflow -p stream-bench >"$OUT/build.log" 2>&1 ||
+  die "cargo build failed (see $OUT/build.log)"
+BENCH="$TARGET_DIR/release/stream-bench"
 QUOTAFLOW="$TARGET_DIR/release/quotaflow"
 [[ -x $BENCH && -x $QUOTAFLOW ]] || die "build produced no bench tool or binary"
 

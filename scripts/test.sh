@@ -12,7 +12,7 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "==> cargo clippy (all targets, warnings are errors)"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> starting Kafka and Redis (scripts/services.sh up)"
 services_env=$(scripts/services.sh up)
@@ -23,7 +23,7 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Property tests run with a fixed case count so CI time is predictable.
-PROPTEST_CASES="${PROPTEST_CASES:-256}" cargo test --locked 2>&1 | tee "$log"
+PROPTEST_CASES="${PROPTEST_CASES:-256}" cargo test --workspace --locked 2>&1 | tee "$log"
 
 # A test that did not run is a failure, not a pass.
 if grep -Eq 'test result: .* [1-9][0-9]* ignored' "$log"; then

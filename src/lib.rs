@@ -1,19 +1,22 @@
-//! quotaflow: rate limiting and quota enforcement.
+//! quotaflow: rate limiting and quota enforcement. This package is the
+//! binary and what only it needs; the workspace's layout:
 //!
-//! The core (`algorithms`, `rules`, `state`, `limiter`) knows nothing of
-//! Kafka, Redis or HTTP; the adapters (`api`, `metrics`, the binary) depend on
-//! it, never the other way round.
+//! - `crates/quotaflow-core` — algorithms, rules, keyed state, the limiter
+//!   and the partition processor; no Kafka, Redis, HTTP or tokio (its
+//!   manifest cannot name them);
+//! - `crates/quotaflow-adapters` — Avro, Kafka, Redis checkpoints, the
+//!   embedded bus, partition workers and their ownership coordinator,
+//!   Prometheus metrics;
+//! - this package — [`api`] (the axum sidecar: `/check`, `/forward-auth`,
+//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`settings`]
+//!   (the settings file and environment), [`server`] (wiring and
+//!   `quotaflow serve`), [`simulate`] (traffic for the embedded pipeline or
+//!   Kafka), [`logging`], and `main.rs`, the command line;
+//! - `tools/stream-bench` — the stream benchmark tool behind
+//!   `scripts/bench-stream.sh`.
 
-pub mod algorithms;
 pub mod api;
-pub mod fingerprint;
-pub mod limiter;
 pub mod logging;
-pub mod metrics;
-pub mod pipeline;
-pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod simulate;
-pub mod state;
-pub mod stream;

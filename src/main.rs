@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use anyhow::Context as _;
-use quotaflow::fingerprint::Fingerprinter;
-use quotaflow::rules::Rules;
 use quotaflow::settings::Settings;
 use quotaflow::simulate::{self, Generated, Plan};
 use quotaflow::{logging, server};
+use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::rules::Rules;
 
 /// mimalloc instead of glibc malloc: the sidecar allocates per request
 /// (body, response, headers), and glibc's malloc/free were a fifth of its CPU

@@ -10,16 +10,17 @@ use axum::http::StatusCode;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, Identity};
-use crate::fingerprint::Fingerprinter;
-use crate::limiter::Limiter;
-use crate::metrics::Metrics;
-use crate::pipeline::{CheckpointStore, MemoryCheckpoints, OutputSink, ProcessorConfig};
 use crate::settings::{EncodingName, Settings};
-use crate::stream::avro::{Codec, Encoding};
-use crate::stream::embedded::{EmbeddedBus, EmbeddedSink};
-use crate::stream::kafka::{KafkaProcessor, KafkaSink};
-use crate::stream::redis_store::RedisCheckpoints;
-use crate::stream::worker::Shared;
+use quotaflow_adapters::avro::{Codec, Encoding};
+use quotaflow_adapters::coordinator::Coordinator;
+use quotaflow_adapters::embedded::{EmbeddedBus, EmbeddedSink};
+use quotaflow_adapters::kafka::{KafkaProcessor, KafkaSink};
+use quotaflow_adapters::metrics::Metrics;
+use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
+use quotaflow_adapters::worker::{Checkpointing, Processing, WorkerContext};
+use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::limiter::Limiter;
+use quotaflow_core::pipeline::{CheckpointStore, MemoryCheckpoints, OutputSink, ProcessorConfig};
 
 /// Environment variable holding the bearer token for config writes.
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAFLOW_ADMIN_TOKEN";
@@ -78,7 +79,9 @@ impl Pipeline {
     /// Drain every partition, write final checkpoints, leave the group.
     pub fn stop(self) {
         match self {
-            Pipeline::Embedded(e) => e.bus.stop(),
+            Pipeline::Embedded(e) => {
+                e.bus.stop();
+            }
             Pipeline::Kafka(k) => k.stop(),
         }
     }
@@ -125,18 +128,25 @@ pub fn processor_config(settings: &Settings, fingerprinter: &Fingerprinter) -> P
 /// `kafka.bootstrap_servers` is set, else on the in-process bus.
 pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Result<Pipeline> {
     let codec = codec(settings)?;
-    let shared = |sink: Arc<dyn OutputSink>, checkpoints: Arc<dyn CheckpointStore>| {
-        Arc::new(Shared {
-            limiter: state.limiter.clone(),
-            codec: codec.clone(),
+    let coordinator = |sink: Arc<dyn OutputSink>, store: Arc<dyn CheckpointStore>| {
+        let ctx = WorkerContext {
+            processing: Processing {
+                limiter: state.limiter.clone(),
+                codec: codec.clone(),
+                processor: Arc::new(processor_config(settings, state.limiter.fingerprinter())),
+                shards: settings.state.effective_shards(),
+            },
             sink,
-            checkpoints,
+            checkpoints: Checkpointing {
+                store,
+                interval: settings.stream.checkpoint_interval,
+            },
             metrics: state.metrics.clone(),
-            processor: Arc::new(processor_config(settings, state.limiter.fingerprinter())),
-            checkpoint_interval: settings.stream.checkpoint_interval,
-            shards: settings.state.effective_shards(),
-            owned: Default::default(),
-        })
+        };
+        Arc::new(Coordinator::new(
+            Arc::new(ctx),
+            settings.stream.drain_timeout,
+        ))
     };
     let pk = &settings.stream.partition_key;
     for limit in &state.limiter.rules().limits {
@@ -151,9 +161,9 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
     let k = &settings.kafka;
     if k.bootstrap_servers.is_empty() {
         let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000));
-        let shared = shared(sink.clone(), Arc::new(MemoryCheckpoints::default()));
+        let coordinator = coordinator(sink.clone(), Arc::new(MemoryCheckpoints::default()));
         let bus = EmbeddedBus::start(
-            shared,
+            coordinator,
             settings.stream.partitions,
             settings.stream.partition_key.clone(),
         )
@@ -174,9 +184,9 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         )
         .context("configuring Redis checkpoints")?;
         let sink = KafkaSink::new(k, codec.clone())?;
-        let shared = shared(Arc::new(sink), Arc::new(checkpoints));
+        let coordinator = coordinator(Arc::new(sink), Arc::new(checkpoints));
         Ok(Pipeline::Kafka(KafkaProcessor::start(
-            shared,
+            coordinator,
             k,
             state.ready.clone(),
         )?))
@@ -228,7 +238,10 @@ async fn sweep(state: AppState, every: std::time::Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let removed = state.limiter.store().sweep(api::now_ms());
+        let removed = state
+            .limiter
+            .store()
+            .sweep(quotaflow_adapters::clock::now_ms());
         state.metrics.keys_expired.inc_by(removed as u64);
         state
             .metrics

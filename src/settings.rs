@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::rules::{LimitDoc, RulesDoc, WhitelistDoc};
+use quotaflow_adapters::settings::duration;
+pub use quotaflow_adapters::settings::{KafkaSettings, RedisSettings};
+use quotaflow_core::rules::{LimitDoc, RulesDoc, WhitelistDoc};
 
 /// The embedded default, so the binary runs anywhere with no file at all.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -132,13 +134,18 @@ pub struct StreamSettings {
     /// Partitions of the in-process bus (embedded mode only; Kafka has its own).
     pub partitions: u32,
     /// Dimensions the message key is made of (what gateways key events by).
-    pub partition_key: Vec<crate::rules::Dimension>,
+    pub partition_key: Vec<quotaflow_core::rules::Dimension>,
     /// How far a gateway's timestamp may run ahead of the broker's.
     #[serde(deserialize_with = "duration")]
     pub max_clock_skew: Duration,
     /// How often each partition writes its checkpoint.
     #[serde(deserialize_with = "duration")]
     pub checkpoint_interval: Duration,
+    /// Bound on a revoke or shutdown: every handed-back partition drains and
+    /// writes its final checkpoint within it, in parallel. Must be shorter
+    /// than the consumer's `max.poll.interval.ms`.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
     /// `single_object` (no registry) or `confluent` (registry ids below).
     pub encoding: EncodingName,
     pub schema_ids: SchemaIds,
@@ -148,9 +155,10 @@ impl Default for StreamSettings {
     fn default() -> Self {
         Self {
             partitions: 4,
-            partition_key: vec![crate::rules::Dimension::UserId],
+            partition_key: vec![quotaflow_core::rules::Dimension::UserId],
             max_clock_skew: Duration::from_secs(1),
             checkpoint_interval: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
             encoding: EncodingName::SingleObject,
             schema_ids: SchemaIds::default(),
         }
@@ -172,59 +180,6 @@ pub struct SchemaIds {
     pub request_event: u32,
     pub decision: u32,
     pub breach_alert: u32,
-}
-
-/// Kafka: when `bootstrap_servers` is empty, quotaflow runs the embedded bus.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSettings {
-    pub bootstrap_servers: String,
-    pub group_id: String,
-    pub requests_topic: String,
-    pub decisions_topic: String,
-    pub alerts_topic: String,
-    pub dead_letter_topic: String,
-    #[serde(deserialize_with = "duration")]
-    pub session_timeout: Duration,
-    /// Extra librdkafka properties for both consumer and producer.
-    pub properties: std::collections::BTreeMap<String, String>,
-}
-
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            bootstrap_servers: String::new(),
-            group_id: "quotaflow".into(),
-            requests_topic: "requests".into(),
-            decisions_topic: "decisions".into(),
-            alerts_topic: "breach-alerts".into(),
-            dead_letter_topic: "requests-dlq".into(),
-            session_timeout: Duration::from_secs(10),
-            properties: Default::default(),
-        }
-    }
-}
-
-/// Redis, for partition checkpoints (Kafka mode).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisSettings {
-    pub url: String,
-    /// Prefix of every key quotaflow writes, so several deployments can share a Redis.
-    pub key_prefix: String,
-    /// Bound on each Redis call.
-    #[serde(deserialize_with = "duration")]
-    pub timeout: Duration,
-}
-
-impl Default for RedisSettings {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "quotaflow".into(),
-            timeout: Duration::from_secs(2),
-        }
-    }
 }
 
 /// Breach alerts for security teams.
@@ -256,12 +211,6 @@ impl Default for AlertSettings {
 pub struct DecisionSettings {
     /// One ALLOW/DENY record per event, besides BLOCK/UNBLOCK.
     pub every_event: bool,
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{text}\": {e}")))
 }
 
 /// A settings file or environment that could not be read.
@@ -321,6 +270,24 @@ impl Settings {
                     .into(),
             ));
         }
+        if !self.kafka.bootstrap_servers.is_empty() {
+            let poll_ms = self
+                .kafka
+                .properties
+                .get("max.poll.interval.ms")
+                .map_or(Ok(300_000), |v| v.parse::<u64>())
+                .map_err(|e| {
+                    SettingsError(format!("kafka.properties.max.poll.interval.ms: {e}"))
+                })?;
+            let drain_ms = u64::try_from(self.stream.drain_timeout.as_millis()).unwrap_or(u64::MAX);
+            if drain_ms == 0 || drain_ms >= poll_ms {
+                return Err(SettingsError(format!(
+                    "stream.drain_timeout ({drain_ms} ms) must be above zero and shorter than \
+                     the consumer's max.poll.interval.ms ({poll_ms} ms): a revoke runs on the \
+                     consumer's thread, and a member that polls no more is removed from the group"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -336,8 +303,8 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fingerprint::Fingerprinter;
-    use crate::rules::Rules;
+    use quotaflow_core::fingerprint::Fingerprinter;
+    use quotaflow_core::rules::Rules;
 
     #[test]
     fn embedded_default_is_valid() {

@@ -9,8 +9,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseRecord, Producer};
 
-use crate::pipeline::records::RequestEvent;
 use crate::settings::Settings;
+use quotaflow_core::pipeline::records::RequestEvent;
 
 /// What traffic to generate (also the `simulate` command's options).
 #[derive(Debug, Clone, clap::Args)]
@@ -125,7 +125,7 @@ pub fn pace(
                 continue;
             }
         }
-        emit(gen.next(crate::api::now_ms() as i64))?;
+        emit(gen.next(quotaflow_adapters::clock::now_ms() as i64))?;
         sent += 1;
     }
     Ok(sent)
@@ -135,7 +135,7 @@ pub fn pace(
 /// the configured encoding and keyed by the partition key.
 pub fn to_kafka(settings: &Settings, plan: &Plan) -> anyhow::Result<u64> {
     let codec = crate::server::codec(settings)?;
-    let producer = crate::stream::kafka::request_producer(&settings.kafka)?;
+    let producer = quotaflow_adapters::kafka::request_producer(&settings.kafka)?;
     let topic = &settings.kafka.requests_topic;
     let sent = pace(plan, |g| {
         let (key, payload) = match g {

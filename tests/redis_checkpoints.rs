@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::services::{redis, unique};
-use quotaflow::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
-use quotaflow::state::{KeyId, StoredKey};
-use quotaflow::stream::redis_store::RedisCheckpoints;
+use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
+use quotaflow_core::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
+use quotaflow_core::state::{KeyId, StoredKey};
 
 fn store(prefix: &str) -> RedisCheckpoints {
     RedisCheckpoints::new(

@@ -389,7 +389,7 @@ window = "200ms"
 
 #[tokio::test]
 async fn health_ready_and_graceful_sigterm() {
-    let s = Server::start(Some(TIGHT), &[]);
+    let mut s = Server::start(Some(TIGHT), &[]);
     let c = client();
     assert_eq!(
         c.get(s.url("/healthz"))

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use common::services::read_until;
 use common::stream::{event, Fixture, Oracle, Sent, FINGERPRINT_KEY};
 use common::Server;
-use quotaflow::fingerprint::Fingerprinter;
-use quotaflow::pipeline::records::DecisionRecord;
-use quotaflow::rules::{Request, Rules, RulesDoc};
-use quotaflow::state::KeyId;
-use quotaflow::stream::embedded::partition_for;
+use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::pipeline::partitioner::partition_for;
+use quotaflow_core::pipeline::records::DecisionRecord;
+use quotaflow_core::rules::{Request, Rules, RulesDoc};
+use quotaflow_core::state::KeyId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -168,9 +168,9 @@ window = "1h"
 async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
     let f = Fixture::new("crash", 6).await;
     let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"300ms\"\n");
-    let a = Server::start(Some(&config), &[]);
+    let mut a = Server::start(Some(&config), &[]);
     let b = Server::start(Some(&config), &[]);
-    let c = Server::start(Some(&config), &[]);
+    let mut c = Server::start(Some(&config), &[]);
     wait_for(
         "6 partitions owned by 3 processors",
         Duration::from_secs(60),
@@ -543,7 +543,7 @@ async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
         "[stream]\ncheckpoint_interval = \"200ms\"\n",
     );
     let t0 = base();
-    let server = Server::start(Some(&config), &[]);
+    let mut server = Server::start(Some(&config), &[]);
     let mut sent = Vec::new();
     for n in 0..10 {
         sent.push(f.send(event("alice", t0 + n as i64, n), t0).await);
@@ -577,4 +577,78 @@ async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
         metric(&server, "quotaflow_events_consumed_total") == 5.0
     });
     assert_eq!(metric(&server, "quotaflow_offsets_skipped_total"), 5.0);
+}
+
+/// A shutdown revokes every partition at once: with Redis stalled (paused,
+/// so every call waits for its timeout), the drain still ends within
+/// `stream.drain_timeout`, and each partition whose final checkpoint could
+/// not be written is named in the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_every_partition_with_redis_stalled_ends_within_the_deadline() {
+    let f = Fixture::new("revoke-redis-down", 4).await;
+    let redis = common::services::PrivateRedis::start();
+    // Checkpoints rarely, so every partition holds unsaved work at the end;
+    // each Redis call times out after 2 s, the drain after 3 s.
+    let config = f
+        .config(
+            PER_USER_5_PER_10S,
+            "[stream]\ncheckpoint_interval = \"60s\"\ndrain_timeout = \"3s\"\n",
+        )
+        .replace(&common::services::redis(), &redis.url());
+    let mut server = Server::start(Some(&config), &[]);
+    wait_for("all four partitions", Duration::from_secs(30), || {
+        metric(&server, "quotaflow_partitions_owned") == 4.0
+    });
+    let t0 = base();
+    let mut sent = Vec::new();
+    for n in 0..200 {
+        let user = format!("u{}", n % 40);
+        sent.push(f.send(event(&user, t0 + n as i64, n), t0 + n as i64).await);
+    }
+    let partitions: BTreeSet<i32> = sent.iter().map(|s| s.partition).collect();
+    assert_eq!(partitions.len(), 4, "events reach every partition");
+    wait_for("every event consumed", Duration::from_secs(30), || {
+        metric(&server, "quotaflow_events_consumed_total") == 200.0
+    });
+
+    redis.signal("-STOP");
+    let started = Instant::now();
+    let status = server.terminate();
+    let took = started.elapsed();
+    redis.signal("-CONT");
+    assert!(status.success(), "{status:?}");
+    // The drain's 3 s, plus leaving the group and closing the clients.
+    assert!(took < Duration::from_secs(8), "shutdown took {took:?}");
+
+    let logs: Vec<serde_json::Value> = server
+        .logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let handed_back = logs
+        .iter()
+        .find(|v| v["event"] == "partitions_handed_back" && v["why"] == "shutdown")
+        .expect("a partitions_handed_back event");
+    let took_ms = handed_back["took_ms"].as_u64().expect("took_ms");
+    assert!(took_ms <= 3_300, "the drain took {took_ms} ms");
+    let not_saved: BTreeSet<i64> = logs
+        .iter()
+        .filter(|v| v["event"] == "partition_not_checkpointed")
+        .filter_map(|v| v["partition"].as_i64())
+        .collect();
+    assert_eq!(not_saved, BTreeSet::from([0, 1, 2, 3]), "{handed_back}");
+    // Nothing reached Redis: the next owner replays from the start.
+    let store = quotaflow_adapters::redis_checkpoints::RedisCheckpoints::new(
+        &redis.url(),
+        &f.prefix,
+        &f.group,
+        &f.requests,
+        Duration::from_secs(5),
+    )
+    .expect("checkpoints");
+    for p in 0..4 {
+        let (epoch, cp) = store.peek(p).expect("peek");
+        assert_eq!(epoch, 1);
+        assert_eq!(cp, None, "partition {p}");
+    }
 }

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use super::{problem, AppState};
-use crate::limiter::ReplaceError;
-use crate::metrics::ConfigUpdate;
-use crate::rules::{FieldError, RulesDoc};
+use quotaflow_adapters::metrics::ConfigUpdate;
+use quotaflow_core::limiter::ReplaceError;
+use quotaflow_core::rules::{FieldError, RulesDoc};
 
 /// Problem type for a refused config, with per-field `errors`.
 const INVALID_CONFIG: &str = "urn:quotaflow:problem:invalid-config";

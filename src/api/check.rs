@@ -10,9 +10,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{client_ip, headers, now_ms, problem, AppState};
-use crate::limiter::Decision;
-use crate::rules::{Request, Rules};
+use super::{client_ip, headers, problem, AppState};
+use quotaflow_adapters::clock::now_ms;
+use quotaflow_core::limiter::Decision;
+use quotaflow_core::rules::{Request, Rules};
 
 /// `POST /check`: a JSON body of vocabulary fields.
 pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response {
@@ -104,7 +105,7 @@ fn decide(app: &AppState, endpoint: &str, req: &Request, deny: StatusCode) -> Re
         return bad_request(app, endpoint, e.to_string());
     }
     let started = Instant::now();
-    app.limiter.check_with(req, now_ms(), |rules, d| {
+    app.limiter.check_then(req, now_ms(), |rules, d| {
         app.metrics.record(endpoint, rules, d, started.elapsed());
         respond(rules, d, deny)
     })

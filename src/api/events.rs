@@ -11,8 +11,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{now_ms, problem, AppState};
-use crate::pipeline::records::RequestEvent;
+use super::{problem, AppState};
+use quotaflow_adapters::clock::now_ms;
+use quotaflow_core::pipeline::records::RequestEvent;
 
 /// A request event as posted: `event_id` and `timestamp_ms` may be left out.
 #[derive(Debug, Deserialize)]

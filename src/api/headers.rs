@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::limiter::Decision;
-use crate::rules::Rules;
+use quotaflow_core::limiter::Decision;
+use quotaflow_core::rules::Rules;
 
 /// Problem type for refusals, registered by the ratelimit-headers draft.
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
@@ -85,9 +85,9 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fingerprint::Fingerprinter;
-    use crate::limiter::Limiter;
-    use crate::rules::{Request, RulesDoc};
+    use quotaflow_core::fingerprint::Fingerprinter;
+    use quotaflow_core::limiter::Limiter;
+    use quotaflow_core::rules::{Request, RulesDoc};
 
     fn limiter() -> Limiter {
         let doc = RulesDoc::from_json(
@@ -108,7 +108,7 @@ mod tests {
         };
         let mut last = HeaderMap::new();
         for _ in 0..n {
-            last = l.check_with(&req, 3_600_000, |rules, d| {
+            last = l.check_then(&req, 3_600_000, |rules, d| {
                 let mut h = HeaderMap::new();
                 write(rules, d, &mut h);
                 h

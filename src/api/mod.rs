@@ -8,7 +8,6 @@ mod events;
 pub mod headers;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,8 +16,8 @@ use axum::Router;
 use ipnet::IpNet;
 use serde_json::json;
 
-use crate::limiter::Limiter;
-use crate::metrics::Metrics;
+use quotaflow_adapters::metrics::Metrics;
+use quotaflow_core::limiter::Limiter;
 
 /// Where the forward-auth endpoint finds identity, and whom it trusts.
 #[derive(Debug, Clone)]
@@ -84,13 +83,6 @@ async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> R
         app.metrics.render(),
     )
         .into_response()
-}
-
-/// Wall-clock milliseconds: the sidecar's time source for the algorithms.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// An `application/problem+json` response (RFC 9457).

@@ -102,8 +102,8 @@ impl Server {
         }
     }
 
-    /// Send SIGTERM and wait for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    /// Send SIGTERM and wait for the exit status (the logs stay readable).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(10);

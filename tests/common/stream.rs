@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use quotaflow::pipeline::records::RequestEvent;
-use quotaflow::stream::avro::{Codec, Encoding};
-use quotaflow::stream::redis_store::RedisCheckpoints;
+use quotaflow_adapters::avro::{Codec, Encoding};
+use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
+use quotaflow_core::pipeline::records::RequestEvent;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 

@@ -93,10 +93,11 @@ pub enum Action {
     Deny,
 }
 
-/// One dimension of a limited key, e.g. `user_id = alice`. API keys appear as
-/// `fp:<fingerprint>`.
+/// One part of a limited key as outputs show it: a dimension's name and its
+/// value, e.g. `user_id = alice` (the Avro schemas' `dimensions` items).
+/// API keys appear as `fp:<fingerprint>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Dim {
+pub struct KeyPart {
     pub name: String,
     pub value: String,
 }
@@ -110,7 +111,7 @@ pub struct DecisionRecord {
     pub limit: String,
     /// The record key: limit name and dimensions, e.g. `per_user/user_id=alice`.
     pub key: String,
-    pub dimensions: Vec<Dim>,
+    pub dimensions: Vec<KeyPart>,
     /// For `BLOCK`/`DENY`: when the key may pass again (event time, ms).
     pub until_ms: Option<i64>,
     pub reason: String,
@@ -148,7 +149,7 @@ pub struct BreachAlert {
     pub alert_id: String,
     pub limit: String,
     pub key: String,
-    pub dimensions: Vec<Dim>,
+    pub dimensions: Vec<KeyPart>,
     pub shadow: bool,
     pub window_start_ms: i64,
     pub window_end_ms: i64,

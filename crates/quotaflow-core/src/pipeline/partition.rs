@@ -10,13 +10,16 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use serde::{Deserialize, Serialize};
-
+use super::alerts::{
+    dim_value, AlertAgg, DimValues, OpenAlert, MAX_OFFENDERS, OFFENDER_DIMENSIONS, TOP_OFFENDERS,
+};
 use super::checkpoint::Checkpoint;
-use super::records::{Action, BreachAlert, DecisionRecord, Dim, Offender, RequestEvent, Severity};
+use super::records::{
+    Action, BreachAlert, DecisionRecord, KeyPart, Offender, RequestEvent, Severity,
+};
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::{BreachEvent, Decision, Limiter};
-use crate::rules::{Dimension, Limit, Request, Rules};
+use crate::rules::{Limit, Request, Rules};
 use crate::state::{KeyId, KeyedStore};
 
 /// What a partition processor needs to know beyond the rules.
@@ -64,123 +67,6 @@ pub enum Output {
         reason: String,
     },
 }
-
-/// Refusals of one key in one alert window.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AlertAgg {
-    /// The key as alerts show it ([`render_key`]).
-    pub key: String,
-    pub limit: String,
-    pub shadow: bool,
-    pub dimensions: Vec<Dim>,
-    pub refused: u64,
-    pub refused_cost: u64,
-    pub first_seen_ms: u64,
-    pub last_seen_ms: u64,
-    /// (dimension, value, count), first `MAX_OFFENDERS` distinct values.
-    pub offenders: Vec<(Dimension, String, u64)>,
-}
-
-/// An alert window's aggregate for one key while the window is open, with
-/// a hash per offender: counting a refusal then compares 64-bit hashes, not
-/// up to `MAX_OFFENDERS` strings per dimension. The hashes are not
-/// checkpointed; they are recomputed from the values on restore.
-struct OpenAlert {
-    agg: AlertAgg,
-    offender_hashes: Vec<u64>,
-}
-
-impl AlertAgg {
-    /// Add `other`'s refusals (same rendered key, same window) to these.
-    fn absorb(&mut self, other: AlertAgg) {
-        self.refused += other.refused;
-        self.refused_cost += other.refused_cost;
-        self.first_seen_ms = self.first_seen_ms.min(other.first_seen_ms);
-        self.last_seen_ms = self.last_seen_ms.max(other.last_seen_ms);
-        self.shadow &= other.shadow;
-        for (dim, value, count) in other.offenders {
-            let known = self
-                .offenders
-                .iter()
-                .position(|(d, v, _)| *d == dim && *v == value);
-            match known {
-                Some(i) => self.offenders[i].2 += count,
-                None if self.offenders.len() < MAX_OFFENDERS => {
-                    self.offenders.push((dim, value, count))
-                }
-                None => {}
-            }
-        }
-    }
-}
-
-impl OpenAlert {
-    fn new(agg: AlertAgg, hasher: &hashbrown::DefaultHashBuilder) -> Self {
-        let offender_hashes: Vec<u64> = agg
-            .offenders
-            .iter()
-            .map(|(d, v, _)| offender_hash(hasher, *d, v))
-            .collect();
-        Self {
-            agg,
-            offender_hashes,
-        }
-    }
-}
-
-fn offender_hash(hasher: &hashbrown::DefaultHashBuilder, dim: Dimension, value: &str) -> u64 {
-    use std::hash::BuildHasher as _;
-    hasher.hash_one((dim, value))
-}
-
-/// The dimensions an alert reports offending values of (method is too
-/// coarse to tell offenders apart).
-const OFFENDER_DIMENSIONS: [Dimension; 4] = [
-    Dimension::UserId,
-    Dimension::ApiKey,
-    Dimension::ClientIp,
-    Dimension::Path,
-];
-
-/// Offender values of one record as alerts show them, with their hashes,
-/// each made on first use: a record refused by three limits reports the
-/// same offenders three times, and an API key's fingerprint is a keyed hash.
-#[derive(Default)]
-struct DimValues {
-    values: [String; OFFENDER_DIMENSIONS.len()],
-    hashes: [u64; OFFENDER_DIMENSIONS.len()],
-    made: [bool; OFFENDER_DIMENSIONS.len()],
-}
-
-impl DimValues {
-    fn clear(&mut self) {
-        self.made = [false; OFFENDER_DIMENSIONS.len()];
-    }
-
-    /// The value and hash of `OFFENDER_DIMENSIONS[i]`.
-    fn get(
-        &mut self,
-        i: usize,
-        req: &Request,
-        fp: &Fingerprinter,
-        hasher: &hashbrown::DefaultHashBuilder,
-    ) -> (&str, u64) {
-        let dim = OFFENDER_DIMENSIONS[i];
-        if !self.made[i] {
-            let value = &mut self.values[i];
-            value.clear();
-            write_dim_value(value, req, dim, fp);
-            self.hashes[i] = offender_hash(hasher, dim, value);
-            self.made[i] = true;
-        }
-        (&self.values[i], self.hashes[i])
-    }
-}
-
-/// Distinct offending values tracked per alert (bounded memory per key).
-const MAX_OFFENDERS: usize = 32;
-/// Offenders reported per alert.
-const TOP_OFFENDERS: usize = 5;
 
 /// The state and logic of one owned partition.
 pub struct PartitionProcessor {
@@ -347,7 +233,7 @@ impl PartitionProcessor {
 
         let store = self.store.clone();
         let fp = limiter.fingerprinter();
-        limiter.check_in(&store, &req, now, |rules, d| {
+        limiter.check_against(&store, &req, now, |rules, d| {
             self.decisions(rules, d, &req, fp, now, rec.offset, out);
             self.count_refusals(rules, d, &req, fp, now);
         });
@@ -595,26 +481,12 @@ impl PartitionProcessor {
     }
 }
 
-/// A dimension's value as outputs show it: API keys as `fp:<hex>`.
-fn write_dim_value(out: &mut String, req: &Request, dim: Dimension, fp: &Fingerprinter) {
-    if dim == Dimension::ApiKey {
-        out.push_str("fp:");
-    }
-    req.write_dimension(dim, fp, out);
-}
-
-fn dim_value(req: &Request, dim: Dimension, fp: &Fingerprinter) -> String {
-    let mut s = String::new();
-    write_dim_value(&mut s, req, dim, fp);
-    s
-}
-
 /// The limit's key dimensions for `req`, API keys as fingerprints.
-pub fn dimensions(limit: &Limit, req: &Request, fp: &Fingerprinter) -> Vec<Dim> {
+pub fn dimensions(limit: &Limit, req: &Request, fp: &Fingerprinter) -> Vec<KeyPart> {
     limit
         .key
         .iter()
-        .map(|&d| Dim {
+        .map(|&d| KeyPart {
             name: d.as_str().to_owned(),
             value: dim_value(req, d, fp),
         })
@@ -622,7 +494,7 @@ pub fn dimensions(limit: &Limit, req: &Request, fp: &Fingerprinter) -> Vec<Dim> 
 }
 
 /// `limit/dim=value/...`: the record key of decisions and alerts.
-pub fn render_key(limit: &str, dims: &[Dim]) -> String {
+pub fn render_key(limit: &str, dims: &[KeyPart]) -> String {
     let mut key = limit.to_owned();
     for d in dims {
         key.push('/');

@@ -156,18 +156,19 @@ impl Limiter {
     /// made with to `f` (for headers that need the limits' names and shapes).
     ///
     /// `req` must have passed [`Request::validate`].
-    pub fn check_with<R>(
+    pub fn check_then<R>(
         &self,
         req: &Request,
         now_ms: u64,
         f: impl FnOnce(&Rules, &Decision) -> R,
     ) -> R {
-        self.check_in(&self.store, req, now_ms, f)
+        self.check_against(&self.store, req, now_ms, f)
     }
 
-    /// As [`Limiter::check_with`], against another store: the stream
-    /// processor keeps one store per partition it owns, under the same rules.
-    pub fn check_in<R>(
+    /// As [`Limiter::check_then`], against `store` instead of the limiter's
+    /// own: the stream processor keeps one store per partition it owns,
+    /// under the same rules.
+    pub fn check_against<R>(
         &self,
         store: &KeyedStore,
         req: &Request,
@@ -181,7 +182,7 @@ impl Limiter {
 
     /// Decide `req` at `now_ms`.
     pub fn check(&self, req: &Request, now_ms: u64) -> Decision {
-        self.check_with(req, now_ms, |_, d| d.clone())
+        self.check_then(req, now_ms, |_, d| d.clone())
     }
 
     fn decide(&self, store: &KeyedStore, rules: &Rules, req: &Request, now_ms: u64) -> Decision {
@@ -376,7 +377,7 @@ mod tests {
             for _ in 0..2 {
                 s.spawn(|| {
                     for _ in 0..20_000 {
-                        l.check_with(&user("u"), 0, |rules, d| {
+                        l.check_then(&user("u"), 0, |rules, d| {
                             assert_eq!(rules.version, d.version);
                             let names: Vec<&str> = d
                                 .outcomes

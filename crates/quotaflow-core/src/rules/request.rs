@@ -243,7 +243,7 @@ mod vocabulary {
     #[test]
     fn check_fields_match_the_request_event_schema() {
         let schema: serde_json::Value =
-            serde_json::from_str(include_str!("../../schemas/request_event.avsc")).unwrap();
+            serde_json::from_str(include_str!("../../../../schemas/request_event.avsc")).unwrap();
         let names: Vec<&str> = schema["fields"]
             .as_array()
             .unwrap()

@@ -19,7 +19,7 @@ use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
 
-use crate::pipeline::partition::InputRecord;
+use quotaflow_core::pipeline::partition::InputRecord;
 
 /// One record as librdkafka handed it over; destroyed on drop, so records
 /// are freed even if the caller panics halfway through a batch.
@@ -33,7 +33,7 @@ impl Drop for Owned {
 }
 
 /// What one record turned out to be.
-pub(super) enum Record<'a> {
+pub(super) enum Fetched<'a> {
     Ok(InputRecord<'a>),
     /// An error librdkafka delivers in place of a record (its text).
     Err(String),
@@ -87,7 +87,7 @@ impl<C: ConsumerContext + 'static> BatchQueue<C> {
     /// Lend every record already queued (up to the batch size) to `f`, in
     /// offset order; if there is none, wait up to `wait` for one. Returns
     /// how many were lent (errors included).
-    pub(super) fn drain(&mut self, wait: Duration, f: &mut dyn FnMut(Record<'_>)) -> usize {
+    pub(super) fn drain(&mut self, wait: Duration, f: &mut dyn FnMut(Fetched<'_>)) -> usize {
         // SAFETY: a valid queue and `slots.len()` writable slots; librdkafka
         // fills the first `n` with messages we then own.
         let n = unsafe {
@@ -144,7 +144,7 @@ unsafe fn bytes<'a>(at: *const c_void, len: usize) -> &'a [u8] {
     }
 }
 
-fn read(m: &Owned) -> Record<'_> {
+fn read(m: &Owned) -> Fetched<'_> {
     let p = m.0.as_ptr();
     // SAFETY: a message we own, valid until `m` is dropped; its payload and
     // key (when not null) are `len`/`key_len` bytes that live as long.
@@ -157,12 +157,12 @@ fn read(m: &Owned) -> Record<'_> {
             } else {
                 CStr::from_ptr(text).to_string_lossy().into_owned()
             };
-            return Record::Err(text);
+            return Fetched::Err(text);
         }
         let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
         let ts = rd::rd_kafka_message_timestamp(p, &mut kind);
         let available = kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
-        Record::Ok(InputRecord {
+        Fetched::Ok(InputRecord {
             offset: msg.offset,
             broker_ts_ms: (available && ts >= 0).then_some(ts),
             key: (!msg.key.is_null()).then(|| bytes(msg.key, msg.key_len)),
@@ -247,13 +247,13 @@ mod tests {
         while seen.len() < 1000 && Instant::now() < deadline {
             let _ = consumer.poll(Duration::ZERO);
             let n = queue.drain(Duration::from_millis(100), &mut |r| match r {
-                Record::Ok(r) => seen.push((
+                Fetched::Ok(r) => seen.push((
                     r.offset,
                     r.key.map(<[u8]>::to_vec),
                     r.payload.to_vec(),
                     r.broker_ts_ms.is_some(),
                 )),
-                Record::Err(e) => panic!("unexpected error record: {e}"),
+                Fetched::Err(e) => panic!("unexpected error record: {e}"),
             });
             largest = largest.max(n);
         }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::partition::AlertAgg;
+use super::alerts::AlertAgg;
 use crate::state::{KeyId, StoredKey};
 
 /// Format version of the encoded checkpoint, first byte of every blob.

@@ -12,8 +12,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::limiter::{BreachEvent, Decision};
-use crate::rules::Rules;
+use quotaflow_core::limiter::{BreachEvent, Decision};
+use quotaflow_core::rules::Rules;
 
 /// Every metric quotaflow exports.
 pub struct Metrics {
@@ -349,9 +349,9 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fingerprint::Fingerprinter;
-    use crate::limiter::Limiter;
-    use crate::rules::{Request, RulesDoc};
+    use quotaflow_core::fingerprint::Fingerprinter;
+    use quotaflow_core::limiter::Limiter;
+    use quotaflow_core::rules::{Request, RulesDoc};
 
     #[test]
     fn decisions_become_counters_without_request_data() {
@@ -366,7 +366,7 @@ mod tests {
             ..Request::default()
         };
         for _ in 0..3 {
-            limiter.check_with(&req, 0, |rules, d| {
+            limiter.check_then(&req, 0, |rules, d| {
                 m.record("check", rules, d, Duration::from_micros(3))
             });
         }

@@ -11,7 +11,7 @@
 //! general way, which also gives the precise error. A property test checks
 //! both decoders agree on every encoded event and on arbitrary bytes.
 
-use crate::pipeline::records::RequestEvent;
+use quotaflow_core::pipeline::records::RequestEvent;
 
 /// Decode a body written with `schemas/request_event.avsc` as it is now
 /// into `e`, reusing its strings' buffers: the worker decodes every event

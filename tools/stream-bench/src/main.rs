@@ -43,13 +43,13 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use serde_json::{json, Value};
 
-use quotaflow::pipeline::partition::{InputRecord, PartitionProcessor};
-use quotaflow::pipeline::records::Action;
-use quotaflow::rules::Dimension;
 use quotaflow::settings::{KafkaSettings, Settings};
 use quotaflow::simulate::{Generated, Generator, Plan};
-use quotaflow::state::KeyedStore;
-use quotaflow::stream::avro::{Codec, Encoding};
+use quotaflow_adapters::avro::{Codec, Encoding};
+use quotaflow_core::pipeline::partition::{InputRecord, PartitionProcessor};
+use quotaflow_core::pipeline::records::Action;
+use quotaflow_core::rules::Dimension;
+use quotaflow_core::state::KeyedStore;
 
 /// The allocator of the `quotaflow` binary (src/main.rs), so the in-process
 /// what-if and breakdown measure what the binary would.
@@ -173,7 +173,7 @@ enum Cmd {
         #[arg(long)]
         checkpoint_interval: Option<String>,
         /// The processor's JSON log, with debug `checkpoint` events
-        /// (RUST_LOG=info,quotaflow::stream::worker=debug), to tell the
+        /// (RUST_LOG=info,quotaflow_adapters::worker=debug), to tell the
         /// decisions delayed by a checkpoint from the others.
         #[arg(long)]
         log: Option<PathBuf>,
@@ -428,7 +428,7 @@ fn fill(
 ) -> anyhow::Result<Value> {
     let codec = Codec::new(Encoding::SingleObject)?;
     // The producer `quotaflow simulate --kafka` uses.
-    let producer = quotaflow::stream::kafka::request_producer(&kafka_settings()?)?;
+    let producer = quotaflow_adapters::kafka::request_producer(&kafka_settings()?)?;
     let mut gen = Generator::new(Plan {
         users,
         hot_users,
@@ -700,10 +700,12 @@ fn raw(
     let started = Instant::now();
     let work_settings = Settings::load(Some(config))?;
     let codec = quotaflow::server::codec(&work_settings)?;
-    let fp =
-        quotaflow::fingerprint::Fingerprinter::from_secret(&work_settings.security.fingerprint_key);
-    let mut scratch = quotaflow::pipeline::records::RequestEvent::default();
-    let mut counts: hashbrown::HashMap<quotaflow::state::KeyId, u64> = hashbrown::HashMap::new();
+    let fp = quotaflow_core::fingerprint::Fingerprinter::from_secret(
+        &work_settings.security.fingerprint_key,
+    );
+    let mut scratch = quotaflow_core::pipeline::records::RequestEvent::default();
+    let mut counts: hashbrown::HashMap<quotaflow_core::state::KeyId, u64> =
+        hashbrown::HashMap::new();
     let mut decoded = 0u64;
     // Exactly quotaflow's consumer settings, with the default session timeout.
     let settings = KafkaSettings {
@@ -711,7 +713,7 @@ fn raw(
         group_id: group.to_owned(),
         ..KafkaSettings::default()
     };
-    let consumer: BaseConsumer = quotaflow::stream::kafka::consumer_config(&settings)
+    let consumer: BaseConsumer = quotaflow_adapters::kafka::consumer_config(&settings)
         .create()
         .context("raw consumer")?;
     consumer.subscribe(&[topic])?;
@@ -1086,7 +1088,7 @@ impl StaggeredLoad {
         }
     }
 
-    fn next(&mut self, now_ms: i64) -> quotaflow::pipeline::records::RequestEvent {
+    fn next(&mut self, now_ms: i64) -> quotaflow_core::pipeline::records::RequestEvent {
         use quotaflow::simulate::PATHS;
         use rand::Rng as _;
         self.n += 1;
@@ -1151,7 +1153,7 @@ fn histogram(text: &str, name: &str) -> Value {
 fn latency(a: &LatencyArgs) -> anyhow::Result<Value> {
     ensure!(a.rate > 0, "--rate must be positive");
     let codec = Codec::new(Encoding::SingleObject)?;
-    // The settings of quotaflow::stream::kafka::request_producer (what
+    // The settings of quotaflow_adapters::kafka::request_producer (what
     // `quotaflow simulate --kafka` uses), plus a delivery callback.
     let clock = AckClock {
         acks: parking_lot::Mutex::new(Vec::new()),
@@ -1377,17 +1379,17 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
     let codec = quotaflow::server::codec(&settings)?;
     // Timed as the worker decodes: every record into the same event.
     let t = Instant::now();
-    let mut scratch = quotaflow::pipeline::records::RequestEvent::default();
+    let mut scratch = quotaflow_core::pipeline::records::RequestEvent::default();
     for (_, _, _, payload) in &owned {
         let _ = std::hint::black_box(codec.decode_request_into(payload, &mut scratch));
     }
     let decode = t.elapsed();
     // The general path for comparison: apache-avro's `Value` tree, which the
     // codec falls back to for older writer schemas and damaged records.
-    let schema = apache_avro::Schema::parse_str(quotaflow::stream::avro::REQUEST_EVENT_SCHEMA)?;
+    let schema = apache_avro::Schema::parse_str(quotaflow_adapters::avro::REQUEST_EVENT_SCHEMA)?;
     let header = match codec.encoding() {
-        quotaflow::stream::avro::Encoding::SingleObject => 10,
-        quotaflow::stream::avro::Encoding::Confluent { .. } => 5,
+        quotaflow_adapters::avro::Encoding::SingleObject => 10,
+        quotaflow_adapters::avro::Encoding::Confluent { .. } => 5,
     };
     let generic = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build()?;
     let t = Instant::now();
@@ -1444,9 +1446,9 @@ fn breakdown(topic: &str, count: u64, config: &std::path::Path) -> anyhow::Resul
     // the shared connection serialises them).
     let mut saves = BTreeMap::new();
     if let Ok(url) = std::env::var("REDIS_URL") {
-        use quotaflow::pipeline::CheckpointStore as _;
+        use quotaflow_core::pipeline::CheckpointStore as _;
         let prefix = format!("stream-bench-breakdown-{}", std::process::id());
-        let store = quotaflow::stream::redis_store::RedisCheckpoints::new(
+        let store = quotaflow_adapters::redis_checkpoints::RedisCheckpoints::new(
             &url,
             &prefix,
             "g",

@@ -1,60 +1,66 @@
-//! The embedded default: the same partition workers, fed by an in-process
-//! bus instead of Kafka, with outputs kept in memory (and logged) instead of
-//! published, and checkpoints in memory instead of Redis.
+//! The embedded default: the same partition workers and coordinator, fed
+//! by an in-process bus instead of Kafka, with outputs kept in memory (and
+//! logged) instead of published, and checkpoints in memory instead of Redis.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::avro::EncodeError;
-use super::worker::{Record, Shared, Worker, STOP_TIMEOUT};
-use crate::pipeline::records::{BreachAlert, DecisionRecord, RequestEvent};
-use crate::pipeline::{CheckpointError, Delivery, Output, OutputSink, SinkError};
-use crate::rules::Dimension;
-
-/// Kafka's default partitioner: murmur2 of the key, as Java clients compute
-/// it (librdkafka's `murmur2_random`), so the embedded bus and Kafka agree on
-/// which partition owns a key.
-pub fn partition_for(key: &[u8], partitions: u32) -> i32 {
-    ((murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff) % partitions.max(1)) as i32
-}
+use crate::avro::EncodeError;
+use crate::clock::now_ms;
+use crate::coordinator::{Coordinator, RevokeReport};
+use crate::worker::{BusRecord, ChannelSource, Msg, CHANNEL_DEPTH};
+use quotaflow_core::pipeline::partitioner::partition_for;
+use quotaflow_core::pipeline::records::{BreachAlert, DecisionRecord, RequestEvent};
+use quotaflow_core::pipeline::{CheckpointError, Delivery, Output, OutputSink, SinkError};
+use quotaflow_core::rules::Dimension;
 
 struct BusPartition {
     next_offset: i64,
-    worker: Option<Worker>,
+    /// The partition's worker, while this bus's coordinator owns it.
+    worker: Option<SyncSender<Msg>>,
 }
 
-/// An in-process, partitioned request topic.
+/// An in-process, partitioned request topic. Its partitions are taken and
+/// handed back through a [`Coordinator`], as Kafka's are.
 pub struct EmbeddedBus {
-    shared: Arc<Shared>,
+    coordinator: Arc<Coordinator>,
     partitions: Vec<Mutex<BusPartition>>,
     partition_key: Vec<Dimension>,
     round_robin: AtomicUsize,
 }
 
 impl EmbeddedBus {
-    /// Take every partition (bumping epochs, restoring checkpoints) and start their workers.
+    /// Take every partition through `coordinator` (bumping epochs,
+    /// restoring checkpoints) and start their workers.
     pub fn start(
-        shared: Arc<Shared>,
+        coordinator: Arc<Coordinator>,
         partitions: u32,
         partition_key: Vec<Dimension>,
     ) -> Result<Self, CheckpointError> {
-        let mut parts = Vec::new();
-        for p in 0..partitions.max(1) as i32 {
-            let (epoch, cp) = shared.checkpoints.acquire(p)?;
-            let next_offset = cp.as_ref().map_or(0, |c| c.next_offset);
-            let worker = Worker::spawn_channel(shared.clone(), p, epoch, cp)
-                .map_err(|e| CheckpointError::Unavailable(format!("starting worker: {e}")))?;
+        let all: Vec<i32> = (0..partitions.max(1))
+            .filter_map(|p| i32::try_from(p).ok())
+            .collect();
+        let taken = coordinator.assign(&all, CHANNEL_DEPTH, |_, rx| Some(ChannelSource::new(rx)));
+        let mut parts = Vec::with_capacity(all.len());
+        for p in all {
+            let next_offset = taken
+                .iter()
+                .find(|t| t.partition == p)
+                .ok_or_else(|| CheckpointError::Unavailable(format!("partition {p} not taken")))?
+                .next_offset
+                .unwrap_or(0);
             parts.push(Mutex::new(BusPartition {
                 next_offset,
-                worker: Some(worker),
+                worker: coordinator.sender(p),
             }));
         }
         Ok(Self {
-            shared,
+            coordinator,
             partitions: parts,
             partition_key,
             round_robin: AtomicUsize::new(0),
@@ -65,44 +71,57 @@ impl EmbeddedBus {
         self.partitions.len() as u32
     }
 
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
     /// Append a raw record (any bytes: the worker decodes it, and dead-letters
     /// what it cannot). Returns its partition and offset.
     pub fn publish_raw(&self, key: Option<&[u8]>, payload: Vec<u8>) -> (i32, i64) {
         let p = match key {
             Some(k) => partition_for(k, self.partitions()),
-            None => {
-                (self.round_robin.fetch_add(1, Ordering::Relaxed) % self.partitions.len()) as i32
-            }
+            None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % self.partitions.len())
+                .try_into()
+                .unwrap_or(0),
         };
-        let mut part = self.partitions[p as usize].lock();
+        let Some(slot) = usize::try_from(p).ok().and_then(|i| self.partitions.get(i)) else {
+            return (p, -1);
+        };
+        let mut part = slot.lock();
         let offset = part.next_offset;
         part.next_offset += 1;
-        let record = Record {
+        let record = BusRecord {
             offset,
-            broker_ts_ms: Some(crate::api::now_ms() as i64),
+            broker_ts_ms: i64::try_from(now_ms()).ok(),
             key: key.map(<[u8]>::to_vec),
             payload,
         };
         if let Some(w) = &part.worker {
-            w.send(record);
+            // A failed send: the worker stopped (shutdown); the record stays
+            // in the bus's offsets, as a record no consumer read.
+            let _ = w.send(Msg::Record(record));
         }
         (p, offset)
     }
 
     /// Encode and append a request event, keyed by the partition key.
     pub fn publish(&self, event: &RequestEvent) -> Result<(i32, i64), EncodeError> {
-        let payload = self.shared.codec.encode_request(event)?;
+        let payload = self
+            .coordinator
+            .context()
+            .processing
+            .codec
+            .encode_request(event)?;
         let key = event.partition_key(&self.partition_key);
         Ok(self.publish_raw(Some(&key), payload))
     }
 
     /// Drain every partition and write final checkpoints.
-    pub fn stop(&self) {
+    pub fn stop(&self) -> RevokeReport {
         for part in &self.partitions {
-            if let Some(w) = part.lock().worker.take() {
-                w.stop(STOP_TIMEOUT);
-            }
+            part.lock().worker = None;
         }
+        self.coordinator.revoke_all()
     }
 }
 
@@ -197,24 +216,5 @@ impl OutputSink for EmbeddedSink {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_like_java_clients() {
-        // Kafka's own test vectors for Utils.murmur2.
-        assert_eq!(
-            murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32,
-            -973_932_308
-        );
-        assert_eq!(
-            murmur2::murmur2(b"foobar", murmur2::KAFKA_SEED) as i32,
-            -790_332_482
-        );
-        assert_eq!(partition_for(b"21", 1), 0);
     }
 }

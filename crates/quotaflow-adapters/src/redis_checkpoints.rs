@@ -7,11 +7,12 @@
 //! the offset does not move backwards, atomically, so a zombie instance that
 //! lost the partition cannot overwrite the new owner's checkpoint.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
+use quotaflow_core::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
 
 const SAVE: &str = r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -29,7 +30,10 @@ return {'ok', current}
 /// Checkpoints of one consumer group's partitions of one topic.
 pub struct RedisCheckpoints {
     client: redis::Client,
-    conn: Mutex<Option<redis::Connection>>,
+    /// One connection per partition, so that partitions drained together
+    /// save together: a slow or unreachable Redis then costs a revoke one
+    /// timeout, not one per partition.
+    conns: Mutex<HashMap<i32, redis::Connection>>,
     base: String,
     timeout: Duration,
     script: redis::Script,
@@ -47,7 +51,7 @@ impl RedisCheckpoints {
             .map_err(|e| CheckpointError::Unavailable(format!("redis url {url}: {e}")))?;
         Ok(Self {
             client,
-            conn: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
             base: format!("{prefix}:{group}:{topic}"),
             timeout,
             script: redis::Script::new(SAVE),
@@ -61,47 +65,49 @@ impl RedisCheckpoints {
         )
     }
 
-    /// Run `f` on a connection, reconnecting once if the cached one broke.
+    /// Run `f` on `partition`'s connection. The connection is taken out of
+    /// the map while in use, so partitions never wait on each other's
+    /// calls. A cached connection that broke while idle is replaced once; a
+    /// timeout is not retried (it would double the wait on a stalled Redis).
     fn with_conn<T>(
         &self,
+        partition: i32,
         f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, CheckpointError> {
-        let mut guard = self.conn.lock();
-        for attempt in 0..2 {
-            if guard.is_none() {
-                let conn = self
-                    .client
-                    .get_connection_with_timeout(self.timeout)
-                    .and_then(|c| {
-                        c.set_read_timeout(Some(self.timeout))?;
-                        c.set_write_timeout(Some(self.timeout))?;
-                        Ok(c)
-                    })
-                    .map_err(|e| CheckpointError::Unavailable(e.to_string()))?;
-                *guard = Some(conn);
+        let unavailable = |e: redis::RedisError| CheckpointError::Unavailable(e.to_string());
+        let cached = self.conns.lock().remove(&partition);
+        let was_cached = cached.is_some();
+        let mut conn = match cached {
+            Some(c) => c,
+            None => self.connect().map_err(unavailable)?,
+        };
+        let value = match f(&mut conn) {
+            Ok(v) => v,
+            Err(e)
+                if was_cached
+                    && !e.is_timeout()
+                    && (e.is_io_error() || e.is_connection_dropped()) =>
+            {
+                conn = self.connect().map_err(unavailable)?;
+                f(&mut conn).map_err(unavailable)?
             }
-            let Some(conn) = guard.as_mut() else { continue };
-            match f(conn) {
-                Ok(v) => return Ok(v),
-                Err(e)
-                    if attempt == 0
-                        && (e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) =>
-                {
-                    *guard = None;
-                }
-                Err(e) => {
-                    *guard = None;
-                    return Err(CheckpointError::Unavailable(e.to_string()));
-                }
-            }
-        }
-        Err(CheckpointError::Unavailable("redis connection lost".into()))
+            Err(e) => return Err(unavailable(e)),
+        };
+        self.conns.lock().insert(partition, conn);
+        Ok(value)
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let c = self.client.get_connection_with_timeout(self.timeout)?;
+        c.set_read_timeout(Some(self.timeout))?;
+        c.set_write_timeout(Some(self.timeout))?;
+        Ok(c)
     }
 
     /// The stored checkpoint of `partition` without taking ownership (tests, tooling).
     pub fn peek(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError> {
         let (epoch_key, cp_key) = self.keys(partition);
-        let (epoch, blob): (Option<u64>, Option<Vec<u8>>) = self.with_conn(|c| {
+        let (epoch, blob): (Option<u64>, Option<Vec<u8>>) = self.with_conn(partition, |c| {
             redis::pipe()
                 .get(&epoch_key)
                 .hget(&cp_key, "state")
@@ -117,7 +123,7 @@ impl RedisCheckpoints {
 impl CheckpointStore for RedisCheckpoints {
     fn acquire(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError> {
         let (epoch_key, cp_key) = self.keys(partition);
-        let (epoch, blob): (u64, Option<Vec<u8>>) = self.with_conn(|c| {
+        let (epoch, blob): (u64, Option<Vec<u8>>) = self.with_conn(partition, |c| {
             redis::pipe()
                 .atomic()
                 .incr(&epoch_key, 1)
@@ -130,7 +136,7 @@ impl CheckpointStore for RedisCheckpoints {
     fn save(&self, partition: i32, epoch: u64, cp: &Checkpoint) -> Result<(), CheckpointError> {
         let (epoch_key, cp_key) = self.keys(partition);
         let blob = cp.encode()?;
-        let (status, value): (String, i64) = self.with_conn(|c| {
+        let (status, value): (String, i64) = self.with_conn(partition, |c| {
             self.script
                 .key(&epoch_key)
                 .key(&cp_key)

@@ -1,11 +1,13 @@
 //! The stream processor's core: what one partition does with one event,
 //! its checkpoints, and the interfaces to the outside (sink, checkpoint
-//! store). Nothing here knows Kafka, Redis or Avro; `crate::stream` adapts
+//! store). Nothing here knows Kafka, Redis or Avro; `quotaflow-adapters` adapts
 //! these to them, and to the in-process bus of the embedded default.
 
+pub mod alerts;
 pub mod checkpoint;
 pub mod delivery;
 pub mod partition;
+pub mod partitioner;
 pub mod records;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, MemoryCheckpoints};

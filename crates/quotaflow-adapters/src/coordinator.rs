@@ -1,0 +1,666 @@
+//! Partition ownership: which partitions this instance owns, taking them
+//! over and handing them back. One coordinator serves the embedded bus and
+//! Kafka alike; Kafka's rebalance callback only forwards to it.
+//!
+//! - **assign**: every partition is taken in parallel: bump its fencing
+//!   epoch and load its checkpoint (retried while the store is unavailable,
+//!   until the partition is revoked or the coordinator shuts down), then
+//!   start its worker. The caller learns each taken partition's start offset.
+//! - **revoke**: every revoked partition is asked to drain and write a final
+//!   checkpoint at once, and all are awaited against one deadline, so a
+//!   revoke of N partitions takes at most the deadline, never N of them.
+//!   What could not be checkpointed is logged and reported.
+//! - **lose**: a partition lost without a revoke (the member was dropped
+//!   from the group) is handed back the same way: its final checkpoint is
+//!   saved if its epoch still holds and fenced if a new owner has taken it.
+//!
+//! docs/architecture.md draws how a record and a `/check` reach the state.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use quotaflow_core::pipeline::{Checkpoint, CheckpointError};
+use quotaflow_core::state::KeyedStore;
+
+use crate::worker::{self, Msg, Source, StopOutcome, Stopping, Worker, WorkerContext};
+
+/// First pause before retrying a partition whose checkpoint could not be
+/// loaded; it doubles up to [`MAX_RESTORE_BACKOFF`].
+const RESTORE_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_RESTORE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A partition taken by [`Coordinator::assign`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub partition: i32,
+    pub epoch: u64,
+    /// Where its records resume: the checkpoint's next offset, or `None`
+    /// for a partition with no checkpoint (start at the earliest record).
+    pub next_offset: Option<i64>,
+}
+
+/// What a revoke (or shutdown) did with each partition.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RevokeReport {
+    /// (partition, how its worker stopped), in partition order.
+    pub stopped: Vec<(i32, StopOutcome)>,
+    /// Partitions revoked while still being restored: never started.
+    pub cancelled: Vec<i32>,
+    pub took: Duration,
+}
+
+impl RevokeReport {
+    /// Partitions whose final checkpoint is not known to be saved.
+    pub fn not_checkpointed(&self) -> impl Iterator<Item = i32> + '_ {
+        self.stopped.iter().filter_map(|(p, o)| match o {
+            StopOutcome::Checkpointed { .. } | StopOutcome::Clean => None,
+            _ => Some(*p),
+        })
+    }
+}
+
+enum Slot {
+    /// Being restored; the flag cancels it.
+    Restoring(Arc<AtomicBool>),
+    Running(Worker),
+}
+
+/// This instance's partitions and their workers.
+pub struct Coordinator {
+    ctx: Arc<WorkerContext>,
+    slots: Mutex<BTreeMap<i32, Slot>>,
+    drain_deadline: Duration,
+    shutting_down: AtomicBool,
+}
+
+impl Coordinator {
+    /// `drain_deadline` bounds every revoke and shutdown: it must fit inside
+    /// the consumer's `max.poll.interval.ms`, since a revoke runs on the
+    /// consumer's thread.
+    pub fn new(ctx: Arc<WorkerContext>, drain_deadline: Duration) -> Self {
+        Self {
+            ctx,
+            slots: Mutex::new(BTreeMap::new()),
+            drain_deadline,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn context(&self) -> &Arc<WorkerContext> {
+        &self.ctx
+    }
+
+    /// Take `partitions`, in parallel. `make_source(partition, channel)`
+    /// builds each worker's source around its control channel; a partition
+    /// whose source cannot be built, or whose restore was cancelled, is left
+    /// out of the result. A partition already owned is handed back first
+    /// (a new generation of the same assignment).
+    pub fn assign<S: Source>(
+        &self,
+        partitions: &[i32],
+        depth: usize,
+        make_source: impl Fn(i32, Receiver<Msg>) -> Option<S> + Sync,
+    ) -> Vec<Taken> {
+        let owned: Vec<i32> = {
+            let slots = self.slots.lock();
+            partitions
+                .iter()
+                .copied()
+                .filter(|p| slots.contains_key(p))
+                .collect()
+        };
+        if !owned.is_empty() {
+            tracing::warn!(event = "partition_reassigned", partitions = ?owned, "assigned partitions this instance already owns; handing them back first");
+            self.revoke(&owned);
+        }
+        let cancels: Vec<(i32, Arc<AtomicBool>)> = {
+            let mut slots = self.slots.lock();
+            partitions
+                .iter()
+                .map(|&p| {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    slots.insert(p, Slot::Restoring(cancel.clone()));
+                    (p, cancel)
+                })
+                .collect()
+        };
+        let make_source = &make_source;
+        let mut taken: Vec<Taken> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cancels
+                .into_iter()
+                .map(|(p, cancel)| scope.spawn(move || self.take(p, &cancel, depth, make_source)))
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok().flatten())
+                .collect()
+        });
+        taken.sort_by_key(|t| t.partition);
+        taken
+    }
+
+    /// Restore one partition and start its worker, unless cancelled.
+    fn take<S: Source>(
+        &self,
+        p: i32,
+        cancel: &AtomicBool,
+        depth: usize,
+        make_source: &(impl Fn(i32, Receiver<Msg>) -> Option<S> + Sync),
+    ) -> Option<Taken> {
+        let started = Instant::now();
+        let restored = self.restore(p, cancel);
+        let mut slots = self.slots.lock();
+        // Still ours to start? A revoke during the restore removed the slot
+        // (or replaced it with a newer generation's flag).
+        let current =
+            matches!(slots.get(&p), Some(Slot::Restoring(c)) if std::ptr::eq(&**c, cancel));
+        let Some((epoch, cp)) = restored.filter(|_| current && !cancel.load(Ordering::SeqCst))
+        else {
+            if current {
+                slots.remove(&p);
+            }
+            tracing::info!(
+                event = "restore_cancelled",
+                partition = p,
+                "partition revoked before it was restored"
+            );
+            return None;
+        };
+        let next_offset = cp.as_ref().map(|c| c.next_offset);
+        let keys = cp.as_ref().map_or(0, |c| c.keys.len());
+        let (tx, rx) = worker::channel(depth);
+        let Some(source) = make_source(p, rx) else {
+            slots.remove(&p);
+            tracing::error!(
+                event = "assign_failed",
+                partition = p,
+                "no source for the partition"
+            );
+            return None;
+        };
+        let worker = match Worker::spawn(self.ctx.clone(), p, epoch, cp, tx, source) {
+            Ok(w) => w,
+            Err(e) => {
+                slots.remove(&p);
+                tracing::error!(event = "worker_spawn_failed", partition = p, error = %e);
+                return None;
+            }
+        };
+        let m = &self.ctx.metrics.stream;
+        m.restore_duration.observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            event = "partition_assigned",
+            partition = p,
+            epoch,
+            offset = next_offset.unwrap_or(0),
+            keys,
+            restore_ms = started.elapsed().as_millis() as u64,
+            "took partition"
+        );
+        slots.insert(p, Slot::Running(worker));
+        Some(Taken {
+            partition: p,
+            epoch,
+            next_offset,
+        })
+    }
+
+    /// Bump the epoch and load the checkpoint, retrying while the store is
+    /// unavailable: a partition is never processed without its fencing
+    /// epoch. `None` when cancelled first.
+    fn restore(&self, p: i32, cancel: &AtomicBool) -> Option<(u64, Option<Checkpoint>)> {
+        let mut backoff = RESTORE_BACKOFF;
+        loop {
+            if cancel.load(Ordering::SeqCst) || self.shutting_down.load(Ordering::SeqCst) {
+                return None;
+            }
+            match self.ctx.checkpoints.store.acquire(p) {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let fatal = !matches!(e, CheckpointError::Unavailable(_));
+                    tracing::error!(event = "restore_failed", partition = p, error = %e, "cannot take partition yet; retrying");
+                    if fatal {
+                        // A corrupt checkpoint stays corrupt: retrying slowly
+                        // keeps the log readable while an operator looks.
+                        backoff = MAX_RESTORE_BACKOFF;
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if cancel.load(Ordering::SeqCst)
+                            || self.shutting_down.load(Ordering::SeqCst)
+                        {
+                            return None;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    backoff = (backoff * 2).min(MAX_RESTORE_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Hand `partitions` back: each drains and writes a final checkpoint,
+    /// all in parallel against one deadline.
+    pub fn revoke(&self, partitions: &[i32]) -> RevokeReport {
+        self.hand_back(partitions, "revoked")
+    }
+
+    /// Hand back `partitions` lost without a revoke. Another instance may
+    /// own them already: the final checkpoint is still tried, and the
+    /// epoch fence refuses it if so (a partition's state is always a
+    /// consistent prefix of its records, so saving it while the epoch holds
+    /// is correct and spares the next owner a replay).
+    pub fn lose(&self, partitions: &[i32]) -> RevokeReport {
+        self.hand_back(partitions, "lost")
+    }
+
+    /// Hand back everything (shutdown); restores under way are cancelled.
+    pub fn revoke_all(&self) -> RevokeReport {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let all: Vec<i32> = self.slots.lock().keys().copied().collect();
+        self.hand_back(&all, "shutdown")
+    }
+
+    fn hand_back(&self, partitions: &[i32], why: &'static str) -> RevokeReport {
+        let started = Instant::now();
+        let deadline = started + self.drain_deadline;
+        let mut report = RevokeReport::default();
+        let stopping: Vec<Stopping> = {
+            let mut slots = self.slots.lock();
+            partitions
+                .iter()
+                .filter_map(|p| match slots.remove(p)? {
+                    Slot::Restoring(cancel) => {
+                        cancel.store(true, Ordering::SeqCst);
+                        report.cancelled.push(*p);
+                        None
+                    }
+                    Slot::Running(w) => {
+                        tracing::info!(
+                            event = "partition_revoked",
+                            partition = *p,
+                            why,
+                            "draining"
+                        );
+                        Some(w.request_stop())
+                    }
+                })
+                .collect()
+        };
+        for s in stopping {
+            let p = s.partition();
+            let outcome = s.wait(deadline);
+            match &outcome {
+                StopOutcome::Checkpointed { .. } | StopOutcome::Clean => {}
+                StopOutcome::AlreadyStopped => tracing::warn!(
+                    event = "partition_not_checkpointed",
+                    partition = p,
+                    "the worker had stopped on its own (fenced, or its checkpoints had stopped); the next owner replays from the last checkpoint"
+                ),
+                StopOutcome::NotCheckpointed { reason } => tracing::error!(
+                    event = "partition_not_checkpointed",
+                    partition = p,
+                    reason = %reason,
+                    "final checkpoint not saved; the next owner replays from the last one that was"
+                ),
+                StopOutcome::TimedOut => tracing::error!(
+                    event = "partition_not_checkpointed",
+                    partition = p,
+                    deadline_ms = self.drain_deadline.as_millis() as u64,
+                    "the worker did not drain before the deadline; it finishes on its own, and a late checkpoint is fenced if the partition has a new owner"
+                ),
+            }
+            report.stopped.push((p, outcome));
+        }
+        report.stopped.sort_by_key(|(p, _)| *p);
+        report.took = started.elapsed();
+        if !partitions.is_empty() {
+            tracing::info!(
+                event = "partitions_handed_back",
+                why,
+                partitions = ?partitions,
+                not_checkpointed = ?report.not_checkpointed().collect::<Vec<_>>(),
+                took_ms = report.took.as_millis() as u64,
+                "handed back"
+            );
+        }
+        report
+    }
+
+    /// Whether this instance owns `partition` now: taken, and its worker
+    /// still running (a fenced worker stops on its own).
+    pub fn owns(&self, partition: i32) -> bool {
+        self.owner_epoch(partition).is_some()
+    }
+
+    /// The fencing epoch this instance holds `partition` under, if it owns it.
+    pub fn owner_epoch(&self, partition: i32) -> Option<u64> {
+        match self.slots.lock().get(&partition)? {
+            Slot::Running(w) if !w.is_finished() => Some(w.epoch()),
+            _ => None,
+        }
+    }
+
+    /// The partitions owned now, in order.
+    pub fn owned(&self) -> Vec<i32> {
+        self.slots
+            .lock()
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Running(w) if !w.is_finished()))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// (partition, next offset) of every running worker: for lag.
+    pub fn positions(&self) -> Vec<(i32, i64)> {
+        self.slots
+            .lock()
+            .iter()
+            .filter_map(|(p, s)| match s {
+                Slot::Running(w) if !w.is_finished() => Some((*p, w.position())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The state of an owned partition (the sync path reads it).
+    pub fn store(&self, partition: i32) -> Option<Arc<KeyedStore>> {
+        match self.slots.lock().get(&partition)? {
+            Slot::Running(w) if !w.is_finished() => Some(w.store().clone()),
+            _ => None,
+        }
+    }
+
+    /// A sender into a channel-fed partition's worker (the embedded bus).
+    pub fn sender(&self, partition: i32) -> Option<SyncSender<Msg>> {
+        match self.slots.lock().get(&partition)? {
+            Slot::Running(w) => Some(w.sender()),
+            Slot::Restoring(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::test_support::{ctx_with, feed, wait_until, FaultyStore, InstantSink};
+    use crate::worker::{ChannelSource, CHANNEL_DEPTH};
+    use quotaflow_core::pipeline::{CheckpointStore, MemoryCheckpoints};
+
+    const DEADLINE: Duration = Duration::from_secs(5);
+    /// Long enough that only final checkpoints are written in a test.
+    const NO_PERIODIC: Duration = Duration::from_secs(3600);
+
+    fn coordinator(store: Arc<dyn CheckpointStore>, interval: Duration) -> Coordinator {
+        Coordinator::new(ctx_with(Arc::new(InstantSink), store, interval), DEADLINE)
+    }
+
+    fn assign(c: &Coordinator, partitions: &[i32]) -> Vec<Taken> {
+        c.assign(partitions, CHANNEL_DEPTH, |_, rx| {
+            Some(ChannelSource::new(rx))
+        })
+    }
+
+    /// Feed `n` events of one user into `partition` from offset `from`.
+    fn feed_partition(c: &Coordinator, partition: i32, from: i64, n: i64) {
+        let tx = c.sender(partition).expect("an owned partition");
+        feed(
+            c.context(),
+            &tx,
+            &format!("user-{partition}"),
+            from..from + n,
+        );
+    }
+
+    fn position(c: &Coordinator, partition: i32) -> Option<i64> {
+        c.positions()
+            .into_iter()
+            .find(|(p, _)| *p == partition)
+            .map(|(_, pos)| pos)
+    }
+
+    #[test]
+    fn assign_restores_each_partition_at_its_checkpoint() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        // Partition 1 was owned before and checkpointed at offset 7.
+        let first = coordinator(store.clone(), NO_PERIODIC);
+        assign(&first, &[1]);
+        feed_partition(&first, 1, 0, 7);
+        wait_until("the events", || position(&first, 1) == Some(7));
+        first.revoke(&[1]);
+
+        let c = coordinator(store.clone(), NO_PERIODIC);
+        let taken = assign(&c, &[0, 1]);
+        assert_eq!(
+            taken,
+            vec![
+                Taken {
+                    partition: 0,
+                    epoch: 1,
+                    next_offset: None
+                },
+                Taken {
+                    partition: 1,
+                    epoch: 2,
+                    next_offset: Some(7)
+                },
+            ]
+        );
+        assert!(c.owns(0) && c.owns(1) && !c.owns(2));
+        assert_eq!(c.owner_epoch(1), Some(2));
+        assert_eq!(c.owned(), vec![0, 1]);
+        assert_eq!(c.context().metrics.stream.partitions_owned.get(), 2);
+        c.revoke_all();
+        assert_eq!(c.owned(), Vec::<i32>::new());
+        assert_eq!(c.context().metrics.stream.partitions_owned.get(), 0);
+    }
+
+    #[test]
+    fn revoke_drains_and_checkpoints_every_partition_in_parallel() {
+        let store = Arc::new(FaultyStore::default());
+        let c = coordinator(store.clone(), NO_PERIODIC);
+        let all = [0, 1, 2, 3];
+        assign(&c, &all);
+        for p in all {
+            feed_partition(&c, p, 0, 5 + i64::from(p));
+        }
+        // Each final save takes 400 ms: serially the revoke would take 1.6 s.
+        store.save_delay_ms.store(400, Ordering::SeqCst);
+        let report = c.revoke(&all);
+        let expected: Vec<(i32, StopOutcome)> = all
+            .iter()
+            .map(|&p| {
+                let next_offset = 5 + i64::from(p);
+                (p, StopOutcome::Checkpointed { next_offset })
+            })
+            .collect();
+        assert_eq!(report.stopped, expected);
+        assert!(
+            report.took < Duration::from_millis(1200),
+            "{:?}",
+            report.took
+        );
+        for p in all {
+            let cp = store.inner.peek(p).unwrap().expect("a final checkpoint");
+            assert_eq!(cp.next_offset, 5 + i64::from(p));
+            assert!(!c.owns(p));
+        }
+    }
+
+    #[test]
+    fn a_revoke_waits_no_longer_than_its_deadline() {
+        let store = Arc::new(FaultyStore::default());
+        let deadline = Duration::from_millis(300);
+        let c = Coordinator::new(
+            ctx_with(Arc::new(InstantSink), store.clone(), NO_PERIODIC),
+            deadline,
+        );
+        assign(&c, &[0, 1]);
+        feed_partition(&c, 0, 0, 3);
+        feed_partition(&c, 1, 0, 3);
+        wait_until("the events", || {
+            position(&c, 0) == Some(3) && position(&c, 1) == Some(3)
+        });
+        // The store hangs for 3 s on every save.
+        store.save_delay_ms.store(3000, Ordering::SeqCst);
+        let report = c.revoke(&[0, 1]);
+        assert!(
+            report.took < Duration::from_millis(800),
+            "{:?}",
+            report.took
+        );
+        assert_eq!(
+            report.stopped,
+            vec![(0, StopOutcome::TimedOut), (1, StopOutcome::TimedOut)]
+        );
+        assert_eq!(report.not_checkpointed().collect::<Vec<_>>(), vec![0, 1]);
+        assert!(!c.owns(0) && !c.owns(1));
+    }
+
+    #[test]
+    fn a_final_checkpoint_the_store_refuses_is_reported() {
+        let store = Arc::new(FaultyStore::default());
+        let c = coordinator(store.clone(), NO_PERIODIC);
+        assign(&c, &[0]);
+        feed_partition(&c, 0, 0, 2);
+        wait_until("the events", || position(&c, 0) == Some(2));
+        store.unavailable.store(true, Ordering::SeqCst);
+        let report = c.revoke(&[0]);
+        assert!(
+            matches!(&report.stopped[..], [(0, StopOutcome::NotCheckpointed { reason })] if reason.contains("store down")),
+            "{report:?}"
+        );
+        assert_eq!(store.inner.peek(0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_revoke_during_restore_cancels_the_restore() {
+        let store = Arc::new(FaultyStore::default());
+        store.unavailable.store(true, Ordering::SeqCst);
+        let c = Arc::new(coordinator(store.clone(), NO_PERIODIC));
+        let assigning = {
+            let c = c.clone();
+            std::thread::spawn(move || assign(&c, &[0, 1]))
+        };
+        wait_until("restores to be tried", || {
+            store.acquire_attempts.load(Ordering::SeqCst) >= 2
+        });
+        assert!(!c.owns(0), "restoring is not owning");
+        let report = c.revoke(&[0, 1]);
+        assert_eq!(report.cancelled, vec![0, 1]);
+        assert!(report.stopped.is_empty());
+        let taken = assigning.join().unwrap();
+        assert!(taken.is_empty(), "{taken:?}");
+        // The store comes back: nothing was started behind the revoke.
+        store.unavailable.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(c.owned(), Vec::<i32>::new());
+        assert_eq!(c.context().metrics.stream.partitions_owned.get(), 0);
+    }
+
+    #[test]
+    fn a_restore_retries_until_the_store_answers() {
+        let store = Arc::new(FaultyStore::default());
+        store.unavailable.store(true, Ordering::SeqCst);
+        let c = Arc::new(coordinator(store.clone(), NO_PERIODIC));
+        let assigning = {
+            let c = c.clone();
+            std::thread::spawn(move || assign(&c, &[3]))
+        };
+        wait_until("a failed restore", || {
+            store.acquire_attempts.load(Ordering::SeqCst) >= 2
+        });
+        store.unavailable.store(false, Ordering::SeqCst);
+        let taken = assigning.join().unwrap();
+        assert_eq!(taken.len(), 1);
+        assert!(c.owns(3));
+        c.revoke_all();
+    }
+
+    #[test]
+    fn a_lost_partition_is_checkpointed_only_while_its_epoch_holds() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let c = coordinator(store.clone(), NO_PERIODIC);
+        assign(&c, &[0, 1]);
+        feed_partition(&c, 0, 0, 4);
+        feed_partition(&c, 1, 0, 6);
+        wait_until("the events", || {
+            position(&c, 0) == Some(4) && position(&c, 1) == Some(6)
+        });
+        // Partition 1 has a new owner already; partition 0 has none yet.
+        let other = coordinator(store.clone(), NO_PERIODIC);
+        assign(&other, &[1]);
+        let report = c.lose(&[0, 1]);
+        assert_eq!(
+            report.stopped[0],
+            (0, StopOutcome::Checkpointed { next_offset: 4 })
+        );
+        assert!(
+            matches!(&report.stopped[1], (1, StopOutcome::NotCheckpointed { reason }) if reason.contains("fenced")),
+            "{report:?}"
+        );
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 4);
+        assert_eq!(store.peek(1).unwrap(), None, "the zombie wrote nothing");
+        assert!(!c.owns(0) && !c.owns(1));
+        assert!(other.owns(1));
+        other.revoke_all();
+    }
+
+    #[test]
+    fn two_generations_racing_leave_the_partition_with_the_newer_one() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        // Instance A owns partition 0; instance B takes it over while A is
+        // still running (A has not yet been told: a zombie).
+        let a = coordinator(store.clone(), Duration::from_millis(20));
+        let b = coordinator(store.clone(), Duration::from_millis(20));
+        assign(&a, &[0]);
+        feed_partition(&a, 0, 0, 3);
+        wait_until("A's checkpoint", || {
+            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 3)
+        });
+        let taken = assign(&b, &[0]);
+        assert_eq!(taken[0].epoch, 2);
+        assert_eq!(taken[0].next_offset, Some(3));
+        // A processes more and tries to checkpoint: fenced, it stops.
+        feed_partition(&a, 0, 3, 2);
+        wait_until("A to be fenced", || !a.owns(0));
+        assert_eq!(a.owner_epoch(0), None);
+        assert_eq!(
+            a.revoke(&[0]).stopped,
+            vec![(0, StopOutcome::AlreadyStopped)]
+        );
+        // B goes on from A's last checkpoint, and its checkpoints count.
+        feed_partition(&b, 0, 3, 4);
+        wait_until("B's events", || position(&b, 0) == Some(7));
+        let report = b.revoke(&[0]);
+        assert!(report.not_checkpointed().next().is_none(), "{report:?}");
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 7);
+    }
+
+    #[test]
+    fn assigning_an_owned_partition_hands_the_old_generation_back_first() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let c = coordinator(store.clone(), NO_PERIODIC);
+        assign(&c, &[0]);
+        feed_partition(&c, 0, 0, 5);
+        wait_until("the events", || position(&c, 0) == Some(5));
+        let taken = assign(&c, &[0]);
+        assert_eq!(
+            taken,
+            vec![Taken {
+                partition: 0,
+                epoch: 2,
+                next_offset: Some(5)
+            }]
+        );
+        assert_eq!(c.owner_epoch(0), Some(2));
+        assert_eq!(c.context().metrics.stream.partitions_owned.get(), 1);
+        c.revoke_all();
+    }
+}

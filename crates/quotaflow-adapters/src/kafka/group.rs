@@ -1,0 +1,250 @@
+//! The consumer-group member. Its rebalance callback only translates: it
+//! splits each assigned partition's queue off the consumer, forwards the
+//! partitions to the [`Coordinator`] (which restores and starts them, or
+//! drains and checkpoints them) and tells librdkafka the outcome.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+
+use super::consumer_config;
+use super::partition_queue::{BatchQueue, Fetched};
+use crate::coordinator::Coordinator;
+use crate::settings::KafkaSettings;
+use crate::worker::{Control, Msg, Source};
+use quotaflow_core::pipeline::partition::InputRecord;
+
+/// A partition's records, from its own librdkafka queue; the worker's
+/// channel carries only the stop request.
+struct QueueSource {
+    queue: BatchQueue<ConsumerCtx>,
+    control: Receiver<Msg>,
+}
+
+/// Longest a worker waits on its queue before looking at its channel: the
+/// bound on how long a revoke waits for the worker to notice.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+/// Records taken per wake-up before the channel is looked at again.
+const BURST: usize = 512;
+/// Records taken from the queue per call.
+const BATCH: usize = 128;
+/// A Kafka-fed worker's channel carries only its stop request.
+const CONTROL_DEPTH: usize = 1;
+
+impl Source for QueueSource {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
+        match self.control.try_recv() {
+            Ok(Msg::Stop(req)) => return Control::Stop(req),
+            Ok(Msg::Record(_)) | Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => return Control::Closed,
+        }
+        let mut wait = timeout.min(POLL_SLICE);
+        let mut taken = 0;
+        while taken < BURST {
+            let n = self.queue.drain(wait, &mut |r| match r {
+                Fetched::Ok(r) => f(r),
+                Fetched::Err(error) => tracing::warn!(event = "consumer_error", error),
+            });
+            if n == 0 {
+                break;
+            }
+            taken += n;
+            wait = Duration::ZERO;
+        }
+        Control::Continue
+    }
+}
+
+struct ConsumerCtx {
+    coordinator: Arc<Coordinator>,
+    topic: String,
+    /// The consumer itself, set right after it is created: splitting a
+    /// partition queue needs an `Arc` of it, and the rebalance callback is
+    /// handed only a reference.
+    consumer: OnceLock<Weak<BaseConsumer<ConsumerCtx>>>,
+}
+
+impl ClientContext for ConsumerCtx {}
+
+impl ConsumerContext for ConsumerCtx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        let m = &self.coordinator.context().metrics.stream;
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                m.rebalances.with_label_values(&["assign"]).inc();
+                let assignment = self.assign(&partitions);
+                let result = if cooperative {
+                    consumer.incremental_assign(&assignment)
+                } else {
+                    consumer.assign(&assignment)
+                };
+                if let Err(e) = result {
+                    tracing::error!(event = "assign_failed", error = %e, "could not assign partitions");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                m.rebalances.with_label_values(&["revoke"]).inc();
+                if consumer.assignment_lost() {
+                    self.coordinator.lose(&partitions);
+                } else {
+                    self.coordinator.revoke(&partitions);
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!(event = "unassign_failed", error = %e);
+                }
+            }
+            other => {
+                tracing::error!(event = "rebalance_error", error = ?other, "rebalance failed; dropping the assignment");
+                self.coordinator.lose(&partitions);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl ConsumerCtx {
+    /// Hand `partitions` to the coordinator, each with its own queue split
+    /// off before it is assigned (so that no record of it is ever fetched
+    /// into the group's queue), and list them at their checkpoints' offsets.
+    fn assign(&self, partitions: &[i32]) -> TopicPartitionList {
+        let mut assignment = TopicPartitionList::new();
+        let Some(me) = self.consumer.get().and_then(Weak::upgrade) else {
+            tracing::error!(
+                event = "assign_failed",
+                "consumer is closing; not taking partitions"
+            );
+            return assignment;
+        };
+        let taken = self
+            .coordinator
+            .assign(partitions, CONTROL_DEPTH, |p, control| {
+                BatchQueue::split(&me, &self.topic, p, BATCH)
+                    .map(|queue| QueueSource { queue, control })
+            });
+        for t in taken {
+            let offset = t.next_offset.map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = assignment.add_partition_offset(&self.topic, t.partition, offset) {
+                tracing::error!(event = "assign_failed", partition = t.partition, error = %e);
+            }
+        }
+        assignment
+    }
+}
+
+/// A running consumer-group member.
+pub struct KafkaProcessor {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl KafkaProcessor {
+    /// Join the group and process until [`KafkaProcessor::stop`].
+    pub fn start(
+        coordinator: Arc<Coordinator>,
+        settings: &KafkaSettings,
+        ready: Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = ConsumerCtx {
+            coordinator,
+            topic: settings.requests_topic.clone(),
+            consumer: OnceLock::new(),
+        };
+        let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
+            consumer_config(settings)
+                .create_with_context(ctx)
+                .context("creating the Kafka consumer")?,
+        );
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        consumer
+            .subscribe(&[&settings.requests_topic])
+            .with_context(|| format!("subscribing to {}", settings.requests_topic))?;
+        let flag = stop.clone();
+        let join = std::thread::Builder::new()
+            .name("quotaflow-consumer".into())
+            .spawn(move || consume(consumer, flag, ready))
+            .context("starting the consumer thread")?;
+        Ok(Self {
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// Stop consuming: every partition drains and writes a final checkpoint
+    /// (within the coordinator's deadline), then the consumer leaves the group.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn consume(
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    stop: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+) {
+    let ctx = consumer.context();
+    let mut last_lag = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        // Records go to the partition queues; this serves group events.
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => tracing::error!(
+                event = "unexpected_record",
+                partition = m.partition(),
+                offset = m.offset(),
+                "record reached the group queue instead of its partition's; it is skipped here and replayed by the partition's next owner"
+            ),
+            Some(Err(e)) => tracing::warn!(event = "consumer_error", error = %e),
+            None => {}
+        }
+        ready.store(true, Ordering::SeqCst);
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            let lag = &ctx.coordinator.context().metrics.stream.partition_lag;
+            for (p, pos) in ctx.coordinator.positions() {
+                if let Ok((_, high)) =
+                    consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(500))
+                {
+                    lag.with_label_values(&[&p.to_string()])
+                        .set((high - pos).max(0));
+                }
+            }
+        }
+    }
+    ctx.coordinator.revoke_all();
+    // Dropping the last reference closes the consumer: it leaves the group
+    // (the revoke callback finds no partitions left) before returning.
+    drop(consumer);
+    tracing::info!(event = "consumer_stopped", "left the consumer group");
+}

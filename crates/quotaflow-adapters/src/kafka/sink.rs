@@ -1,0 +1,153 @@
+//! Publishes outputs to the decisions, alerts and dead-letter topics, each
+//! with its deterministic id in a header.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use super::{client_config, ERROR_HEADER, ID_HEADER, SOURCE_HEADER};
+use crate::avro::Codec;
+use crate::settings::KafkaSettings;
+use quotaflow_core::pipeline::{Delivery, Output, OutputSink, SinkError};
+
+struct SinkContext;
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Arc<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Arc<Delivery>) {
+        if let Err((e, m)) = result {
+            tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; checkpoints stop until restart so it is replayed");
+        }
+        delivery.done(result.is_ok());
+    }
+}
+
+/// Publishes outputs to the decisions, alerts and dead-letter topics.
+pub struct KafkaSink {
+    producer: ThreadedProducer<SinkContext>,
+    codec: Arc<Codec>,
+    settings: KafkaSettings,
+}
+
+impl KafkaSink {
+    pub fn new(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
+        let producer = client_config(settings)
+            .set("enable.idempotence", "true")
+            // Block decisions are what gateways wait for: batch briefly.
+            .set("linger.ms", "1")
+            // Retry until delivered: a failed output is never dropped silently.
+            .set("message.timeout.ms", "0")
+            .create_with_context(SinkContext)
+            .context("creating the Kafka producer")?;
+        Ok(Self {
+            producer,
+            codec,
+            settings: settings.clone(),
+        })
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: OwnedHeaders,
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        delivery.queued();
+        loop {
+            let record = BaseRecord::with_opaque_to(topic, delivery.clone())
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    delivery.cancelled();
+                    return Err(SinkError(format!("producing to {topic}: {e}")));
+                }
+            }
+        }
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    })
+}
+
+impl OutputSink for KafkaSink {
+    fn publish(
+        &self,
+        partition: i32,
+        outputs: &[Output],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        let enc = |e: crate::avro::EncodeError| SinkError(format!("encoding: {e}"));
+        for o in outputs {
+            match o {
+                Output::Decision(d) => {
+                    let bytes = self.codec.encode_decision(d).map_err(enc)?;
+                    self.send(
+                        &self.settings.decisions_topic,
+                        d.key.as_bytes(),
+                        &bytes,
+                        headers(&[(ID_HEADER, &d.decision_id)]),
+                        delivery,
+                    )?;
+                }
+                Output::Alert(a) => {
+                    let bytes = self.codec.encode_alert(a).map_err(enc)?;
+                    self.send(
+                        &self.settings.alerts_topic,
+                        a.key.as_bytes(),
+                        &bytes,
+                        headers(&[(ID_HEADER, &a.alert_id)]),
+                        delivery,
+                    )?;
+                }
+                Output::DeadLetter {
+                    source_offset,
+                    key,
+                    payload,
+                    reason,
+                } => {
+                    let topic = &self.settings.requests_topic;
+                    let source = format!("{topic}:{partition}:{source_offset}");
+                    let id = format!("{source}:dead_letter:0");
+                    let h = headers(&[
+                        (ID_HEADER, &id),
+                        (ERROR_HEADER, reason),
+                        (SOURCE_HEADER, &source),
+                    ]);
+                    self.send(
+                        &self.settings.dead_letter_topic,
+                        key.as_deref().unwrap_or_default(),
+                        payload,
+                        h,
+                        delivery,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! The settings of the adapters: Kafka and Redis, as the `[kafka]` and
+//! `[redis]` tables of quotaflow's settings file read them.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Kafka: when `bootstrap_servers` is empty, quotaflow runs the embedded bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub requests_topic: String,
+    pub decisions_topic: String,
+    pub alerts_topic: String,
+    pub dead_letter_topic: String,
+    #[serde(deserialize_with = "duration")]
+    pub session_timeout: Duration,
+    /// Extra librdkafka properties for both consumer and producer.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            group_id: "quotaflow".into(),
+            requests_topic: "requests".into(),
+            decisions_topic: "decisions".into(),
+            alerts_topic: "breach-alerts".into(),
+            dead_letter_topic: "requests-dlq".into(),
+            session_timeout: Duration::from_secs(10),
+            properties: Default::default(),
+        }
+    }
+}
+
+/// Redis, for partition checkpoints (Kafka mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key quotaflow writes, so several deployments can share a Redis.
+    pub key_prefix: String,
+    /// Bound on each Redis call.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "quotaflow".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A duration written as humans do (`"10s"`, `"250ms"`), as every duration
+/// in the settings file is.
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{text}\": {e}")))
+}

@@ -1,0 +1,275 @@
+//! A partition worker's checkpointer thread: it saves the snapshots the
+//! worker hands it, once the outputs they cover are delivered, retrying
+//! while the store is unavailable, so the worker keeps deciding meanwhile.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use quotaflow_core::pipeline::delivery::Settled;
+use quotaflow_core::pipeline::{Checkpoint, CheckpointError, Delivery};
+
+use super::{StopOutcome, WorkerContext};
+
+/// Bound on each wait for a checkpoint's outputs to be delivered.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before retrying a checkpoint the store refused (e.g. Redis down).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+enum Job {
+    Save(Box<Checkpoint>, Arc<Delivery>),
+    /// Save this last snapshot (or retry the one still pending), then stop.
+    Final(Option<(Box<Checkpoint>, Arc<Delivery>)>),
+    /// Stop without saving anything more.
+    Abandon,
+}
+
+/// The worker's handle on its checkpointer thread.
+pub(super) struct Checkpointer {
+    tx: Option<SyncSender<Job>>,
+    flags: Arc<Flags>,
+    join: Option<JoinHandle<StopOutcome>>,
+}
+
+impl Checkpointer {
+    pub(super) fn spawn(
+        ctx: Arc<WorkerContext>,
+        partition: i32,
+        epoch: u64,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let flags = Arc::new(Flags::default());
+        let theirs = flags.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("quotaflow-cp{partition}"))
+            .spawn(move || checkpoints(ctx, partition, epoch, rx, &theirs))?;
+        Ok(Self {
+            tx: Some(tx),
+            flags,
+            join: Some(join),
+        })
+    }
+
+    /// Whether a new snapshot would be taken up now; while one is still
+    /// being saved, or once none can be saved any more, the worker does not
+    /// copy its state again.
+    pub(super) fn idle(&self) -> bool {
+        !self.flags.busy.load(Ordering::SeqCst) && !self.stopped()
+    }
+
+    pub(super) fn stopped(&self) -> bool {
+        self.flags.stopped.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn fenced(&self) -> bool {
+        self.flags.fenced.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn submit(&self, cp: Checkpoint, generation: Arc<Delivery>) {
+        self.flags.busy.store(true, Ordering::SeqCst);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job::Save(Box::new(cp), generation));
+        }
+    }
+
+    /// Save `last` (or whatever is still pending), wait for the thread and
+    /// say how the final save went.
+    pub(super) fn finish(self, last: Option<(Checkpoint, Arc<Delivery>)>) -> StopOutcome {
+        self.end(Job::Final(last.map(|(cp, d)| (Box::new(cp), d))))
+    }
+
+    /// Stop the thread without saving anything more.
+    pub(super) fn abandon(self) {
+        self.end(Job::Abandon);
+    }
+
+    fn end(mut self, job: Job) -> StopOutcome {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(job);
+        }
+        match self.join.take().map(JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            _ => StopOutcome::NotCheckpointed {
+                reason: "the checkpointer thread panicked".into(),
+            },
+        }
+    }
+}
+
+/// What the checkpointer thread tells its worker.
+#[derive(Default)]
+struct Flags {
+    /// A snapshot is being saved (or retried): take no new one.
+    busy: AtomicBool,
+    /// Another instance owns the partition now.
+    fenced: AtomicBool,
+    /// Outputs failed delivery: no snapshot will ever be saved again.
+    stopped: AtomicBool,
+}
+
+fn checkpoints(
+    ctx: Arc<WorkerContext>,
+    partition: i32,
+    epoch: u64,
+    rx: Receiver<Job>,
+    flags: &Flags,
+) -> StopOutcome {
+    let Flags {
+        busy,
+        fenced,
+        stopped,
+    } = flags;
+    // Delivery generations not yet known to be settled, oldest first: a
+    // snapshot is saved only once all of them are, since it covers them all.
+    let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
+    let mut pending: Option<Box<Checkpoint>> = None;
+    loop {
+        // How this job's save went: what a final job reports.
+        let mut outcome = StopOutcome::Clean;
+        let job = match &pending {
+            Some(_) => rx.recv_timeout(RETRY_AFTER),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let (cp, last) = match job {
+            Ok(Job::Save(cp, generation)) => {
+                unsettled.push(generation);
+                (Some(cp), false)
+            }
+            Ok(Job::Final(Some((cp, generation)))) => {
+                unsettled.push(generation);
+                (Some(cp), true)
+            }
+            Ok(Job::Final(None)) => (pending.take(), true),
+            Ok(Job::Abandon) => return finish(&ctx, stopped, StopOutcome::AlreadyStopped),
+            Err(RecvTimeoutError::Timeout) => {
+                // Retrying on our own: the worker must not hand over a new
+                // snapshot meanwhile.
+                busy.store(true, Ordering::SeqCst);
+                (pending.take(), false)
+            }
+            Err(RecvTimeoutError::Disconnected) => return finish(&ctx, stopped, outcome),
+        };
+        if stopped.load(Ordering::SeqCst) {
+            unsettled.clear();
+            if last {
+                outcome = StopOutcome::NotCheckpointed {
+                    reason: "outputs failed delivery earlier; no checkpoint may cover them".into(),
+                };
+            }
+        } else if let Some(cp) = cp {
+            pending = None;
+            let next_offset = cp.next_offset;
+            match save(&ctx, partition, epoch, &cp, &mut unsettled) {
+                Saved::Yes => outcome = StopOutcome::Checkpointed { next_offset },
+                Saved::Dropped(reason) => outcome = StopOutcome::NotCheckpointed { reason },
+                Saved::Retry(reason) => {
+                    pending = Some(cp);
+                    outcome = StopOutcome::NotCheckpointed { reason };
+                }
+                Saved::Stopped => {
+                    stopped.store(true, Ordering::SeqCst);
+                    ctx.metrics.stream.checkpoints_stopped.inc();
+                    outcome = StopOutcome::NotCheckpointed {
+                        reason: "outputs failed delivery".into(),
+                    };
+                }
+                Saved::Fenced => {
+                    fenced.store(true, Ordering::SeqCst);
+                    busy.store(false, Ordering::SeqCst);
+                    // The worker stops on its own; a final job may still come.
+                    let _ = rx.recv();
+                    return StopOutcome::NotCheckpointed {
+                        reason: "fenced: the partition has a newer owner".into(),
+                    };
+                }
+            }
+        }
+        busy.store(false, Ordering::SeqCst);
+        if last {
+            return finish(&ctx, stopped, outcome);
+        }
+    }
+}
+
+fn finish(ctx: &WorkerContext, stopped: &AtomicBool, outcome: StopOutcome) -> StopOutcome {
+    if stopped.load(Ordering::SeqCst) {
+        // The partition leaves this instance: its replay is the new owner's.
+        ctx.metrics.stream.checkpoints_stopped.dec();
+    }
+    outcome
+}
+
+enum Saved {
+    Yes,
+    /// Not written (why); try again with this snapshot unless a newer one comes.
+    Retry(String),
+    /// Not written (why) and not worth retrying.
+    Dropped(String),
+    /// Outputs failed delivery: no checkpoint is written from now on.
+    Stopped,
+    Fenced,
+}
+
+/// Wait for every unsettled delivery generation, then write `cp`.
+fn save(
+    ctx: &WorkerContext,
+    partition: i32,
+    epoch: u64,
+    cp: &Checkpoint,
+    unsettled: &mut Vec<Arc<Delivery>>,
+) -> Saved {
+    let m = &ctx.metrics.stream;
+    for generation in unsettled.iter() {
+        match generation.wait(DELIVERY_TIMEOUT) {
+            Settled::Delivered => {}
+            Settled::Pending(n) => {
+                m.checkpoint_failures.with_label_values(&["flush"]).inc();
+                tracing::warn!(
+                    event = "checkpoint_skipped",
+                    partition,
+                    in_flight = n,
+                    "outputs not yet delivered; checkpoint postponed"
+                );
+                return Saved::Retry(format!("{n} outputs not yet delivered"));
+            }
+            Settled::Failed(n) => {
+                m.checkpoint_failures.with_label_values(&["flush"]).inc();
+                tracing::error!(event = "checkpoint_stopped", partition, failed = n, "outputs failed delivery; no checkpoint will cover them, so a restart replays them");
+                return Saved::Stopped;
+            }
+        }
+    }
+    unsettled.clear();
+    let started = Instant::now();
+    match ctx.checkpoints.store.save(partition, epoch, cp) {
+        Ok(()) => {
+            m.checkpoint_duration
+                .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                event = "checkpoint",
+                partition,
+                next_offset = cp.next_offset,
+                keys = cp.keys.len(),
+                save_ms = started.elapsed().as_millis() as u64
+            );
+            Saved::Yes
+        }
+        Err(e @ CheckpointError::Fenced { .. }) => {
+            m.checkpoint_failures.with_label_values(&["fenced"]).inc();
+            tracing::warn!(event = "checkpoint_fenced", partition, error = %e, "partition taken by another instance; stopping its worker");
+            Saved::Fenced
+        }
+        Err(e) => {
+            let (reason, outcome) = match e {
+                CheckpointError::Unavailable(_) => ("unavailable", Saved::Retry(e.to_string())),
+                CheckpointError::Backwards { .. } => ("backwards", Saved::Dropped(e.to_string())),
+                _ => ("corrupt", Saved::Dropped(e.to_string())),
+            };
+            m.checkpoint_failures.with_label_values(&[reason]).inc();
+            tracing::warn!(event = "checkpoint_failed", partition, error = %e, "checkpoint not written; will retry");
+            outcome
+        }
+    }
+}

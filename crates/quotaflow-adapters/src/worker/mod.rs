@@ -1,0 +1,575 @@
+//! One thread per owned partition: decode, process, publish; and beside it
+//! one checkpointer thread that saves the partition's snapshots.
+//!
+//! The same worker serves Kafka partitions and the embedded bus; only the
+//! [`Source`] feeding it, the sink and the checkpoint store differ. Saving
+//! a checkpoint waits for the outputs it covers to be delivered and for
+//! Redis; both happen on the checkpointer thread, so the worker keeps
+//! deciding while a checkpoint is in flight. The worker only takes the
+//! snapshot (a copy of the state) and starts a new delivery generation.
+
+mod checkpointer;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::avro::Codec;
+use crate::metrics::Metrics;
+use checkpointer::Checkpointer;
+use quotaflow_core::limiter::Limiter;
+use quotaflow_core::pipeline::partition::InputRecord;
+use quotaflow_core::pipeline::records::{Action, RequestEvent};
+use quotaflow_core::pipeline::{
+    Checkpoint, CheckpointStore, Delivery, Output, OutputSink, PartitionProcessor, ProcessorConfig,
+};
+use quotaflow_core::state::KeyedStore;
+
+/// A record of the embedded bus, owned so it crosses to its partition's
+/// worker through the worker's channel (Kafka records are lent straight
+/// from librdkafka's queue as [`InputRecord`]s instead).
+#[derive(Debug, Clone)]
+pub struct BusRecord {
+    pub offset: i64,
+    pub broker_ts_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// What reaches a worker through its channel: records (the embedded bus)
+/// and the stop request (every source).
+pub enum Msg {
+    Record(BusRecord),
+    Stop(StopRequest),
+}
+
+/// Asks a worker to drain, write a final checkpoint and stop, and carries
+/// its answer back.
+pub struct StopRequest {
+    ack: SyncSender<StopOutcome>,
+}
+
+/// How a worker's stop ended, as the coordinator reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The final checkpoint was saved, up to this offset.
+    Checkpointed { next_offset: i64 },
+    /// Nothing new since the last checkpoint (or the last one is still
+    /// being retried and was saved now).
+    Clean,
+    /// The final checkpoint could not be saved: the next owner replays
+    /// from the last checkpoint that was.
+    NotCheckpointed { reason: String },
+    /// The worker had already stopped on its own: fenced by a newer owner,
+    /// or its checkpoints had stopped.
+    AlreadyStopped,
+    /// No answer before the deadline; the worker finishes on its own.
+    TimedOut,
+}
+
+/// What a source saw while the worker waited on it.
+pub enum Control {
+    Continue,
+    /// Drain, write a final checkpoint, acknowledge and stop.
+    Stop(StopRequest),
+    /// The feeding side is gone: write a final checkpoint and stop.
+    Closed,
+}
+
+/// Where a partition's records come from. `poll` waits at most `timeout`
+/// for records and lends each, in offset order and without a copy, to `f`.
+pub trait Source: Send + 'static {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control;
+}
+
+/// Records pushed through the worker's own channel (the embedded bus).
+pub struct ChannelSource(Receiver<Msg>);
+
+impl ChannelSource {
+    pub fn new(rx: Receiver<Msg>) -> Self {
+        Self(rx)
+    }
+}
+
+impl Source for ChannelSource {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
+        let mut next = self.0.recv_timeout(timeout);
+        loop {
+            match next {
+                Ok(Msg::Record(r)) => f(InputRecord {
+                    offset: r.offset,
+                    broker_ts_ms: r.broker_ts_ms,
+                    key: r.key.as_deref(),
+                    payload: &r.payload,
+                }),
+                Ok(Msg::Stop(ack)) => return Control::Stop(ack),
+                Err(RecvTimeoutError::Timeout) => return Control::Continue,
+                Err(RecvTimeoutError::Disconnected) => return Control::Closed,
+            }
+            next = match self.0.try_recv() {
+                Ok(m) => Ok(m),
+                Err(TryRecvError::Empty) => return Control::Continue,
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            };
+        }
+    }
+}
+
+/// How every partition's records are decoded and decided.
+pub struct Processing {
+    pub limiter: Arc<Limiter>,
+    pub codec: Arc<Codec>,
+    pub processor: Arc<ProcessorConfig>,
+    /// Shards of each partition's keyed state.
+    pub shards: usize,
+}
+
+/// Where partitions' state is saved, and how often.
+pub struct Checkpointing {
+    pub store: Arc<dyn CheckpointStore>,
+    pub interval: Duration,
+}
+
+/// What every partition worker of a process is given.
+pub struct WorkerContext {
+    pub processing: Processing,
+    pub sink: Arc<dyn OutputSink>,
+    pub checkpoints: Checkpointing,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Records buffered per partition between the embedded bus and its worker.
+pub const CHANNEL_DEPTH: usize = 4096;
+
+/// A worker's control channel, of `depth` messages: the source keeps the
+/// receiver, the worker's handle the sender.
+pub fn channel(depth: usize) -> (SyncSender<Msg>, Receiver<Msg>) {
+    mpsc::sync_channel(depth)
+}
+
+/// A running partition worker.
+pub struct Worker {
+    partition: i32,
+    epoch: u64,
+    tx: SyncSender<Msg>,
+    position: Arc<AtomicI64>,
+    store: Arc<KeyedStore>,
+    join: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Take `partition` at `epoch`, resuming from `restored`, reading from
+    /// `source`, which holds the receiving end of `tx` (see [`channel`]) so
+    /// that stop requests reach the worker through it.
+    pub fn spawn<S: Source>(
+        ctx: Arc<WorkerContext>,
+        partition: i32,
+        epoch: u64,
+        restored: Option<Checkpoint>,
+        tx: SyncSender<Msg>,
+        source: S,
+    ) -> std::io::Result<Self> {
+        let start = restored.as_ref().map_or(0, |c| c.next_offset);
+        let position = Arc::new(AtomicI64::new(start));
+        let store = Arc::new(KeyedStore::new(ctx.processing.shards));
+        let checkpointer = Checkpointer::spawn(ctx.clone(), partition, epoch)?;
+        let (pos, st) = (position.clone(), store.clone());
+        let owned = ctx.metrics.stream.partitions_owned.clone();
+        // Counted here, and uncounted as the worker's thread ends.
+        owned.inc();
+        let join = std::thread::Builder::new()
+            .name(format!("quotaflow-p{partition}"))
+            .spawn(move || run(ctx, partition, st, restored, source, pos, checkpointer))
+            .inspect_err(|_| owned.dec())?;
+        Ok(Self {
+            partition,
+            epoch,
+            tx,
+            position,
+            store,
+            join,
+        })
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The fencing epoch the worker saves its checkpoints under.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The partition's keyed state; only this worker writes events into it.
+    pub fn store(&self) -> &Arc<KeyedStore> {
+        &self.store
+    }
+
+    /// The offset of the next record the worker expects.
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker has stopped on its own (fenced, or its source closed).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+
+    /// A sender into a channel-fed worker: [`Msg::Record`]s it sends are
+    /// processed in order; a send fails once the worker has stopped.
+    pub fn sender(&self) -> SyncSender<Msg> {
+        self.tx.clone()
+    }
+
+    /// Ask the worker to finish the records in hand (a channel-fed worker:
+    /// everything already queued), write a final checkpoint and stop.
+    /// Returns at once; [`Stopping::wait`] collects the outcome.
+    pub fn request_stop(self) -> Stopping {
+        let (ack, ack_rx) = mpsc::sync_channel(1);
+        // A failed send means the worker is gone already; `wait` says so.
+        let _ = self.tx.send(Msg::Stop(StopRequest { ack }));
+        Stopping {
+            partition: self.partition,
+            ack: ack_rx,
+            join: self.join,
+        }
+    }
+
+    /// Stop and wait up to `timeout` (tests and tools; the coordinator
+    /// stops many workers against one deadline instead).
+    pub fn stop(self, timeout: Duration) -> StopOutcome {
+        self.request_stop().wait(Instant::now() + timeout)
+    }
+}
+
+/// A worker asked to stop.
+pub struct Stopping {
+    partition: i32,
+    ack: Receiver<StopOutcome>,
+    join: JoinHandle<()>,
+}
+
+impl Stopping {
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Wait until `deadline` for the worker's answer. A worker that does
+    /// not answer in time is left to finish on its own (its late checkpoint
+    /// is fenced if the partition has a new owner by then).
+    pub fn wait(self, deadline: Instant) -> StopOutcome {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.ack.recv_timeout(left) {
+            Ok(outcome) => {
+                let _ = self.join.join();
+                outcome
+            }
+            // The worker dropped the request unanswered: it had stopped on
+            // its own before it read it.
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = self.join.join();
+                StopOutcome::AlreadyStopped
+            }
+            Err(RecvTimeoutError::Timeout) => StopOutcome::TimedOut,
+        }
+    }
+}
+
+fn run<S: Source>(
+    ctx: Arc<WorkerContext>,
+    partition: i32,
+    store: Arc<KeyedStore>,
+    restored: Option<Checkpoint>,
+    mut source: S,
+    position: Arc<AtomicI64>,
+    checkpointer: Checkpointer,
+) {
+    let mut proc = PartitionProcessor::new(
+        ctx.processing.processor.clone(),
+        partition,
+        store.clone(),
+        restored,
+    );
+    if proc.foreign_keys() > 0 {
+        tracing::error!(
+            event = "checkpoint_key_mismatch",
+            partition,
+            keys = proc.foreign_keys(),
+            "the checkpoint's key ids were made under another security.fingerprint_key: \
+             its counts restart from zero (offsets and open alerts are kept); set the same \
+             fingerprint_key on every instance"
+        );
+    }
+    let label = partition.to_string();
+    let consumed = ctx
+        .metrics
+        .stream
+        .events_consumed
+        .with_label_values(&[&label]);
+    // Where a restored partition must resume: a first record beyond it
+    // means events were lost before we read them (retention deleted them
+    // and the consumer reset to the earliest offset left).
+    let mut resume_at = (proc.next_offset() > 0).then(|| proc.next_offset());
+    let mut out = Vec::new();
+    // Every record is decoded into this one event, reusing its strings.
+    let mut decoded = RequestEvent::default();
+    let mut delivery = Arc::new(Delivery::default());
+    // Partitions start their checkpoint timers out of phase (spread over
+    // the interval by the golden ratio), so that partitions assigned
+    // together do not all snapshot and save at the same moment.
+    let phase = ctx
+        .checkpoints
+        .interval
+        .mul_f64((f64::from(partition.unsigned_abs()) * 0.618_033_988_749_895).fract());
+    let mut last_checkpoint = Instant::now()
+        .checked_sub(phase)
+        .unwrap_or_else(Instant::now);
+    let mut dirty = false;
+    let end = loop {
+        let wait = ctx
+            .checkpoints
+            .interval
+            .saturating_sub(last_checkpoint.elapsed());
+        let control = source.poll(wait, &mut |r| {
+            if let Some(at) = resume_at.take().filter(|&at| r.offset > at) {
+                let skipped = r.offset - at;
+                ctx
+                    .metrics
+                    .stream
+                    .offsets_skipped
+                    .with_label_values(&[&label])
+                    .inc_by(skipped as u64);
+                tracing::error!(event = "offsets_skipped", partition, from = at, to = r.offset, skipped, "events after the checkpoint are gone from the topic (retention?); resuming at the first one left");
+            }
+            let event = ctx
+                .processing
+                .codec
+                .decode_request_into(r.payload, &mut decoded)
+                .map(|()| &decoded)
+                .map_err(|e| format!("undecodable: {e}"));
+            proc.process(&ctx.processing.limiter, r, event, &mut out);
+            position.store(r.offset + 1, Ordering::Relaxed);
+            consumed.inc();
+            if !out.is_empty() {
+                count_outputs(&ctx.metrics, &out);
+                publish(&ctx, partition, &out, &delivery);
+                out.clear();
+            }
+            dirty = true;
+        });
+        match control {
+            Control::Continue => {}
+            Control::Stop(ack) => break End::Stop(ack),
+            Control::Closed => break End::Closed,
+        }
+        if checkpointer.fenced() {
+            break End::Fenced;
+        }
+        if last_checkpoint.elapsed() >= ctx.checkpoints.interval {
+            last_checkpoint = Instant::now();
+            ctx.metrics.keys_expired.inc_by(proc.take_expired());
+            if dirty && checkpointer.idle() {
+                let generation = std::mem::take(&mut delivery);
+                checkpointer.submit(
+                    proc.checkpoint(ctx.processing.limiter.rules().version),
+                    generation,
+                );
+                dirty = false;
+            }
+        }
+    };
+    let snapshot = |proc: &PartitionProcessor, delivery: &mut Arc<Delivery>| {
+        let cp = proc.checkpoint(ctx.processing.limiter.rules().version);
+        (cp, std::mem::take(delivery))
+    };
+    let answer = match end {
+        End::Fenced => {
+            // Another instance owns the partition now: our state goes, and
+            // the source stops feeding us (sends fail once it is dropped).
+            drop(source);
+            checkpointer.abandon();
+            None
+        }
+        End::Stop(req) => {
+            let last = (dirty && !checkpointer.stopped()).then(|| snapshot(&proc, &mut delivery));
+            let outcome = checkpointer.finish(last);
+            Some((req, outcome))
+        }
+        End::Closed => {
+            let last = (dirty && !checkpointer.stopped()).then(|| snapshot(&proc, &mut delivery));
+            checkpointer.finish(last);
+            None
+        }
+    };
+    ctx.metrics.stream.partitions_owned.dec();
+    ctx.metrics
+        .stream
+        .partition_lag
+        .remove_label_values(&[&label])
+        .ok();
+    // Answered last, so a coordinator that hears back finds the partition
+    // no longer counted as owned.
+    if let Some((req, outcome)) = answer {
+        let _ = req.ack.send(outcome);
+    }
+}
+
+enum End {
+    Stop(StopRequest),
+    Closed,
+    Fenced,
+}
+
+fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<Delivery>) {
+    // A sink refuses only when it cannot queue; keep trying, the source is
+    // backpressured meanwhile and nothing is dropped. Outputs queued before
+    // a refusal are queued again: their deterministic ids make the copies
+    // recognisable.
+    let mut backoff = Duration::from_millis(5);
+    while let Err(e) = ctx.sink.publish(partition, out, delivery) {
+        tracing::warn!(event = "publish_retry", partition, error = %e, "output sink refused; retrying");
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn count_outputs(metrics: &Metrics, out: &[Output]) {
+    let m = &metrics.stream;
+    for o in out {
+        match o {
+            Output::Decision(d) => {
+                let action = match d.action {
+                    Action::Block => "block",
+                    Action::Unblock => "unblock",
+                    Action::Allow => "allow",
+                    Action::Deny => "deny",
+                };
+                m.decisions.with_label_values(&[action]).inc();
+            }
+            Output::Alert(a) => {
+                let sev = match a.severity {
+                    quotaflow_core::pipeline::records::Severity::Warning => "warning",
+                    quotaflow_core::pipeline::records::Severity::Critical => "critical",
+                };
+                m.alerts.with_label_values(&[sev]).inc();
+            }
+            Output::DeadLetter { reason, .. } => {
+                let kind = if reason.starts_with("undecodable") {
+                    "decode"
+                } else {
+                    "invalid"
+                };
+                m.dead_letters.with_label_values(&[kind]).inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{ctx, feed, wait_until, HeldSink};
+    use quotaflow_core::pipeline::MemoryCheckpoints;
+
+    const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Started {
+        sink: Arc<HeldSink>,
+        store: Arc<MemoryCheckpoints>,
+        ctx: Arc<WorkerContext>,
+        worker: Worker,
+    }
+
+    /// A worker on partition 0 that has processed three events and
+    /// published one BLOCK decision, not yet delivered.
+    fn start_with_a_block_in_flight() -> Started {
+        let (sink, store) = (
+            Arc::new(HeldSink::default()),
+            Arc::new(MemoryCheckpoints::default()),
+        );
+        let ctx = ctx(sink.clone(), store.clone());
+        let (epoch, _) = store.acquire(0).unwrap();
+        let (tx, rx) = channel(CHANNEL_DEPTH);
+        let worker =
+            Worker::spawn(ctx.clone(), 0, epoch, None, tx, ChannelSource::new(rx)).unwrap();
+        feed(&ctx, &worker.sender(), "alice", 0..3);
+        wait_until("the BLOCK decision", || !sink.held.lock().is_empty());
+        Started {
+            sink,
+            store,
+            ctx,
+            worker,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_saved_only_once_its_outputs_are_delivered() {
+        let Started {
+            sink,
+            store,
+            worker,
+            ..
+        } = start_with_a_block_in_flight();
+        // Several checkpoint intervals pass with the decision in flight.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(store.peek(0).unwrap(), None);
+        assert_eq!(sink.settle(true), 1);
+        wait_until("the checkpoint", || store.peek(0).unwrap().is_some());
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 3);
+        assert_eq!(worker.stop(STOP_TIMEOUT), StopOutcome::Clean);
+    }
+
+    #[test]
+    fn outputs_that_failed_delivery_are_never_checkpointed_past() {
+        let Started {
+            sink,
+            store,
+            ctx,
+            worker,
+        } = start_with_a_block_in_flight();
+        assert_eq!(sink.settle(false), 1);
+        let failures = ctx
+            .metrics
+            .stream
+            .checkpoint_failures
+            .with_label_values(&["flush"]);
+        wait_until("the checkpointer to notice", || failures.get() >= 1);
+        let stopped = &ctx.metrics.stream.checkpoints_stopped;
+        wait_until("the partition to be reported", || stopped.get() == 1);
+        // Not even the final checkpoint at stop: a restart must replay.
+        let outcome = worker.stop(STOP_TIMEOUT);
+        assert!(
+            matches!(outcome, StopOutcome::NotCheckpointed { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(store.peek(0).unwrap(), None);
+        assert_eq!(stopped.get(), 0, "the partition is no longer ours");
+    }
+
+    #[test]
+    fn a_stop_saves_what_came_after_the_last_checkpoint() {
+        let Started {
+            sink,
+            store,
+            ctx,
+            worker,
+        } = start_with_a_block_in_flight();
+        assert_eq!(sink.settle(true), 1);
+        wait_until("the checkpoint", || store.peek(0).unwrap().is_some());
+        // One more of another user: nothing refused, nothing in flight.
+        feed(&ctx, &worker.sender(), "bob", 3..4);
+        wait_until("the event", || worker.position() == 4);
+        // The periodic checkpoint (every 20 ms) may cover it before the stop.
+        let outcome = worker.stop(STOP_TIMEOUT);
+        assert!(
+            matches!(
+                outcome,
+                StopOutcome::Checkpointed { next_offset: 4 } | StopOutcome::Clean
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 4);
+    }
+}
