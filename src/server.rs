@@ -13,7 +13,7 @@ use crate::api::{self, AppState, Identity};
 use crate::settings::{EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
 use quotaflow_adapters::coordinator::Coordinator;
-use quotaflow_adapters::embedded::{EmbeddedBus, EmbeddedSink};
+use quotaflow_adapters::embedded::{Embedded, EmbeddedBus, EmbeddedSink};
 use quotaflow_adapters::kafka::{KafkaProcessor, KafkaSink};
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
@@ -61,12 +61,6 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         embedded: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
-}
-
-/// The embedded default's bus and its outputs.
-pub struct Embedded {
-    pub bus: EmbeddedBus,
-    pub sink: Arc<EmbeddedSink>,
 }
 
 /// The running stream processor, in either mode.

@@ -158,7 +158,7 @@ impl Default for StreamSettings {
             partition_key: vec![quotaflow_core::rules::Dimension::UserId],
             max_clock_skew: Duration::from_secs(1),
             checkpoint_interval: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
             encoding: EncodingName::SingleObject,
             schema_ids: SchemaIds::default(),
         }

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::{problem, AppState};
 use quotaflow_adapters::clock::now_ms;
+use quotaflow_adapters::embedded::Embedded;
 use quotaflow_core::pipeline::records::RequestEvent;
 
 /// A request event as posted: `event_id` and `timestamp_ms` may be left out.
@@ -110,7 +111,7 @@ pub(super) struct Recent {
 fn recent<T: Serialize + Clone>(
     app: &AppState,
     q: &Recent,
-    pick: impl Fn(&crate::server::Embedded) -> &Mutex<VecDeque<T>>,
+    pick: impl Fn(&Embedded) -> &Mutex<VecDeque<T>>,
 ) -> Response {
     let Some(embedded) = &app.embedded else {
         return problem(

@@ -16,6 +16,7 @@ use axum::Router;
 use ipnet::IpNet;
 use serde_json::json;
 
+use quotaflow_adapters::embedded::Embedded;
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_core::limiter::Limiter;
 
@@ -37,7 +38,7 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     pub identity: Arc<Identity>,
     /// The in-process bus and its outputs (embedded mode only).
-    pub embedded: Option<Arc<crate::server::Embedded>>,
+    pub embedded: Option<Arc<Embedded>>,
     /// Whether the stream processor is up (the embedded bus, or the Kafka
     /// consumer polling its group).
     pub ready: Arc<std::sync::atomic::AtomicBool>,

@@ -132,11 +132,27 @@ impl Coordinator {
         let mut taken: Vec<Taken> = std::thread::scope(|scope| {
             let handles: Vec<_> = cancels
                 .into_iter()
-                .map(|(p, cancel)| scope.spawn(move || self.take(p, &cancel, depth, make_source)))
+                .map(|(p, cancel)| {
+                    let mine = cancel.clone();
+                    let handle = scope.spawn(move || self.take(p, &mine, depth, make_source));
+                    (p, cancel, handle)
+                })
                 .collect();
             handles
                 .into_iter()
-                .filter_map(|h| h.join().ok().flatten())
+                .filter_map(|(p, cancel, h)| match h.join() {
+                    Ok(taken) => taken,
+                    Err(_) => {
+                        // A panicking restore leaves no slot behind.
+                        let mut slots = self.slots.lock();
+                        if matches!(slots.get(&p), Some(Slot::Restoring(c)) if Arc::ptr_eq(c, &cancel))
+                        {
+                            slots.remove(&p);
+                        }
+                        tracing::error!(event = "assign_failed", partition = p, "restoring the partition panicked");
+                        None
+                    }
+                })
                 .collect()
         });
         taken.sort_by_key(|t| t.partition);
@@ -258,18 +274,38 @@ impl Coordinator {
         self.hand_back(partitions, "lost")
     }
 
+    /// Stop taking partitions: restores under way give up. Called before
+    /// waiting for the thread that may be inside [`Coordinator::assign`]
+    /// (Kafka's consumer thread, in the rebalance callback), so a shutdown
+    /// while Redis is unreachable does not wait for Redis.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
     /// Hand back everything (shutdown); restores under way are cancelled.
     pub fn revoke_all(&self) -> RevokeReport {
-        self.shutting_down.store(true, Ordering::SeqCst);
-        let all: Vec<i32> = self.slots.lock().keys().copied().collect();
+        self.shut_down();
+        let all = self.partitions();
         self.hand_back(&all, "shutdown")
+    }
+
+    /// Hand back everything after the group dropped this member's whole
+    /// assignment (a rebalance error), without stopping the coordinator.
+    pub fn lose_all(&self) -> RevokeReport {
+        let all = self.partitions();
+        self.hand_back(&all, "lost")
+    }
+
+    /// Every partition with a slot: restoring, running or stopped on its own.
+    fn partitions(&self) -> Vec<i32> {
+        self.slots.lock().keys().copied().collect()
     }
 
     fn hand_back(&self, partitions: &[i32], why: &'static str) -> RevokeReport {
         let started = Instant::now();
         let deadline = started + self.drain_deadline;
         let mut report = RevokeReport::default();
-        let stopping: Vec<Stopping> = {
+        let workers: Vec<Worker> = {
             let mut slots = self.slots.lock();
             partitions
                 .iter()
@@ -279,18 +315,27 @@ impl Coordinator {
                         report.cancelled.push(*p);
                         None
                     }
-                    Slot::Running(w) => {
-                        tracing::info!(
-                            event = "partition_revoked",
-                            partition = *p,
-                            why,
-                            "draining"
-                        );
-                        Some(w.request_stop())
-                    }
+                    Slot::Running(w) => Some(w),
                 })
                 .collect()
         };
+        for p in &report.cancelled {
+            self.ctx.checkpoints.store.release(*p);
+        }
+        // Asked outside the lock: a channel-fed worker's stop request
+        // queues behind the records already sent to it.
+        let stopping: Vec<Stopping> = workers
+            .into_iter()
+            .map(|w| {
+                tracing::info!(
+                    event = "partition_revoked",
+                    partition = w.partition(),
+                    why,
+                    "draining"
+                );
+                w.request_stop()
+            })
+            .collect();
         for s in stopping {
             let p = s.partition();
             let outcome = s.wait(deadline);
@@ -299,7 +344,7 @@ impl Coordinator {
                 StopOutcome::AlreadyStopped => tracing::warn!(
                     event = "partition_not_checkpointed",
                     partition = p,
-                    "the worker had stopped on its own (fenced, or its checkpoints had stopped); the next owner replays from the last checkpoint"
+                    "the worker had stopped on its own (fenced by a newer owner); the next owner replays from the last checkpoint"
                 ),
                 StopOutcome::NotCheckpointed { reason } => tracing::error!(
                     event = "partition_not_checkpointed",
@@ -311,8 +356,11 @@ impl Coordinator {
                     event = "partition_not_checkpointed",
                     partition = p,
                     deadline_ms = self.drain_deadline.as_millis() as u64,
-                    "the worker did not drain before the deadline; it finishes on its own, and a late checkpoint is fenced if the partition has a new owner"
+                    "the worker did not drain before the deadline; it finishes on its own unless the process exits first (shutdown), and a late checkpoint is fenced if the partition has a new owner"
                 ),
+            }
+            if !matches!(outcome, StopOutcome::TimedOut) {
+                self.ctx.checkpoints.store.release(p);
             }
             report.stopped.push((p, outcome));
         }
@@ -367,7 +415,8 @@ impl Coordinator {
             .collect()
     }
 
-    /// The state of an owned partition (the sync path reads it).
+    /// The state of an owned partition: where a synchronous check of a key
+    /// this instance owns will be counted (not yet used by `/check`).
     pub fn store(&self, partition: i32) -> Option<Arc<KeyedStore>> {
         match self.slots.lock().get(&partition)? {
             Slot::Running(w) if !w.is_finished() => Some(w.store().clone()),
@@ -537,6 +586,30 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(store.inner.peek(0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_snapshot_the_store_dropped_is_not_reported_as_saved_at_stop() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let c = coordinator(store.clone(), Duration::from_millis(20));
+        let taken = assign(&c, &[0]);
+        // Someone saved offset 100 under our epoch: our saves now go backwards.
+        let mut ahead = store.peek(0).unwrap().unwrap_or_default();
+        ahead.next_offset = 100;
+        store.save(0, taken[0].epoch, &ahead).unwrap();
+        feed_partition(&c, 0, 0, 3);
+        let failures = c
+            .context()
+            .metrics
+            .stream
+            .checkpoint_failures
+            .with_label_values(&["backwards"]);
+        wait_until("the refused save", || failures.get() >= 1);
+        let report = c.revoke(&[0]);
+        assert!(
+            matches!(&report.stopped[..], [(0, StopOutcome::NotCheckpointed { reason })] if reason.contains("behind")),
+            "{report:?}"
+        );
     }
 
     #[test]

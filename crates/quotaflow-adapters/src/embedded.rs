@@ -125,6 +125,12 @@ impl EmbeddedBus {
     }
 }
 
+/// The embedded default's pipeline: its bus and the outputs it keeps.
+pub struct Embedded {
+    pub bus: EmbeddedBus,
+    pub sink: Arc<EmbeddedSink>,
+}
+
 /// A dead letter as the embedded sink keeps it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {

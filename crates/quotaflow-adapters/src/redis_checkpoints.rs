@@ -161,4 +161,8 @@ impl CheckpointStore for RedisCheckpoints {
             ))),
         }
     }
+
+    fn release(&self, partition: i32) {
+        self.conns.lock().remove(&partition);
+    }
 }

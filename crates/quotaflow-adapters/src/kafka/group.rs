@@ -124,7 +124,7 @@ impl ConsumerContext for ConsumerCtx {
             }
             other => {
                 tracing::error!(event = "rebalance_error", error = ?other, "rebalance failed; dropping the assignment");
-                self.coordinator.lose(&partitions);
+                self.coordinator.lose_all();
                 let _ = consumer.unassign();
             }
         }
@@ -162,6 +162,7 @@ impl ConsumerCtx {
 
 /// A running consumer-group member.
 pub struct KafkaProcessor {
+    coordinator: Arc<Coordinator>,
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
 }
@@ -175,7 +176,7 @@ impl KafkaProcessor {
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = ConsumerCtx {
-            coordinator,
+            coordinator: coordinator.clone(),
             topic: settings.requests_topic.clone(),
             consumer: OnceLock::new(),
         };
@@ -194,6 +195,7 @@ impl KafkaProcessor {
             .spawn(move || consume(consumer, flag, ready))
             .context("starting the consumer thread")?;
         Ok(Self {
+            coordinator,
             stop,
             join: Some(join),
         })
@@ -203,6 +205,9 @@ impl KafkaProcessor {
     /// (within the coordinator's deadline), then the consumer leaves the group.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // The consumer thread may be restoring partitions in a rebalance
+        // callback, retrying while Redis is unreachable: let it give up.
+        self.coordinator.shut_down();
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }

@@ -125,6 +125,9 @@ fn checkpoints(
     // snapshot is saved only once all of them are, since it covers them all.
     let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
     let mut pending: Option<Box<Checkpoint>> = None;
+    // Why the newest snapshot was not saved, when it was dropped: a final
+    // job with nothing new must not report the state as saved.
+    let mut unsaved: Option<String> = None;
     loop {
         // How this job's save went: what a final job reports.
         let mut outcome = StopOutcome::Clean;
@@ -141,7 +144,12 @@ fn checkpoints(
                 unsettled.push(generation);
                 (Some(cp), true)
             }
-            Ok(Job::Final(None)) => (pending.take(), true),
+            Ok(Job::Final(None)) => {
+                if let Some(reason) = unsaved.take().filter(|_| pending.is_none()) {
+                    outcome = StopOutcome::NotCheckpointed { reason };
+                }
+                (pending.take(), true)
+            }
             Ok(Job::Abandon) => return finish(&ctx, stopped, StopOutcome::AlreadyStopped),
             Err(RecvTimeoutError::Timeout) => {
                 // Retrying on our own: the worker must not hand over a new
@@ -162,8 +170,14 @@ fn checkpoints(
             pending = None;
             let next_offset = cp.next_offset;
             match save(&ctx, partition, epoch, &cp, &mut unsettled) {
-                Saved::Yes => outcome = StopOutcome::Checkpointed { next_offset },
-                Saved::Dropped(reason) => outcome = StopOutcome::NotCheckpointed { reason },
+                Saved::Yes => {
+                    unsaved = None;
+                    outcome = StopOutcome::Checkpointed { next_offset };
+                }
+                Saved::Dropped(reason) => {
+                    unsaved = Some(reason.clone());
+                    outcome = StopOutcome::NotCheckpointed { reason };
+                }
                 Saved::Retry(reason) => {
                     pending = Some(cp);
                     outcome = StopOutcome::NotCheckpointed { reason };

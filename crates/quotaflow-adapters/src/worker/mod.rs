@@ -277,6 +277,21 @@ impl Stopping {
     }
 }
 
+/// A partition counted as owned in the metrics, uncounted when its worker
+/// ends, also by a panic.
+struct Counted<'a> {
+    ctx: &'a WorkerContext,
+    label: String,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let m = &self.ctx.metrics.stream;
+        m.partitions_owned.dec();
+        m.partition_lag.remove_label_values(&[&self.label]).ok();
+    }
+}
+
 fn run<S: Source>(
     ctx: Arc<WorkerContext>,
     partition: i32,
@@ -303,6 +318,10 @@ fn run<S: Source>(
         );
     }
     let label = partition.to_string();
+    let counted = Counted {
+        ctx: &ctx,
+        label: label.clone(),
+    };
     let consumed = ctx
         .metrics
         .stream
@@ -403,14 +422,9 @@ fn run<S: Source>(
             None
         }
     };
-    ctx.metrics.stream.partitions_owned.dec();
-    ctx.metrics
-        .stream
-        .partition_lag
-        .remove_label_values(&[&label])
-        .ok();
     // Answered last, so a coordinator that hears back finds the partition
     // no longer counted as owned.
+    drop(counted);
     if let Some((req, outcome)) = answer {
         let _ = req.ack.send(outcome);
     }

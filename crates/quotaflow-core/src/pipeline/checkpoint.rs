@@ -87,6 +87,10 @@ pub trait CheckpointStore: Send + Sync {
     /// Save `cp` if `epoch` is still the partition's epoch and the offset
     /// does not move backwards.
     fn save(&self, partition: i32, epoch: u64, cp: &Checkpoint) -> Result<(), CheckpointError>;
+
+    /// The partition left this instance: drop what was kept for it (a
+    /// connection, say). Saving it again later still works.
+    fn release(&self, _partition: i32) {}
 }
 
 /// Per partition: the epoch and the encoded checkpoint.
