@@ -51,10 +51,20 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
     Ok(AppState {
         limiter: Arc::new(limiter),
         metrics: Arc::new(metrics),
-        admin_token: admin_token.filter(|t| !t.is_empty()).map(Into::into),
+        // Mounted secrets often end in a newline, which no client sends.
+        admin_token: admin_token
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .map(Into::into),
         identity: Arc::new(Identity {
             api_key_header: settings.server.api_key_header.to_ascii_lowercase(),
             user_id_header: settings.server.user_id_header.to_ascii_lowercase(),
+            uri_header: settings.server.forward_auth_uri_header.to_ascii_lowercase(),
+            method_header: settings
+                .server
+                .forward_auth_method_header
+                .to_ascii_lowercase(),
+            cost_header: settings.server.cost_header.to_ascii_lowercase(),
             trusted_proxies: settings.server.trusted_proxies.clone(),
             deny_status,
         }),
@@ -200,6 +210,13 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
+    if state.admin_token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            event = "config_writes_local_only",
+            addr = %addr,
+            "no admin token (QUOTAFLOW_ADMIN_TOKEN): config writes are accepted only from this machine, and the whitelist is shown only to it"
+        );
+    }
     let rules = state.limiter.rules();
     tracing::info!(
         event = "listening",

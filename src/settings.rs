@@ -51,6 +51,13 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<IpNet>,
     pub api_key_header: String,
     pub user_id_header: String,
+    /// Forward-auth: the header a trusted proxy puts the original request's
+    /// URI in, and its method. Only these are read, so a client cannot slip
+    /// in another one the proxy passes through untouched.
+    pub forward_auth_uri_header: String,
+    pub forward_auth_method_header: String,
+    /// Forward-auth: the header carrying a request's cost.
+    pub cost_header: String,
     pub forward_auth_deny_status: u16,
 }
 
@@ -64,6 +71,9 @@ impl Default for ServerSettings {
             ],
             api_key_header: "x-api-key".into(),
             user_id_header: "x-user-id".into(),
+            forward_auth_uri_header: "x-original-uri".into(),
+            forward_auth_method_header: "x-original-method".into(),
+            cost_header: "x-quotaflow-cost".into(),
             forward_auth_deny_status: 429,
         }
     }

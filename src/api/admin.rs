@@ -1,7 +1,16 @@
 //! `GET/POST /rate_limit/config`: the running rate-limit document.
+//!
+//! Who may write (and read the whitelist): with an admin token configured,
+//! whoever presents it; with none, only a client on this machine, and only
+//! through a loopback `Host` (a web page cannot rebind its own name to
+//! 127.0.0.1 and post from the victim's browser). Writes must say they are
+//! JSON, which a cross-site form or `text/plain` fetch cannot do without a
+//! preflight that this server never grants.
+
+use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -15,11 +24,93 @@ use quotaflow_core::rules::{FieldError, RulesDoc};
 /// Problem type for a refused config, with per-field `errors`.
 const INVALID_CONFIG: &str = "urn:quotaflow:problem:invalid-config";
 
-pub(super) async fn get_config(State(app): State<AppState>) -> Response {
+/// Largest config document accepted.
+const MAX_CONFIG_BYTES: usize = 2 * 1024 * 1024;
+
+/// Who is asking, as far as the config API cares.
+struct Caller {
+    peer: Option<IpAddr>,
+    /// The bearer token presented matches the configured one.
+    token_ok: bool,
+    loopback_host: bool,
+}
+
+impl Caller {
+    fn of(app: &AppState, req: &HttpRequest) -> Self {
+        let headers = req.headers();
+        Self {
+            peer: req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_canonical()),
+            token_ok: app
+                .admin_token
+                .as_deref()
+                .is_some_and(|t| bearer_matches(headers, t)),
+            loopback_host: headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .is_some_and(is_loopback_host),
+        }
+    }
+
+    /// May change the config (and so see all of it).
+    fn may_write(&self, app: &AppState) -> Result<(), Refusal> {
+        if app.admin_token.is_some() {
+            return if self.token_ok {
+                Ok(())
+            } else {
+                Err(Refusal::Token)
+            };
+        }
+        if !self.peer.is_some_and(|p| p.is_loopback()) {
+            return Err(Refusal::NotLocal);
+        }
+        if !self.loopback_host {
+            return Err(Refusal::Host);
+        }
+        Ok(())
+    }
+}
+
+enum Refusal {
+    Token,
+    NotLocal,
+    Host,
+}
+
+/// `localhost`, `*.localhost`, a loopback address, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+pub(super) async fn get_config(State(app): State<AppState>, req: HttpRequest) -> Response {
+    let caller = Caller::of(&app, &req);
     let rules = app.limiter.rules();
     let mut body = serde_json::to_value(rules.doc()).unwrap_or_else(|_| json!({}));
     if let Some(obj) = body.as_object_mut() {
         obj.insert("version".into(), rules.version.into());
+        // The whitelist says which identities skip every limit: only for
+        // those who may change it.
+        if caller.may_write(&app).is_err() {
+            obj.remove("whitelist");
+            obj.insert("whitelist_redacted".into(), true.into());
+        }
     }
     (
         StatusCode::OK,
@@ -32,32 +123,56 @@ pub(super) async fn get_config(State(app): State<AppState>) -> Response {
 /// Replace the document. A body may carry the `version` it was edited from
 /// (as `GET` returns it): then the write applies only if that version is
 /// still running, else `409`.
-pub(super) async fn post_config(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(token) = &app.admin_token {
-        if !bearer_matches(&headers, token) {
-            app.metrics.config_update(ConfigUpdate::Unauthorized);
-            tracing::warn!(
-                event = "config_update_unauthorized",
-                "config write without a valid bearer token"
-            );
-            let mut r = problem(
+pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -> Response {
+    let caller = Caller::of(&app, &req);
+    let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
+    if let Err(refusal) = caller.may_write(&app) {
+        app.metrics.config_update(ConfigUpdate::Unauthorized);
+        let (status, detail) = match refusal {
+            Refusal::Token => (
                 StatusCode::UNAUTHORIZED,
-                "about:blank",
-                "Unauthorized",
                 "config writes need `Authorization: Bearer <token>`",
-                json!({}),
-            );
+            ),
+            Refusal::NotLocal => (
+                StatusCode::FORBIDDEN,
+                "no admin token is configured (QUOTAFLOW_ADMIN_TOKEN), so config writes are \
+                 accepted only from this machine",
+            ),
+            Refusal::Host => (
+                StatusCode::FORBIDDEN,
+                "no admin token is configured, so config writes must name this machine \
+                 (Host: localhost or a loopback address)",
+            ),
+        };
+        tracing::warn!(event = "config_update_unauthorized", peer = %peer, reason = detail, "config write refused");
+        let mut r = problem(status, "about:blank", "Not allowed", detail, json!({}));
+        if status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
-            return r;
         }
+        return r;
     }
+    if !is_json(req.headers()) {
+        app.metrics.config_update(ConfigUpdate::Rejected);
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "about:blank",
+            "Unsupported Media Type",
+            "a config write must be sent as `Content-Type: application/json`",
+            json!({}),
+        );
+    }
+    let body: Bytes = match axum::body::to_bytes(req.into_body(), MAX_CONFIG_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return refused(
+                &app,
+                vec![FieldError::new("", format!("body unreadable: {e}"))],
+            )
+        }
+    };
     let (expected, doc) = match parse(&body) {
         Ok(v) => v,
         Err(errors) => return refused(&app, errors),
@@ -69,6 +184,8 @@ pub(super) async fn post_config(
             tracing::info!(
                 event = "config_applied",
                 version,
+                peer = %peer,
+                by = if caller.token_ok { "admin_token" } else { "loopback" },
                 "rate-limit config replaced"
             );
             (
@@ -129,12 +246,85 @@ fn refused(app: &AppState, errors: Vec<FieldError>) -> Response {
     )
 }
 
+/// `application/json`, parameters (a charset) allowed.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// Constant-time comparison of the bearer token, so response timing does not
-/// reveal how much of a guess was right.
+/// reveal how much of a guess was right. The scheme is case-insensitive
+/// (RFC 9110).
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, given)| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised_and_others_are_not() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.",
+            "api.localhost:80",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.8.9.10:1",
+            "[::1]:8080",
+            "[::1]",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[2001:db8::1]:80",
+            "",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(v));
+            h
+        };
+        assert!(is_json(&with("application/json")));
+        assert!(is_json(&with("Application/JSON; charset=utf-8")));
+        assert!(!is_json(&with("text/plain")));
+        assert!(!is_json(&with("application/x-www-form-urlencoded")));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, header::HeaderValue::from_static(v));
+            h
+        };
+        assert!(bearer_matches(&with("Bearer s3cret"), "s3cret"));
+        assert!(bearer_matches(&with("bearer s3cret"), "s3cret"));
+        assert!(!bearer_matches(&with("Bearer S3CRET"), "s3cret"));
+        assert!(!bearer_matches(&with("Basic s3cret"), "s3cret"));
+        assert!(!bearer_matches(&HeaderMap::new(), "s3cret"));
+    }
 }

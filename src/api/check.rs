@@ -39,9 +39,10 @@ pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response 
 }
 
 /// Forward-auth for nginx `auth_request`, Traefik ForwardAuth and Envoy
-/// `ext_authz` (HTTP): identity from headers, the original method and path
-/// from `X-Forwarded-*` / `X-Original-*` headers or from the path after
-/// `/forward-auth` (Envoy's `path_prefix` mode).
+/// `ext_authz` (HTTP): identity, cost and the original method and URI from
+/// the configured headers, believed only from a trusted proxy (a client
+/// must never pick its own identity or cost), else the path after
+/// `/forward-auth` (Envoy's `path_prefix` mode) and the request's method.
 pub(super) async fn forward_auth(State(app): State<AppState>, req: HttpRequest) -> Response {
     let peer = req
         .extensions()
@@ -76,23 +77,26 @@ fn identity_from(
         }
     };
     let id = &app.identity;
+    // Headers only a trusted proxy may set; from anyone else they are not
+    // read at all (as X-Forwarded-For is not).
+    let trusted = peer.is_some_and(|p| client_ip::is_trusted(p, &id.trusted_proxies));
+    let proxy_set = |name: &str| if trusted { text(name) } else { Ok(None) };
     let rest = path.strip_prefix("/forward-auth").filter(|r| !r.is_empty());
-    let uri = text("x-forwarded-uri")?
-        .or(text("x-original-uri")?)
-        .or_else(|| rest.map(str::to_owned));
+    let uri = proxy_set(&id.uri_header)?.or_else(|| rest.map(str::to_owned));
     let path = uri.map(|u| u.split(['?', '#']).next().unwrap_or_default().to_owned());
-    let method = text("x-forwarded-method")?
-        .or(text("x-original-method")?)
-        .unwrap_or_else(|| method.to_owned());
-    let cost = match text("x-quotaflow-cost")? {
+    let method = proxy_set(&id.method_header)?.unwrap_or_else(|| method.to_owned());
+    let cost = match proxy_set(&id.cost_header)? {
         None => 1,
         Some(c) => c.trim().parse().map_err(|_| {
-            format!("header x-quotaflow-cost must be a non-negative integer, got `{c}`")
+            format!(
+                "header {} must be a non-negative integer, got `{c}`",
+                id.cost_header
+            )
         })?,
     };
     Ok(Request {
-        user_id: text(&id.user_id_header)?,
-        api_key: text(&id.api_key_header)?,
+        user_id: proxy_set(&id.user_id_header)?,
+        api_key: proxy_set(&id.api_key_header)?,
         client_ip: client_ip::resolve(peer, h, &id.trusted_proxies),
         method: Some(method),
         path,

@@ -10,10 +10,17 @@ use std::net::IpAddr;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
+/// Whether `peer` is one of the `trusted` proxies. An IPv4 peer seen
+/// through an IPv6 socket (`::ffff:a.b.c.d`) counts as its IPv4 address.
+pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = peer.to_canonical();
+    trusted.iter().any(|n| n.contains(&peer))
+}
+
 /// The address to rate limit for a request that arrived from `peer`.
 pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
-    let peer = peer?;
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let peer = peer?.to_canonical();
+    let is_trusted = |ip: &IpAddr| is_trusted(*ip, trusted);
     if !is_trusted(&peer) {
         return Some(peer);
     }
@@ -31,7 +38,7 @@ pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> 
             // stop at the last address a trusted proxy reported.
             break;
         };
-        client = ip;
+        client = ip.to_canonical();
         if !is_trusted(&ip) {
             break;
         }

@@ -25,6 +25,9 @@ use quotaflow_core::limiter::Limiter;
 pub struct Identity {
     pub api_key_header: String,
     pub user_id_header: String,
+    pub uri_header: String,
+    pub method_header: String,
+    pub cost_header: String,
     pub trusted_proxies: Vec<IpNet>,
     pub deny_status: StatusCode,
 }
