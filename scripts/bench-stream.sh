@@ -168,7 +168,7 @@ BROKER_PID=$(scripts/services.sh status 2>/dev/null | sed -n 's/^kafka: running 
 [[ -n $BROKER_PID ]] || die "cannot find the Kafka broker's pid"
 
 say "building (release): quotaflow and the stream bench tool"
-timeout 1800 cargo build --release --bin quotaflow -p stream-bench >"$OUT/build.log" 2>&1 ||
+timeout 1800 cargo build --release -p quotaflow -p stream-bench --bins >"$OUT/build.log" 2>&1 ||
   die "cargo build failed (see $OUT/build.log)"
 BENCH="$TARGET_DIR/release/stream-bench"
 QUOTAFLOW="$TARGET_DIR/release/quotaflow"

@@ -8,7 +8,8 @@
 //!   embedded bus, partition workers and their ownership coordinator,
 //!   Prometheus metrics;
 //! - this package — [`api`] (the axum sidecar: `/check`, `/forward-auth`,
-//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`settings`]
+//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`http_server`]
+//!   (the accept loop: timeouts, connection cap, bounded drain), [`settings`]
 //!   (the settings file and environment), [`server`] (wiring and
 //!   `quotaflow serve`), [`simulate`] (traffic for the embedded pipeline or
 //!   Kafka), [`logging`], and `main.rs`, the command line;
@@ -16,6 +17,7 @@
 //!   `scripts/bench-stream.sh`.
 
 pub mod api;
+pub mod http_server;
 pub mod logging;
 pub mod server;
 pub mod settings;

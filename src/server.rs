@@ -2,7 +2,6 @@
 //! together, with graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -10,6 +9,7 @@ use axum::http::StatusCode;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, Identity};
+use crate::http_server;
 use crate::settings::{EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
 use quotaflow_adapters::coordinator::Coordinator;
@@ -228,13 +228,14 @@ pub async fn serve(
         "quotaflow listening on http://{addr} ({} mode)",
         pipeline.mode()
     );
-    axum::serve(
-        listener,
-        api::router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving HTTP")?;
+    let limits = http_server::Limits {
+        header_timeout: settings.server.header_timeout,
+        request_timeout: settings.server.request_timeout,
+        max_connections: settings.server.max_connections,
+        shutdown_grace: settings.server.shutdown_grace,
+    };
+    let metrics = state.metrics.clone();
+    http_server::serve(listener, api::router(state), limits, metrics, shutdown).await;
     sweeper.abort();
     tokio::task::spawn_blocking(move || pipeline.stop())
         .await

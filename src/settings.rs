@@ -59,6 +59,19 @@ pub struct ServerSettings {
     /// Forward-auth: the header carrying a request's cost.
     pub cost_header: String,
     pub forward_auth_deny_status: u16,
+    /// A request's headers must arrive within this; it also closes idle
+    /// keep-alive connections and connections that never send a byte.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A request, body included, must be read and answered within this (`408`).
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Connections open at once; past this new ones are closed at once.
+    pub max_connections: usize,
+    /// On shutdown, how long requests in flight may take to finish before
+    /// their connections are closed (the stream's final checkpoints follow).
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerSettings {
@@ -75,6 +88,10 @@ impl Default for ServerSettings {
             forward_auth_method_header: "x-original-method".into(),
             cost_header: "x-quotaflow-cost".into(),
             forward_auth_deny_status: 429,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }

@@ -257,15 +257,156 @@ async fn config_writes_need_the_admin_token_when_set() {
         .await
         .expect("POST");
     assert_eq!(r.status(), 200);
-    // Reads stay open.
-    assert_eq!(
-        c.get(s.url("/rate_limit/config"))
+    // Reads stay open, but the whitelist (who skips every limit) is shown
+    // only to those who may change it.
+    let r = c
+        .get(s.url("/rate_limit/config"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
+    let anonymous: Value = r.json().await.expect("json");
+    assert_eq!(anonymous["whitelist"], Value::Null);
+    assert_eq!(anonymous["whitelist_redacted"], true);
+    let admin: Value = c
+        .get(s.url("/rate_limit/config"))
+        .bearer_auth("hunter2-long-token")
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert!(admin["whitelist"].is_object(), "{admin}");
+    assert_eq!(admin["whitelist_redacted"], Value::Null);
+}
+
+/// With no admin token, config writes come only from this machine, by a
+/// loopback name, as JSON: a web page cannot post a config cross-site
+/// (`text/plain` needs no preflight) or through a rebound DNS name.
+#[tokio::test]
+async fn config_writes_without_a_token_need_json_and_a_loopback_host() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let doc = json!({"limits": []}).to_string();
+    let version = || async {
+        let v: Value = c
+            .get(s.url("/rate_limit/config"))
             .send()
             .await
             .expect("GET")
-            .status(),
-        200
+            .json()
+            .await
+            .expect("json");
+        v["version"].as_u64()
+    };
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .header("content-type", "text/plain")
+        .body(doc.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 415);
+    assert_eq!(header(&r, "content-type"), "application/problem+json");
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .header("content-type", "application/json")
+        .header("host", "attacker.example:8080")
+        .body(doc.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["detail"].as_str().unwrap_or_default().contains("Host"),
+        "{v}"
     );
+    assert_eq!(version().await, Some(1), "refused writes changed nothing");
+    // A loopback client by a loopback name may, and sees the whitelist.
+    let full: Value = c
+        .get(s.url("/rate_limit/config"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(full["whitelist"]["user_ids"], json!(["ops"]));
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(doc)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 200);
+    assert_eq!(version().await, Some(2));
+    let applied = s.wait_log(Duration::from_secs(5), |v| v["event"] == "config_applied");
+    assert_eq!(applied["peer"], "127.0.0.1");
+    assert_eq!(applied["by"], "loopback");
+}
+
+/// Identity, cost, and the original method and URI count only when a
+/// trusted proxy sent them: from any other peer a whitelisted user id, a
+/// zero cost or another path in a header change nothing.
+#[tokio::test]
+async fn forward_auth_ignores_proxy_headers_from_untrusted_peers() {
+    // No trusted proxies: the test client (127.0.0.1) is an ordinary client.
+    let config = format!("{TIGHT}\n[server]\ntrusted_proxies = []\n");
+    let s = Server::start(Some(&config), &[]);
+    let c = client();
+    // `login` allows 2 POST /login per client address an hour.
+    for expected in [200, 200, 429, 429] {
+        let r = c
+            .post(s.url("/forward-auth/login"))
+            .header("x-user-id", "ops") // whitelisted, if it were believed
+            .header("x-quotaflow-cost", "0")
+            .header("x-original-uri", "/elsewhere")
+            .header("x-original-method", "GET")
+            .send()
+            .await
+            .expect("auth");
+        assert_eq!(r.status(), expected);
+    }
+}
+
+/// From a trusted proxy, only the configured URI and method headers count:
+/// an `X-Forwarded-Uri` a client slipped past nginx does not replace the
+/// `X-Original-URI` nginx set.
+#[tokio::test]
+async fn forward_auth_reads_only_the_configured_uri_header() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    for expected in [200, 200, 429] {
+        let r = c
+            .get(s.url("/forward-auth"))
+            .header("x-original-method", "POST")
+            .header("x-original-uri", "/login")
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-uri", "/elsewhere")
+            .send()
+            .await
+            .expect("auth");
+        assert_eq!(r.status(), expected);
+    }
+    // Traefik's pair, once configured, is read instead.
+    let config = format!(
+        "{TIGHT}\n[server]\nforward_auth_uri_header = \"x-forwarded-uri\"\nforward_auth_method_header = \"x-forwarded-method\"\n"
+    );
+    let s = Server::start(Some(&config), &[]);
+    for expected in [200, 200, 429] {
+        let r = c
+            .get(s.url("/forward-auth"))
+            .header("x-forwarded-method", "POST")
+            .header("x-forwarded-uri", "/login")
+            .header("x-original-uri", "/elsewhere")
+            .send()
+            .await
+            .expect("auth");
+        assert_eq!(r.status(), expected);
+    }
 }
 
 #[tokio::test]
@@ -278,8 +419,8 @@ async fn forward_auth_reads_identity_from_headers_and_trusted_proxies() {
     let login = |xff: &'static str| {
         c.get(s.url("/forward-auth"))
             .header("x-forwarded-for", xff)
-            .header("x-forwarded-method", "POST")
-            .header("x-forwarded-uri", "/login?next=/home")
+            .header("x-original-method", "POST")
+            .header("x-original-uri", "/login?next=/home")
             .send()
     };
     // The peer (127.0.0.1) is trusted, so the client is the right-most untrusted hop.
@@ -486,4 +627,148 @@ async fn embedded_bus_turns_events_into_decisions_and_dead_letters() {
     }
     let ready = c.get(s.url("/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
+}
+
+mod bounded_connections {
+    //! Slow, silent and idle connections are closed on time, a request
+    //! whose body stalls gets `408`, the connection cap keeps the server
+    //! answering, and SIGTERM does not wait for a half-sent request.
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use super::common::Server;
+
+    fn addr(s: &Server) -> String {
+        s.base.trim_start_matches("http://").to_owned()
+    }
+
+    fn connect(s: &Server) -> TcpStream {
+        let c = TcpStream::connect(addr(s)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c
+    }
+
+    /// Read until the server closes the connection; how long that took and
+    /// what it sent.
+    fn until_closed(mut c: TcpStream) -> (Duration, String) {
+        let started = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("the server kept the connection open: {e}"),
+            }
+        }
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&got).into_owned(),
+        )
+    }
+
+    fn healthz(s: &Server) -> String {
+        let mut c = connect(s);
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        until_closed(c).1
+    }
+
+    const SHORT: &str = r#"
+[server]
+header_timeout = "300ms"
+request_timeout = "500ms"
+"#;
+
+    #[test]
+    fn slow_silent_and_idle_connections_are_closed() {
+        let s = Server::start(Some(SHORT), &[]);
+        // Silent: never sends a byte.
+        let (took, _) = until_closed(connect(&s));
+        assert!(
+            took < Duration::from_secs(2),
+            "silent connection open {took:?}"
+        );
+        // Slow headers: half a request line and a header, then nothing.
+        let mut c = connect(&s);
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc")
+            .expect("write");
+        let (took, _) = until_closed(c);
+        assert!(took < Duration::from_secs(2), "slow headers open {took:?}");
+        // Idle keep-alive: one request answered, then nothing.
+        let mut c = connect(&s);
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("write");
+        let (took, text) = until_closed(c);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            took < Duration::from_secs(2),
+            "idle connection open {took:?}"
+        );
+        // A body that stalls: 408 within the request timeout.
+        let mut c = connect(&s);
+        c.write_all(
+            b"POST /check HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user_id\":",
+        )
+        .expect("write");
+        let (took, text) = until_closed(c);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(took < Duration::from_secs(2), "stalled body open {took:?}");
+        assert!(healthz(&s).starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn past_the_connection_cap_new_connections_are_closed_and_health_recovers() {
+        let config = "[server]\nheader_timeout = \"30s\"\nmax_connections = 4\n";
+        let s = Server::start(Some(config), &[]);
+        let held: Vec<TcpStream> = (0..4).map(|_| connect(&s)).collect();
+        // Give the server a moment to accept all four.
+        std::thread::sleep(Duration::from_millis(200));
+        let (took, text) = until_closed(connect(&s));
+        assert!(text.is_empty(), "{text}");
+        assert!(
+            took < Duration::from_secs(1),
+            "refused connection open {took:?}"
+        );
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = healthz(&s);
+            if text.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "health did not recover: {text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let refused = s.wait_log(Duration::from_secs(5), |v| {
+            v["event"] == "connections_refused"
+        });
+        assert_eq!(refused["max_connections"], 4);
+    }
+
+    #[test]
+    fn sigterm_does_not_wait_for_a_half_sent_request() {
+        let config =
+            "[server]\nheader_timeout = \"60s\"\nrequest_timeout = \"60s\"\nshutdown_grace = \"1s\"\n";
+        let mut s = Server::start(Some(config), &[]);
+        let mut c = connect(&s);
+        c.write_all(
+            b"POST /check HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .expect("write");
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let status = s.terminate();
+        let took = started.elapsed();
+        assert!(status.success(), "{status:?}");
+        assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+        s.wait_log(Duration::from_secs(1), |v| {
+            v["event"] == "http_drain_timeout"
+        });
+        s.wait_log(Duration::from_secs(1), |v| v["event"] == "stopped");
+    }
 }

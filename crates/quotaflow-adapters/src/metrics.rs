@@ -28,6 +28,12 @@ pub struct Metrics {
     breaches: IntCounterVec,
     suspicious: IntCounterVec,
     invalid_requests: IntCounterVec,
+    /// HTTP connections open now.
+    pub http_connections_open: IntGauge,
+    /// Connections closed at once because `server.max_connections` were open.
+    pub http_connections_refused: IntCounter,
+    /// Errors accepting connections (e.g. out of file descriptors).
+    pub http_accept_errors: IntCounter,
     /// The stream processor's metrics.
     pub stream: StreamMetrics,
 }
@@ -219,6 +225,19 @@ impl Metrics {
             ),
             &["endpoint"],
         )?;
+        let http_connections_open =
+            IntGauge::new("http_connections_open", "HTTP connections open now.")?;
+        let http_connections_refused = IntCounter::new(
+            "http_connections_refused_total",
+            "Connections closed at once because server.max_connections were open.",
+        )?;
+        let http_accept_errors = IntCounter::new(
+            "http_accept_errors_total",
+            "Errors accepting HTTP connections (for example, out of file descriptors).",
+        )?;
+        registry.register(Box::new(http_connections_open.clone()))?;
+        registry.register(Box::new(http_connections_refused.clone()))?;
+        registry.register(Box::new(http_accept_errors.clone()))?;
         registry.register(Box::new(checks.clone()))?;
         registry.register(Box::new(limit_decisions.clone()))?;
         registry.register(Box::new(check_duration.clone()))?;
@@ -243,6 +262,9 @@ impl Metrics {
             breaches,
             suspicious,
             invalid_requests,
+            http_connections_open,
+            http_connections_refused,
+            http_accept_errors,
         })
     }
 
