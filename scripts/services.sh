@@ -51,7 +51,8 @@
 # Kafka comes from Maven Central (scripts/services/pom.xml: the broker, the
 # command-line tools and a log4j2 backend), fetched once by
 # `mvn dependency:copy-dependencies`; it needs java (17+) and mvn. Redis is
-# Debian's redis-server, installed with apt-get when missing. Neither is run
+# Debian's redis-server (and promtool, from Debian's prometheus package, for
+# the alert rules' tests), installed with apt-get when missing. Neither service is run
 # through systemd or an init script: both are started directly and tracked by
 # pid files under $QUOTAFLOW_CACHE/run/.
 #
@@ -284,21 +285,36 @@ redis_installed() {
   command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1
 }
 
+# promtool (Debian's prometheus package) checks and unit-tests the alert
+# rules in deploy/prometheus; installed with Redis, in the same apt run.
+promtool_installed() {
+  command -v promtool >/dev/null 2>&1
+}
+
 install_redis() {
-  redis_installed && return 0
+  redis_installed && promtool_installed && return 0
   command -v apt-get >/dev/null 2>&1 || die "redis-server is not installed and apt-get is not available to install it"
-  local apt_log=$CACHE/logs/redis-install.log rc=0
+  local apt_log=$CACHE/logs/redis-install.log rc=0 packages=()
+  redis_installed || packages+=(redis-server)
+  promtool_installed || packages+=(prometheus)
   mkdir -p "$CACHE/logs"
-  log "installing redis-server with apt-get (once; log: $apt_log)"
+  log "installing ${packages[*]} with apt-get (once; log: $apt_log)"
   {
     # Wait for the dpkg/apt locks instead of failing when another apt runs.
     as_root apt-get -o DPkg::Lock::Timeout=300 update &&
       as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-        install -y --no-install-recommends redis-server
+        install -y --no-install-recommends "${packages[@]}"
   } </dev/null >"$apt_log" 2>&1 || rc=$?
-  if ((rc != 0)) || ! redis_installed; then
+  if ((rc != 0)) || ! redis_installed || ! promtool_installed; then
     show_tail "$apt_log"
-    die "could not install redis-server with apt-get (exit $rc); see $apt_log"
+    die "could not install ${packages[*]} with apt-get (exit $rc); see $apt_log"
+  fi
+  # Only promtool is wanted from the prometheus package: stop a server its
+  # init script may have started.
+  local prom_pid
+  if prom_pid=$(live_pid /run/prometheus/prometheus.pid prometheus); then
+    log "stopping the system prometheus the package started (pid $prom_pid)"
+    stop_pid "system prometheus" "$prom_pid" "$REDIS_STOP_TIMEOUT" prometheus
   fi
   # Where the package's init script did start a system Redis (no policy-rc.d
   # to stop it), stop it again: this script runs its own, on its own port.
@@ -645,7 +661,7 @@ cmd_up() {
   lock
   local redis_job=""
   # Fresh machine: apt (Redis) and Maven (Kafka) downloads run side by side.
-  if ((WANT_REDIS)) && ! redis_installed; then
+  if ((WANT_REDIS)) && ! { redis_installed && promtool_installed; }; then
     install_redis &
     redis_job=$!
   fi

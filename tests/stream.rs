@@ -205,88 +205,8 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
     assert!(a.terminate().success());
     assert!(c.terminate().success());
 
-    let expected = Oracle {
-        topic: f.requests.clone(),
-        limit_name: "per_user".into(),
-        limit: 1_000_000,
-        window_ms: HOUR,
-        max_skew_ms: 1_000,
-        alert_window_ms: 60_000,
-        min_refused: 10,
-        critical_refused: 1000,
-        sweep_ms: 5_000,
-    }
-    .run(&sent);
-    // Every key's final state equals the oracle's: no event lost, none twice.
-    // State holds keyed ids, not texts: name each user's id as the limiter does.
-    let fp = Fingerprinter::from_secret(FINGERPRINT_KEY);
-    let doc = RulesDoc::from_json(
-        br#"{"limits": [{"name": "per_user", "algorithm": "fixed_window", "key": ["user_id"], "limit": 1000000, "window": "1h"}]}"#,
-    )
-    .expect("the test's limit");
-    let rules = Rules::compile(doc, 1, &fp).expect("the test's limit compiles");
-    let user_of: BTreeMap<KeyId, String> = (0..120)
-        .map(|u| {
-            let user = format!("user-{u}");
-            let req = Request {
-                user_id: Some(user.clone()),
-                ..Request::default()
-            };
-            let id = rules.limits[0].key_id(&req, &mut String::new());
-            (id.expect("every user has a per-user key"), user)
-        })
-        .collect();
-    let store = f.checkpoints();
-    let mut state = BTreeMap::new();
-    for p in 0..f.partitions {
-        let (_, cp) = store.peek(p).expect("peek");
-        for k in cp.expect("every partition has a checkpoint").keys {
-            let user = user_of
-                .get(&k.key)
-                .cloned()
-                .unwrap_or_else(|| format!("{:?}", k.key));
-            state.insert(user, (k.state[0] as i64, k.state[1]));
-        }
-    }
-    let differing: Vec<_> = expected
-        .state
-        .iter()
-        .filter(|(u, v)| state.get(*u) != Some(v))
-        .map(|(u, v)| (u.clone(), *v, state.get(u).copied()))
-        .collect();
-    assert!(
-        differing.is_empty(),
-        "(user, oracle, processor) differ: {differing:?}"
-    );
-    assert_eq!(state.len(), expected.state.len());
-
-    // One decision per event (every_event); replays repeat ids, never change them.
-    let records = read_until(&f.decisions, Duration::from_secs(30), |r| {
-        r.iter()
-            .map(|x| x.header("quotaflow.id").unwrap_or_default().to_owned())
-            .collect::<BTreeSet<_>>()
-            .len()
-            >= sent.len()
-    });
-    let mut by_id: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for r in &records {
-        let d = f
-            .codec
-            .decode_decision(&r.payload)
-            .expect("decision decodes");
-        if let Some(prev) = by_id.insert(d.decision_id.clone(), r.payload.clone()) {
-            assert_eq!(
-                prev, r.payload,
-                "two outputs with id {} disagree",
-                d.decision_id
-            );
-        }
-    }
-    let want: BTreeSet<String> = sent
-        .iter()
-        .map(|s| format!("{}:{}:{}:decision:0", f.requests, s.partition, s.offset))
-        .collect();
-    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), want);
+    assert_final_states_match_the_oracle(&f, &sent, 120);
+    assert_one_decision_per_event(&f, &sent);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -585,16 +505,16 @@ async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
 /// not be written is named in the log.
 #[tokio::test(flavor = "multi_thread")]
 async fn revoking_every_partition_with_redis_stalled_ends_within_the_deadline() {
-    let f = Fixture::new("revoke-redis-down", 4).await;
     let redis = common::services::PrivateRedis::start();
+    let f = Fixture::new("revoke-redis-down", 4)
+        .await
+        .with_redis(redis.url());
     // Checkpoints rarely, so every partition holds unsaved work at the end;
     // each Redis call times out after 2 s, the drain after 3 s.
-    let config = f
-        .config(
-            PER_USER_5_PER_10S,
-            "[stream]\ncheckpoint_interval = \"60s\"\ndrain_timeout = \"3s\"\n",
-        )
-        .replace(&common::services::redis(), &redis.url());
+    let config = f.config(
+        PER_USER_5_PER_10S,
+        "[stream]\ncheckpoint_interval = \"60s\"\ndrain_timeout = \"3s\"\n",
+    );
     let mut server = Server::start(Some(&config), &[]);
     wait_for("all four partitions", Duration::from_secs(30), || {
         metric(&server, "quotaflow_partitions_owned") == 4.0
@@ -638,17 +558,308 @@ async fn revoking_every_partition_with_redis_stalled_ends_within_the_deadline() 
         .collect();
     assert_eq!(not_saved, BTreeSet::from([0, 1, 2, 3]), "{handed_back}");
     // Nothing reached Redis: the next owner replays from the start.
-    let store = quotaflow_adapters::redis_checkpoints::RedisCheckpoints::new(
-        &redis.url(),
-        &f.prefix,
-        &f.group,
-        &f.requests,
-        Duration::from_secs(5),
-    )
-    .expect("checkpoints");
+    let store = f.checkpoints();
     for p in 0..4 {
         let (epoch, cp) = store.peek(p).expect("peek");
-        assert_eq!(epoch, 1);
+        assert!(epoch > 0, "partition {p} was taken");
         assert_eq!(cp, None, "partition {p}");
     }
+}
+
+/// Every key's final state in the checkpoints equals an independent
+/// oracle's over `sent` (users `user-0` … `user-{users-1}`, `COUNT_ALL`):
+/// no event lost, none counted twice.
+fn assert_final_states_match_the_oracle(f: &Fixture, sent: &[Sent], users: usize) {
+    let expected = Oracle {
+        topic: f.requests.clone(),
+        limit_name: "per_user".into(),
+        limit: 1_000_000,
+        window_ms: HOUR,
+        max_skew_ms: 1_000,
+        alert_window_ms: 60_000,
+        min_refused: 10,
+        critical_refused: 1000,
+        sweep_ms: 5_000,
+    }
+    .run(sent);
+    // Every key's final state equals the oracle's: no event lost, none twice.
+    // State holds keyed ids, not texts: name each user's id as the limiter does.
+    let fp = Fingerprinter::from_secret(FINGERPRINT_KEY);
+    let doc = RulesDoc::from_json(
+        br#"{"limits": [{"name": "per_user", "algorithm": "fixed_window", "key": ["user_id"], "limit": 1000000, "window": "1h"}]}"#,
+    )
+    .expect("the test's limit");
+    let rules = Rules::compile(doc, 1, &fp).expect("the test's limit compiles");
+    let user_of: BTreeMap<KeyId, String> = (0..users)
+        .map(|u| {
+            let user = format!("user-{u}");
+            let req = Request {
+                user_id: Some(user.clone()),
+                ..Request::default()
+            };
+            let id = rules.limits[0].key_id(&req, &mut String::new());
+            (id.expect("every user has a per-user key"), user)
+        })
+        .collect();
+    let store = f.checkpoints();
+    let mut state = BTreeMap::new();
+    for p in 0..f.partitions {
+        let (_, cp) = store.peek(p).expect("peek");
+        for k in cp.expect("every partition has a checkpoint").keys {
+            let user = user_of
+                .get(&k.key)
+                .cloned()
+                .unwrap_or_else(|| format!("{:?}", k.key));
+            state.insert(user, (k.state[0] as i64, k.state[1]));
+        }
+    }
+    let differing: Vec<_> = expected
+        .state
+        .iter()
+        .filter(|(u, v)| state.get(*u) != Some(v))
+        .map(|(u, v)| (u.clone(), *v, state.get(u).copied()))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "(user, oracle, processor) differ: {differing:?}"
+    );
+    assert_eq!(state.len(), expected.state.len());
+}
+
+/// One decision per event (`every_event`), under its deterministic id;
+/// replays repeat ids, never change them.
+fn assert_one_decision_per_event(f: &Fixture, sent: &[Sent]) {
+    // One decision per event (every_event); replays repeat ids, never change them.
+    let records = read_until(&f.decisions, Duration::from_secs(30), |r| {
+        r.iter()
+            .map(|x| x.header("quotaflow.id").unwrap_or_default().to_owned())
+            .collect::<BTreeSet<_>>()
+            .len()
+            >= sent.len()
+    });
+    let mut by_id: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for r in &records {
+        let d = f
+            .codec
+            .decode_decision(&r.payload)
+            .expect("decision decodes");
+        if let Some(prev) = by_id.insert(d.decision_id.clone(), r.payload.clone()) {
+            assert_eq!(
+                prev, r.payload,
+                "two outputs with id {} disagree",
+                d.decision_id
+            );
+        }
+    }
+    let want: BTreeSet<String> = sent
+        .iter()
+        .map(|s| format!("{}:{}:{}:decision:0", f.requests, s.partition, s.offset))
+        .collect();
+    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), want);
+}
+
+/// Redis dies mid-stream and comes back empty (no persistence) while three
+/// processors run; with `kill_after`, one of them is killed that long after
+/// Redis is back and replaced. No partition stalls: every checkpoint covers
+/// the whole stream again, and the final states and decisions are those of
+/// a run without the fault.
+async fn redis_lost_its_data_mid_stream(name: &str, kill_after: Option<Duration>) {
+    let mut redis = common::services::PrivateRedis::start();
+    let f = Fixture::new(name, 6).await.with_redis(redis.url());
+    let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"300ms\"\n");
+    let mut servers = vec![
+        Server::start(Some(&config), &[]),
+        Server::start(Some(&config), &[]),
+        Server::start(Some(&config), &[]),
+    ];
+    wait_for(
+        "6 partitions owned by 3 processors",
+        Duration::from_secs(60),
+        || {
+            servers
+                .iter()
+                .map(|s| metric(s, "quotaflow_partitions_owned"))
+                .sum::<f64>()
+                == 6.0
+                && servers
+                    .iter()
+                    .all(|s| metric(s, "quotaflow_partitions_owned") >= 1.0)
+        },
+    );
+    let t0 = base();
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut sent = Vec::new();
+    let mut produce = async |range: std::ops::Range<usize>, sent: &mut Vec<Sent>| {
+        for n in range {
+            let user = format!("user-{}", rng.random_range(0..120));
+            let ts = t0 + n as i64 * 100;
+            sent.push(f.send(event(&user, ts, n), ts).await);
+        }
+    };
+    produce(0..1500, &mut sent).await;
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+
+    redis.restart_empty();
+    produce(1500..3000, &mut sent).await;
+    if let Some(after) = kill_after {
+        tokio::time::sleep(after).await;
+        servers.remove(1); // dropped: SIGKILL, no final checkpoint
+        servers.push(Server::start(Some(&config), &[]));
+        produce(3000..4000, &mut sent).await;
+    }
+    // No stall: every partition checkpoints the whole stream again.
+    f.wait_checkpointed(&sent, Duration::from_secs(90));
+    let reseeds: f64 = servers
+        .iter()
+        .map(|s| metric(s, "quotaflow_checkpoint_store_reseeds_total"))
+        .sum();
+    let forgot_logged = servers.iter().any(|s| {
+        s.logs()
+            .iter()
+            .any(|l| l.contains("\"event\":\"checkpoint_store_forgot\""))
+    });
+    // Every processor re-seeds its partitions once Redis is back (the
+    // killed one's count went with it; the two survivors' remain).
+    assert!(reseeds >= 1.0, "no re-seed counted ({reseeds})");
+    assert!(forgot_logged, "no checkpoint_store_forgot logged");
+    for s in &mut servers {
+        assert!(s.terminate().success());
+    }
+    assert_final_states_match_the_oracle(&f, &sent, 120);
+    assert_one_decision_per_event(&f, &sent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_empty_mid_stream_stalls_no_partition() {
+    redis_lost_its_data_mid_stream("redis-loss", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_empty_then_a_processor_killed_stalls_no_partition() {
+    redis_lost_its_data_mid_stream("redis-loss-kill", Some(Duration::from_secs(10))).await;
+}
+
+/// A partition taken with no checkpoint (never processed, or its checkpoint
+/// lost with Redis) while the topic's head was already deleted: the events
+/// it can no longer count are logged and exported, not passed over quietly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_without_a_checkpoint_reports_a_deleted_head() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let f = Fixture::new("head-deleted", 1).await;
+    let t0 = base();
+    let mut sent = Vec::new();
+    for n in 0..12 {
+        sent.push(f.send(event("carol", t0 + n as i64, n), t0).await);
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", common::services::kafka())
+        .create()
+        .expect("admin client");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&f.requests, 0, Offset::Offset(7))
+        .expect("offset");
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+
+    let config = f.config(
+        PER_USER_5_PER_10S,
+        "[stream]\ncheckpoint_interval = \"200ms\"\n",
+    );
+    let server = Server::start(Some(&config), &[]);
+    let logged = server.wait_log(Duration::from_secs(60), |v| v["event"] == "offsets_skipped");
+    assert_eq!(logged["from"], 0);
+    assert_eq!(logged["to"], 7);
+    assert_eq!(logged["skipped"], 7);
+    wait_for("the five events left", Duration::from_secs(30), || {
+        metric(&server, "quotaflow_events_consumed_total") == 5.0
+    });
+    assert_eq!(metric(&server, "quotaflow_offsets_skipped_total"), 7.0);
+}
+
+/// The zombie test again, with the store losing its data while the zombie
+/// is paused: the new owner re-seeds under a newer epoch, and the zombie,
+/// resumed, is still fenced — it neither overwrites nor re-seeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_zombie_cannot_overwrite_the_new_owner_after_a_store_loss() {
+    let mut redis = common::services::PrivateRedis::start();
+    let f = Fixture::new("zombie-loss", 1).await.with_redis(redis.url());
+    let t0 = base();
+    let zombie = Server::start(
+        Some(&f.config(
+            PER_USER_5_PER_10S,
+            "[stream]\ncheckpoint_interval = \"60s\"\n",
+        )),
+        &[],
+    );
+    wait_for("zombie owns the partition", Duration::from_secs(30), || {
+        metric(&zombie, "quotaflow_partitions_owned") == 1.0
+    });
+    let mut sent = Vec::new();
+    for n in 0..30 {
+        sent.push(
+            f.send(
+                event(&format!("u{}", n % 7), t0 + n as i64, n),
+                t0 + n as i64,
+            )
+            .await,
+        );
+    }
+    wait_for("zombie to consume", Duration::from_secs(30), || {
+        metric(&zombie, "quotaflow_events_consumed_total") == 30.0
+    });
+    let pid = zombie.pid().to_string();
+    let signal = |s: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .is_ok_and(|st| st.success()));
+    };
+    signal("-STOP");
+    let owner = Server::start(
+        Some(&f.config(
+            PER_USER_5_PER_10S,
+            "[stream]\ncheckpoint_interval = \"200ms\"\n",
+        )),
+        &[],
+    );
+    f.wait_checkpointed(&sent, Duration::from_secs(60));
+    let (first_epoch, _) = f.checkpoints().peek(0).expect("peek");
+
+    redis.restart_empty();
+    for n in 30..40 {
+        sent.push(
+            f.send(
+                event(&format!("u{}", n % 7), t0 + n as i64, n),
+                t0 + n as i64,
+            )
+            .await,
+        );
+    }
+    f.wait_checkpointed(&sent, Duration::from_secs(30));
+    owner.wait_log(Duration::from_secs(10), |v| {
+        v["event"] == "checkpoint_store_forgot"
+    });
+    let store = f.checkpoints();
+    let (owner_epoch, cp) = store.peek(0).expect("peek");
+    assert!(owner_epoch > first_epoch, "re-seeded under a newer epoch");
+    let owner_offset = cp.expect("owner checkpoint").next_offset;
+
+    signal("-CONT");
+    zombie.wait_log(Duration::from_secs(60), |v| {
+        v["event"] == "checkpoint_fenced"
+    });
+    let (epoch, cp) = store.peek(0).expect("peek");
+    assert_eq!(epoch, owner_epoch);
+    assert!(cp.expect("checkpoint").next_offset >= owner_offset);
+    assert_eq!(
+        metric(&zombie, "quotaflow_checkpoint_store_reseeds_total"),
+        0.0
+    );
+    drop(owner);
 }

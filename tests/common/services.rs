@@ -191,11 +191,25 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::start_on(port)
+    }
+
+    /// Kill the server (`kill -9`: no persistence, so all its data goes)
+    /// and start an empty one on the same port.
+    pub fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Self::start_on(self.port);
+        // Swap in the new process; the old (dead) one is dropped.
+        *self = fresh;
+    }
+
+    fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--dir"])

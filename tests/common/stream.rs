@@ -29,6 +29,9 @@ pub struct Fixture {
     pub partitions: i32,
     pub producer: FutureProducer,
     pub codec: Codec,
+    /// The Redis its processors checkpoint to: the shared one unless a
+    /// test gives it one of its own ([`Fixture::with_redis`]).
+    pub redis_url: String,
 }
 
 /// One produced record and where it landed.
@@ -60,6 +63,7 @@ impl Fixture {
                 .create()
                 .expect("producer"),
             codec: Codec::new(Encoding::SingleObject).expect("codec"),
+            redis_url: redis(),
         };
         create_topics(&[
             (&f.requests, partitions),
@@ -69,6 +73,12 @@ impl Fixture {
         ])
         .await;
         f
+    }
+
+    /// Checkpoint to `url` instead of the shared Redis.
+    pub fn with_redis(mut self, url: String) -> Self {
+        self.redis_url = url;
+        self
     }
 
     /// Settings for a processor of this fixture, with `limits` (TOML) and extra sections.
@@ -97,7 +107,7 @@ fingerprint_key = "{fingerprint_key}"
 "#,
             fingerprint_key = FINGERPRINT_KEY,
             kafka = kafka(),
-            redis = redis(),
+            redis = self.redis_url,
             group = self.group,
             requests = self.requests,
             decisions = self.decisions,
@@ -109,7 +119,7 @@ fingerprint_key = "{fingerprint_key}"
 
     pub fn checkpoints(&self) -> RedisCheckpoints {
         RedisCheckpoints::new(
-            &redis(),
+            &self.redis_url,
             &self.prefix,
             &self.group,
             &self.requests,

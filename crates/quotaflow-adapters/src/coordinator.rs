@@ -26,7 +26,9 @@ use parking_lot::Mutex;
 use quotaflow_core::pipeline::{Checkpoint, CheckpointError};
 use quotaflow_core::state::KeyedStore;
 
-use crate::worker::{self, Msg, Source, StopOutcome, Stopping, Worker, WorkerContext};
+use crate::worker::{
+    self, Msg, Source, StopOutcome, StoppedBecause, Stopping, Worker, WorkerContext,
+};
 
 /// First pause before retrying a partition whose checkpoint could not be
 /// loaded; it doubles up to [`MAX_RESTORE_BACKOFF`].
@@ -379,6 +381,63 @@ impl Coordinator {
         report
     }
 
+    /// Take over again the partitions still assigned here whose worker
+    /// stopped on its own: after a fence once it has lasted `fenced_after`
+    /// (the group would have revoked the partition by then if another
+    /// member owned it; so it is this instance's, and the fence came from
+    /// a zombie or a store that lost data), and at once after its
+    /// checkpoints stopped (outputs failed delivery: replay from the last
+    /// checkpoint). Each goes through the take-over path of
+    /// [`Coordinator::assign`]: a new epoch, the last checkpoint, a new
+    /// worker; the caller resumes its records at the returned offsets.
+    pub fn retake_stopped<S: Source>(
+        &self,
+        fenced_after: Duration,
+        depth: usize,
+        make_source: impl Fn(i32, Receiver<Msg>) -> Option<S> + Sync,
+    ) -> Vec<Taken> {
+        let due: Vec<(i32, StoppedBecause)> = {
+            let mut slots = self.slots.lock();
+            let due: Vec<(i32, StoppedBecause)> = slots
+                .iter()
+                .filter_map(|(p, s)| match s {
+                    Slot::Running(w) => {
+                        let (since, why) = w.stopped_because()?;
+                        let wait = match why {
+                            StoppedBecause::Fenced => fenced_after,
+                            StoppedBecause::CheckpointsStopped => Duration::ZERO,
+                        };
+                        (since.elapsed() >= wait).then_some((*p, why))
+                    }
+                    Slot::Restoring(_) => None,
+                })
+                .collect();
+            for (p, _) in &due {
+                slots.remove(p);
+            }
+            due
+        };
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let partitions: Vec<i32> = due.iter().map(|(p, _)| *p).collect();
+        for (p, why) in &due {
+            self.ctx
+                .metrics
+                .stream
+                .partitions_retaken
+                .with_label_values(&[why.as_str()])
+                .inc();
+            tracing::warn!(
+                event = "partition_retaken",
+                partition = *p,
+                reason = why.as_str(),
+                "the partition's worker had stopped on its own while the partition is still assigned here; taking it over again from its last checkpoint"
+            );
+        }
+        self.assign(&partitions, depth, make_source)
+    }
+
     /// Whether this instance owns `partition` now: taken, and its worker
     /// still running (a fenced worker stops on its own).
     pub fn owns(&self, partition: i32) -> bool {
@@ -438,7 +497,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::test_support::{ctx_with, feed, wait_until, FaultyStore, InstantSink};
+    use crate::test_support::{ctx_with, feed, wait_until, FaultyStore, HeldSink, InstantSink};
     use crate::worker::{ChannelSource, CHANNEL_DEPTH};
     use quotaflow_core::pipeline::{CheckpointStore, MemoryCheckpoints};
 
@@ -482,27 +541,20 @@ mod tests {
         assign(&first, &[1]);
         feed_partition(&first, 1, 0, 7);
         wait_until("the events", || position(&first, 1) == Some(7));
+        let first_epoch = first.owner_epoch(1);
         first.revoke(&[1]);
 
         let c = coordinator(store.clone(), NO_PERIODIC);
         let taken = assign(&c, &[0, 1]);
-        assert_eq!(
-            taken,
-            vec![
-                Taken {
-                    partition: 0,
-                    epoch: 1,
-                    next_offset: None
-                },
-                Taken {
-                    partition: 1,
-                    epoch: 2,
-                    next_offset: Some(7)
-                },
-            ]
+        let got: Vec<(i32, Option<i64>)> =
+            taken.iter().map(|t| (t.partition, t.next_offset)).collect();
+        assert_eq!(got, vec![(0, None), (1, Some(7))]);
+        assert!(
+            Some(taken[1].epoch) > first_epoch,
+            "a new owner, a newer epoch"
         );
         assert!(c.owns(0) && c.owns(1) && !c.owns(2));
-        assert_eq!(c.owner_epoch(1), Some(2));
+        assert_eq!(c.owner_epoch(1), Some(taken[1].epoch));
         assert_eq!(c.owned(), vec![0, 1]);
         assert_eq!(c.context().metrics.stream.partitions_owned.get(), 2);
         c.revoke_all();
@@ -714,6 +766,128 @@ mod tests {
         let report = b.revoke(&[0]);
         assert!(report.not_checkpointed().next().is_none(), "{report:?}");
         assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 7);
+    }
+
+    #[test]
+    fn a_store_that_forgot_is_reseeded_from_the_live_state() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let c = coordinator(store.clone(), Duration::from_millis(20));
+        let taken = assign(&c, &[0]);
+        feed_partition(&c, 0, 0, 3);
+        wait_until("the first checkpoint", || {
+            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 3)
+        });
+        // Redis restarted without its data.
+        store.forget();
+        feed_partition(&c, 0, 3, 2);
+        wait_until("the re-seeded checkpoint", || {
+            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 5)
+        });
+        assert_eq!(c.context().metrics.stream.checkpoint_reseeds.get(), 1);
+        let epoch = c.owner_epoch(0).expect("still owned");
+        assert!(epoch > taken[0].epoch, "a new epoch: {epoch}");
+        // It keeps checkpointing under the new epoch, and its state is whole.
+        feed_partition(&c, 0, 5, 1);
+        let report = c.revoke(&[0]);
+        assert_eq!(
+            report.stopped,
+            vec![(0, StopOutcome::Checkpointed { next_offset: 6 })]
+        );
+        let cp = store.peek(0).unwrap().unwrap();
+        assert_eq!(cp.keys.len(), 1, "user-0's state survived the loss");
+    }
+
+    #[test]
+    fn a_zombie_cannot_reseed_over_the_new_owner_after_a_loss() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let zombie = coordinator(store.clone(), NO_PERIODIC);
+        let owner = coordinator(store.clone(), Duration::from_millis(20));
+        assign(&zombie, &[0]);
+        feed_partition(&zombie, 0, 0, 2);
+        wait_until("the zombie's events", || position(&zombie, 0) == Some(2));
+        assign(&owner, &[0]);
+        feed_partition(&owner, 0, 0, 4);
+        wait_until("the owner's checkpoint", || {
+            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 4)
+        });
+        store.forget();
+        // The owner notices first and re-seeds; the zombie's save then meets
+        // an epoch above its own: fenced, never forgotten.
+        feed_partition(&owner, 0, 4, 1);
+        wait_until("the re-seed", || {
+            owner.context().metrics.stream.checkpoint_reseeds.get() == 1
+        });
+        let report = zombie.revoke(&[0]);
+        assert!(
+            matches!(&report.stopped[..], [(0, StopOutcome::NotCheckpointed { reason })] if reason.contains("fenced")),
+            "{report:?}"
+        );
+        assert_eq!(zombie.context().metrics.stream.checkpoint_reseeds.get(), 0);
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 5);
+        owner.revoke_all();
+    }
+
+    #[test]
+    fn a_fenced_partition_still_assigned_here_is_taken_over_again() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let a = coordinator(store.clone(), Duration::from_millis(20));
+        let b = coordinator(store.clone(), Duration::from_millis(20));
+        assign(&a, &[0]);
+        assign(&b, &[0]);
+        feed_partition(&b, 0, 0, 3);
+        wait_until("b's checkpoint", || {
+            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 3)
+        });
+        b.revoke(&[0]);
+        // A's worker meets b's newer epoch and stops; the group still says
+        // the partition is A's, so A takes it over again.
+        feed_partition(&a, 0, 0, 1);
+        wait_until("a to be fenced", || !a.owns(0));
+        assert!(
+            assign_stopped(&a, Duration::from_secs(60)).is_empty(),
+            "not before the grace"
+        );
+        let taken = assign_stopped(&a, Duration::ZERO);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].next_offset, Some(3), "from b's checkpoint");
+        assert!(a.owns(0));
+        assert_eq!(
+            a.context()
+                .metrics
+                .stream
+                .partitions_retaken
+                .with_label_values(&["fenced"])
+                .get(),
+            1
+        );
+        a.revoke_all();
+    }
+
+    #[test]
+    fn a_partition_whose_outputs_failed_is_taken_over_again_at_once() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let sink = Arc::new(HeldSink::default());
+        let c = Coordinator::new(
+            ctx_with(sink.clone(), store.clone(), Duration::from_millis(20)),
+            DEADLINE,
+        );
+        assign(&c, &[0]);
+        // Three events of one user: the second is refused (a BLOCK decision).
+        feed_partition(&c, 0, 0, 3);
+        wait_until("the decision", || !sink.held.lock().is_empty());
+        sink.settle(false);
+        wait_until("the worker to give up", || !c.owns(0));
+        let taken = assign_stopped(&c, Duration::from_secs(3600));
+        assert_eq!(taken.len(), 1, "no grace for failed deliveries");
+        assert_eq!(taken[0].next_offset, None, "replayed from the start");
+        assert!(c.owns(0));
+        c.revoke_all();
+    }
+
+    fn assign_stopped(c: &Coordinator, fenced_after: Duration) -> Vec<Taken> {
+        c.retake_stopped(fenced_after, CHANNEL_DEPTH, |_, rx| {
+            Some(ChannelSource::new(rx))
+        })
     }
 
     #[test]

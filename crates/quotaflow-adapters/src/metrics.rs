@@ -49,9 +49,13 @@ pub struct StreamMetrics {
     pub alerts: IntCounterVec,
     pub checkpoint_duration: Histogram,
     pub checkpoint_failures: IntCounterVec,
-    pub checkpoints_stopped: IntGauge,
     pub restore_duration: Histogram,
     pub rebalances: IntCounterVec,
+    /// Checkpoints re-seeded under a new epoch after the store lost data.
+    pub checkpoint_reseeds: IntCounter,
+    /// Partitions whose worker stopped on its own and that this instance
+    /// took over again, by why it stopped (fenced, checkpoints_stopped).
+    pub partitions_retaken: IntCounterVec,
 }
 
 impl StreamMetrics {
@@ -119,10 +123,6 @@ impl StreamMetrics {
                 ),
                 &["reason"],
             )?,
-            checkpoints_stopped: IntGauge::new(
-                "checkpoints_stopped",
-                "Partitions owned here that write no more checkpoints because outputs failed delivery; restarting the instance replays them from their last checkpoint.",
-            )?,
             restore_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "restore_duration_seconds",
@@ -139,6 +139,17 @@ impl StreamMetrics {
                 ),
                 &["kind"],
             )?,
+            checkpoint_reseeds: IntCounter::new(
+                "checkpoint_store_reseeds_total",
+                "Partition checkpoints written again under a new epoch because the checkpoint store had lost the partition's epoch (Redis restarted empty, flushed, or failed over to a replica behind).",
+            )?,
+            partitions_retaken: IntCounterVec::new(
+                Opts::new(
+                    "partitions_retaken_total",
+                    "Partitions still assigned here whose worker had stopped on its own, taken over again from their last checkpoint, by why the worker stopped (fenced, checkpoints_stopped).",
+                ),
+                &["reason"],
+            )?,
         };
         registry.register(Box::new(m.events_consumed.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
@@ -149,9 +160,10 @@ impl StreamMetrics {
         registry.register(Box::new(m.alerts.clone()))?;
         registry.register(Box::new(m.checkpoint_duration.clone()))?;
         registry.register(Box::new(m.checkpoint_failures.clone()))?;
-        registry.register(Box::new(m.checkpoints_stopped.clone()))?;
         registry.register(Box::new(m.restore_duration.clone()))?;
         registry.register(Box::new(m.rebalances.clone()))?;
+        registry.register(Box::new(m.checkpoint_reseeds.clone()))?;
+        registry.register(Box::new(m.partitions_retaken.clone()))?;
         Ok(m)
     }
 }

@@ -1,11 +1,21 @@
 //! Partition checkpoints in Redis, fenced by an epoch.
 //!
 //! Per partition two keys: `{prefix}:{group}:{topic}:{partition}:epoch`
-//! (INCR on every assignment: the fencing token) and `…:checkpoint` (a hash
-//! of `epoch`, `next_offset`, `config_version`, `state`). One Lua script
-//! writes the checkpoint only if the stored epoch is still the writer's and
-//! the offset does not move backwards, atomically, so a zombie instance that
-//! lost the partition cannot overwrite the new owner's checkpoint.
+//! (raised on every assignment: the fencing token) and `…:checkpoint` (a
+//! hash of `epoch`, `next_offset`, `config_version`, `state`). One Lua
+//! script writes the checkpoint only if the stored epoch is still the
+//! writer's and the offset does not move backwards, atomically, so a zombie
+//! instance that lost the partition cannot overwrite the new owner's
+//! checkpoint.
+//!
+//! A Redis that lost data (restarted without persistence, flushed, failed
+//! over to a replica behind) holds no epoch or an older one than the owner:
+//! saves say `Forgotten`, and the owner re-seeds its checkpoint under a new
+//! epoch. Epochs are therefore never plain counters: every new epoch is at
+//! least `now_ms × 1024 + random(0..1024)` — the time it was issued, with
+//! room for 1,024 per millisecond — so epochs issued after a loss are above
+//! every epoch issued before it (given instance clocks closer than the time
+//! between the two takeovers), and two instances never share one.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,10 +24,25 @@ use parking_lot::Mutex;
 
 use quotaflow_core::pipeline::{Checkpoint, CheckpointError, CheckpointStore};
 
+/// KEYS: epoch, checkpoint. ARGV: the epoch floor. Returns the new epoch
+/// and the stored state (or nil). Lua numbers are doubles: exact up to
+/// 2^53, far above `now_ms × 1024` (about 2^51), and written with `%d`.
+const ACQUIRE: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local epoch = math.max(current + 1, tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], string.format('%d', epoch))
+return {epoch, redis.call('HGET', KEYS[2], 'state')}
+"#;
+
+/// KEYS: epoch, checkpoint. ARGV: epoch, next_offset, config_version, state.
 const SAVE: &str = r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current ~= tonumber(ARGV[1]) then
+local ours = tonumber(ARGV[1])
+if current > ours then
   return {'fenced', current}
+end
+if current < ours then
+  return {'forgotten', current}
 end
 local stored = redis.call('HGET', KEYS[2], 'next_offset')
 if stored and tonumber(ARGV[2]) < tonumber(stored) then
@@ -26,6 +51,32 @@ end
 redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'next_offset', ARGV[2], 'config_version', ARGV[3], 'state', ARGV[4])
 return {'ok', current}
 "#;
+
+/// KEYS: epoch, checkpoint. ARGV: our (forgotten) epoch, the epoch floor,
+/// next_offset, config_version, state. Writes the checkpoint under a new
+/// epoch unless a newer owner holds the partition.
+const RESEED: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ours = tonumber(ARGV[1])
+if current > ours then
+  return {'fenced', current}
+end
+local epoch = math.max(current + 1, ours + 1, tonumber(ARGV[2]))
+local text = string.format('%d', epoch)
+redis.call('SET', KEYS[1], text)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'epoch', text, 'next_offset', ARGV[3], 'config_version', ARGV[4], 'state', ARGV[5])
+return {'ok', epoch}
+"#;
+
+/// The least epoch issued now: the time in ms, times 1,024, plus a random
+/// spread, so that two instances taking over in the same millisecond after
+/// a loss do not share a token.
+fn epoch_floor() -> u64 {
+    crate::clock::now_ms()
+        .saturating_mul(1024)
+        .saturating_add(u64::from(rand::random::<u16>() % 1024))
+}
 
 /// Checkpoints of one consumer group's partitions of one topic.
 pub struct RedisCheckpoints {
@@ -36,7 +87,9 @@ pub struct RedisCheckpoints {
     conns: Mutex<HashMap<i32, redis::Connection>>,
     base: String,
     timeout: Duration,
-    script: redis::Script,
+    acquire: redis::Script,
+    save: redis::Script,
+    reseed: redis::Script,
 }
 
 impl RedisCheckpoints {
@@ -54,7 +107,9 @@ impl RedisCheckpoints {
             conns: Mutex::new(HashMap::new()),
             base: format!("{prefix}:{group}:{topic}"),
             timeout,
-            script: redis::Script::new(SAVE),
+            acquire: redis::Script::new(ACQUIRE),
+            save: redis::Script::new(SAVE),
+            reseed: redis::Script::new(RESEED),
         })
     }
 
@@ -123,12 +178,13 @@ impl RedisCheckpoints {
 impl CheckpointStore for RedisCheckpoints {
     fn acquire(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError> {
         let (epoch_key, cp_key) = self.keys(partition);
+        let floor = epoch_floor();
         let (epoch, blob): (u64, Option<Vec<u8>>) = self.with_conn(partition, |c| {
-            redis::pipe()
-                .atomic()
-                .incr(&epoch_key, 1)
-                .hget(&cp_key, "state")
-                .query(c)
+            self.acquire
+                .key(&epoch_key)
+                .key(&cp_key)
+                .arg(floor)
+                .invoke(c)
         })?;
         Ok((epoch, blob.as_deref().map(Checkpoint::decode).transpose()?))
     }
@@ -137,7 +193,7 @@ impl CheckpointStore for RedisCheckpoints {
         let (epoch_key, cp_key) = self.keys(partition);
         let blob = cp.encode()?;
         let (status, value): (String, i64) = self.with_conn(partition, |c| {
-            self.script
+            self.save
                 .key(&epoch_key)
                 .key(&cp_key)
                 .arg(epoch)
@@ -152,9 +208,41 @@ impl CheckpointStore for RedisCheckpoints {
                 ours: epoch,
                 current: value.max(0) as u64,
             }),
+            "forgotten" => Err(CheckpointError::Forgotten {
+                ours: epoch,
+                current: value.max(0) as u64,
+            }),
             "backwards" => Err(CheckpointError::Backwards {
                 offered: cp.next_offset,
                 stored: value,
+            }),
+            other => Err(CheckpointError::Unavailable(format!(
+                "unexpected script answer {other}"
+            ))),
+        }
+    }
+
+    fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError> {
+        let (epoch_key, cp_key) = self.keys(partition);
+        let blob = cp.encode()?;
+        let floor = epoch_floor();
+        let (status, value): (String, i64) = self.with_conn(partition, |c| {
+            self.reseed
+                .key(&epoch_key)
+                .key(&cp_key)
+                .arg(ours)
+                .arg(floor)
+                .arg(cp.next_offset)
+                .arg(cp.config_version)
+                .arg(&blob[..])
+                .invoke(c)
+        })?;
+        let value = u64::try_from(value).unwrap_or(0);
+        match status.as_str() {
+            "ok" => Ok(value),
+            "fenced" => Err(CheckpointError::Fenced {
+                ours,
+                current: value,
             }),
             other => Err(CheckpointError::Unavailable(format!(
                 "unexpected script answer {other}"

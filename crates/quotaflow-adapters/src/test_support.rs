@@ -163,4 +163,11 @@ impl CheckpointStore for FaultyStore {
         }
         self.inner.save(partition, epoch, cp)
     }
+
+    fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(CheckpointError::Unavailable("store down (test)".into()));
+        }
+        self.inner.reseed(partition, ours, cp)
+    }
 }

@@ -67,6 +67,7 @@ impl Source for QueueSource {
 struct ConsumerCtx {
     coordinator: Arc<Coordinator>,
     topic: String,
+    session_timeout: Duration,
     /// The consumer itself, set right after it is created: splitting a
     /// partition queue needs an `Arc` of it, and the rebalance callback is
     /// handed only a reference.
@@ -160,6 +161,38 @@ impl ConsumerCtx {
     }
 }
 
+/// How often the consumer thread looks for partitions whose worker
+/// stopped on its own.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// A partition whose worker was fenced is taken over again only if the
+/// group still assigns it here this long after: a member that lost it
+/// (paused past its session) learns so from the group within a session
+/// timeout, and is revoked before this.
+fn fenced_grace(session_timeout: Duration) -> Duration {
+    session_timeout.saturating_mul(2)
+}
+
+/// Take over again, through the coordinator, the partitions whose worker
+/// stopped on its own while still assigned here, each resumed at its
+/// checkpoint (a worker that gave its partition up must not keep it idle).
+fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) {
+    let taken = ctx.coordinator.retake_stopped(
+        fenced_grace(ctx.session_timeout),
+        CONTROL_DEPTH,
+        |p, control| {
+            BatchQueue::split(consumer, &ctx.topic, p, BATCH)
+                .map(|queue| QueueSource { queue, control })
+        },
+    );
+    for t in taken {
+        let offset = t.next_offset.map_or(Offset::Beginning, Offset::Offset);
+        if let Err(e) = consumer.seek(&ctx.topic, t.partition, offset, Duration::from_secs(5)) {
+            tracing::error!(event = "seek_failed", partition = t.partition, error = %e, "could not rewind the retaken partition to its checkpoint");
+        }
+    }
+}
+
 /// A running consumer-group member.
 pub struct KafkaProcessor {
     coordinator: Arc<Coordinator>,
@@ -178,6 +211,7 @@ impl KafkaProcessor {
         let ctx = ConsumerCtx {
             coordinator: coordinator.clone(),
             topic: settings.requests_topic.clone(),
+            session_timeout: settings.session_timeout,
             consumer: OnceLock::new(),
         };
         let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
@@ -221,6 +255,7 @@ fn consume(
 ) {
     let ctx = consumer.context();
     let mut last_lag = Instant::now();
+    let mut last_reap = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         // Records go to the partition queues; this serves group events.
         match consumer.poll(Duration::from_millis(100)) {
@@ -234,6 +269,10 @@ fn consume(
             None => {}
         }
         ready.store(true, Ordering::SeqCst);
+        if last_reap.elapsed() >= REAP_EVERY {
+            last_reap = Instant::now();
+            retake_stopped(&consumer, ctx);
+        }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             let lag = &ctx.coordinator.context().metrics.stream.partition_lag;

@@ -24,7 +24,7 @@ impl ProducerContext for SinkContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Arc<Delivery>) {
         if let Err((e, m)) = result {
-            tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; checkpoints stop until restart so it is replayed");
+            tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; its partition stops, and is taken over again from its last checkpoint and replayed");
         }
         delivery.done(result.is_ok());
     }

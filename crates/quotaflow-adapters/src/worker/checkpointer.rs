@@ -2,7 +2,7 @@
 //! worker hands it, once the outputs they cover are delivered, retrying
 //! while the store is unavailable, so the worker keeps deciding meanwhile.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,14 +37,14 @@ impl Checkpointer {
     pub(super) fn spawn(
         ctx: Arc<WorkerContext>,
         partition: i32,
-        epoch: u64,
+        epoch: Arc<AtomicU64>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(1);
         let flags = Arc::new(Flags::default());
         let theirs = flags.clone();
         let join = std::thread::Builder::new()
             .name(format!("quotaflow-cp{partition}"))
-            .spawn(move || checkpoints(ctx, partition, epoch, rx, &theirs))?;
+            .spawn(move || checkpoints(ctx, partition, &epoch, rx, &theirs))?;
         Ok(Self {
             tx: Some(tx),
             flags,
@@ -112,7 +112,7 @@ struct Flags {
 fn checkpoints(
     ctx: Arc<WorkerContext>,
     partition: i32,
-    epoch: u64,
+    epoch: &AtomicU64,
     rx: Receiver<Job>,
     flags: &Flags,
 ) -> StopOutcome {
@@ -150,14 +150,14 @@ fn checkpoints(
                 }
                 (pending.take(), true)
             }
-            Ok(Job::Abandon) => return finish(&ctx, stopped, StopOutcome::AlreadyStopped),
+            Ok(Job::Abandon) => return StopOutcome::AlreadyStopped,
             Err(RecvTimeoutError::Timeout) => {
                 // Retrying on our own: the worker must not hand over a new
                 // snapshot meanwhile.
                 busy.store(true, Ordering::SeqCst);
                 (pending.take(), false)
             }
-            Err(RecvTimeoutError::Disconnected) => return finish(&ctx, stopped, outcome),
+            Err(RecvTimeoutError::Disconnected) => return outcome,
         };
         if stopped.load(Ordering::SeqCst) {
             unsettled.clear();
@@ -184,7 +184,6 @@ fn checkpoints(
                 }
                 Saved::Stopped => {
                     stopped.store(true, Ordering::SeqCst);
-                    ctx.metrics.stream.checkpoints_stopped.inc();
                     outcome = StopOutcome::NotCheckpointed {
                         reason: "outputs failed delivery".into(),
                     };
@@ -202,17 +201,36 @@ fn checkpoints(
         }
         busy.store(false, Ordering::SeqCst);
         if last {
-            return finish(&ctx, stopped, outcome);
+            return outcome;
         }
     }
 }
 
-fn finish(ctx: &WorkerContext, stopped: &AtomicBool, outcome: StopOutcome) -> StopOutcome {
-    if stopped.load(Ordering::SeqCst) {
-        // The partition leaves this instance: its replay is the new owner's.
-        ctx.metrics.stream.checkpoints_stopped.dec();
-    }
-    outcome
+/// The store lost this partition's epoch (and probably its checkpoint):
+/// write the live state's snapshot again under a new epoch, so the
+/// partition neither stalls nor loses what it counted.
+fn reseed(
+    ctx: &WorkerContext,
+    partition: i32,
+    epoch: &AtomicU64,
+    ours: u64,
+    current: u64,
+    cp: &Checkpoint,
+) -> Result<(), CheckpointError> {
+    let new = ctx.checkpoints.store.reseed(partition, ours, cp)?;
+    epoch.store(new, Ordering::SeqCst);
+    ctx.metrics.stream.checkpoint_reseeds.inc();
+    tracing::error!(
+        event = "checkpoint_store_forgot",
+        partition,
+        epoch = ours,
+        store_epoch = current,
+        new_epoch = new,
+        next_offset = cp.next_offset,
+        keys = cp.keys.len(),
+        "the checkpoint store lost this partition's epoch (Redis restarted without its data, flushed, or failed over to a replica behind); re-seeded it from the live state under a new epoch"
+    );
+    Ok(())
 }
 
 enum Saved {
@@ -230,7 +248,7 @@ enum Saved {
 fn save(
     ctx: &WorkerContext,
     partition: i32,
-    epoch: u64,
+    epoch: &AtomicU64,
     cp: &Checkpoint,
     unsettled: &mut Vec<Arc<Delivery>>,
 ) -> Saved {
@@ -257,7 +275,14 @@ fn save(
     }
     unsettled.clear();
     let started = Instant::now();
-    match ctx.checkpoints.store.save(partition, epoch, cp) {
+    let ours = epoch.load(Ordering::SeqCst);
+    let saved = match ctx.checkpoints.store.save(partition, ours, cp) {
+        Err(CheckpointError::Forgotten { current, .. }) => {
+            reseed(ctx, partition, epoch, ours, current, cp)
+        }
+        other => other,
+    };
+    match saved {
         Ok(()) => {
             m.checkpoint_duration
                 .observe(started.elapsed().as_secs_f64());

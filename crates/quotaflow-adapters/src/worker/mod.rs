@@ -10,9 +10,9 @@
 
 mod checkpointer;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -149,14 +149,41 @@ pub fn channel(depth: usize) -> (SyncSender<Msg>, Receiver<Msg>) {
     mpsc::sync_channel(depth)
 }
 
+/// Why a worker stopped on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoppedBecause {
+    /// A newer owner holds the partition's epoch.
+    Fenced,
+    /// Outputs failed delivery: no checkpoint may be written any more.
+    CheckpointsStopped,
+}
+
+impl StoppedBecause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoppedBecause::Fenced => "fenced",
+            StoppedBecause::CheckpointsStopped => "checkpoints_stopped",
+        }
+    }
+}
+
 /// A running partition worker.
 pub struct Worker {
     partition: i32,
-    epoch: u64,
+    /// Raised by the checkpointer when it re-seeds a store that forgot.
+    epoch: Arc<AtomicU64>,
     tx: SyncSender<Msg>,
-    position: Arc<AtomicI64>,
+    progress: Arc<Progress>,
     store: Arc<KeyedStore>,
     join: JoinHandle<()>,
+}
+
+/// What a worker's thread reports to its handle.
+struct Progress {
+    /// The offset of the next record the worker expects.
+    position: AtomicI64,
+    /// Set when the worker stops on its own: when, and why.
+    stopped_because: OnceLock<(Instant, StoppedBecause)>,
 }
 
 impl Worker {
@@ -172,22 +199,26 @@ impl Worker {
         source: S,
     ) -> std::io::Result<Self> {
         let start = restored.as_ref().map_or(0, |c| c.next_offset);
-        let position = Arc::new(AtomicI64::new(start));
+        let progress = Arc::new(Progress {
+            position: AtomicI64::new(start),
+            stopped_because: OnceLock::new(),
+        });
         let store = Arc::new(KeyedStore::new(ctx.processing.shards));
-        let checkpointer = Checkpointer::spawn(ctx.clone(), partition, epoch)?;
-        let (pos, st) = (position.clone(), store.clone());
+        let epoch = Arc::new(AtomicU64::new(epoch));
+        let checkpointer = Checkpointer::spawn(ctx.clone(), partition, epoch.clone())?;
+        let (theirs, st) = (progress.clone(), store.clone());
         let owned = ctx.metrics.stream.partitions_owned.clone();
         // Counted here, and uncounted as the worker's thread ends.
         owned.inc();
         let join = std::thread::Builder::new()
             .name(format!("quotaflow-p{partition}"))
-            .spawn(move || run(ctx, partition, st, restored, source, pos, checkpointer))
+            .spawn(move || run(ctx, partition, st, restored, source, &theirs, checkpointer))
             .inspect_err(|_| owned.dec())?;
         Ok(Self {
             partition,
             epoch,
             tx,
-            position,
+            progress,
             store,
             join,
         })
@@ -199,7 +230,7 @@ impl Worker {
 
     /// The fencing epoch the worker saves its checkpoints under.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// The partition's keyed state; only this worker writes events into it.
@@ -209,12 +240,17 @@ impl Worker {
 
     /// The offset of the next record the worker expects.
     pub fn position(&self) -> i64 {
-        self.position.load(Ordering::Relaxed)
+        self.progress.position.load(Ordering::Relaxed)
     }
 
     /// Whether the worker has stopped on its own (fenced, or its source closed).
     pub fn is_finished(&self) -> bool {
         self.join.is_finished()
+    }
+
+    /// When and why the worker stopped on its own, if it did.
+    pub fn stopped_because(&self) -> Option<(Instant, StoppedBecause)> {
+        self.progress.stopped_because.get().copied()
     }
 
     /// A sender into a channel-fed worker: [`Msg::Record`]s it sends are
@@ -298,7 +334,7 @@ fn run<S: Source>(
     store: Arc<KeyedStore>,
     restored: Option<Checkpoint>,
     mut source: S,
-    position: Arc<AtomicI64>,
+    progress: &Progress,
     checkpointer: Checkpointer,
 ) {
     let mut proc = PartitionProcessor::new(
@@ -327,10 +363,12 @@ fn run<S: Source>(
         .stream
         .events_consumed
         .with_label_values(&[&label]);
-    // Where a restored partition must resume: a first record beyond it
-    // means events were lost before we read them (retention deleted them
-    // and the consumer reset to the earliest offset left).
-    let mut resume_at = (proc.next_offset() > 0).then(|| proc.next_offset());
+    // Where the partition must resume: its checkpoint's offset, or 0 with
+    // none. A first record beyond it means events were lost before anyone
+    // read them (retention deleted them and the consumer reset to the
+    // earliest offset left), also for a partition never checkpointed, or
+    // whose checkpoint the store lost.
+    let mut resume_at = Some(proc.next_offset());
     let mut out = Vec::new();
     // Every record is decoded into this one event, reusing its strings.
     let mut decoded = RequestEvent::default();
@@ -360,7 +398,7 @@ fn run<S: Source>(
                     .offsets_skipped
                     .with_label_values(&[&label])
                     .inc_by(skipped as u64);
-                tracing::error!(event = "offsets_skipped", partition, from = at, to = r.offset, skipped, "events after the checkpoint are gone from the topic (retention?); resuming at the first one left");
+                tracing::error!(event = "offsets_skipped", partition, from = at, to = r.offset, skipped, "events after the checkpoint (or from the start, with none) are gone from the topic (retention?) and cannot be counted; resuming at the first one left");
             }
             let event = ctx
                 .processing
@@ -369,7 +407,7 @@ fn run<S: Source>(
                 .map(|()| &decoded)
                 .map_err(|e| format!("undecodable: {e}"));
             proc.process(&ctx.processing.limiter, r, event, &mut out);
-            position.store(r.offset + 1, Ordering::Relaxed);
+            progress.position.store(r.offset + 1, Ordering::Relaxed);
             consumed.inc();
             if !out.is_empty() {
                 count_outputs(&ctx.metrics, &out);
@@ -385,6 +423,9 @@ fn run<S: Source>(
         }
         if checkpointer.fenced() {
             break End::Fenced;
+        }
+        if checkpointer.stopped() {
+            break End::CheckpointsStopped;
         }
         if last_checkpoint.elapsed() >= ctx.checkpoints.interval {
             last_checkpoint = Instant::now();
@@ -404,11 +445,19 @@ fn run<S: Source>(
         (cp, std::mem::take(delivery))
     };
     let answer = match end {
-        End::Fenced => {
-            // Another instance owns the partition now: our state goes, and
-            // the source stops feeding us (sends fail once it is dropped).
+        End::Fenced | End::CheckpointsStopped => {
+            // Fenced: another instance owns the partition now. Checkpoints
+            // stopped: outputs failed delivery, so no checkpoint may cover
+            // what this worker did since; it gives the partition up, to be
+            // taken over again from its last checkpoint (and replayed).
+            // Either way its state goes, and the source stops feeding it.
+            let reason = match end {
+                End::Fenced => StoppedBecause::Fenced,
+                _ => StoppedBecause::CheckpointsStopped,
+            };
             drop(source);
             checkpointer.abandon();
+            let _ = progress.stopped_because.set((Instant::now(), reason));
             None
         }
         End::Stop(req) => {
@@ -434,6 +483,7 @@ enum End {
     Stop(StopRequest),
     Closed,
     Fenced,
+    CheckpointsStopped,
 }
 
 fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<Delivery>) {
@@ -550,16 +600,16 @@ mod tests {
             .checkpoint_failures
             .with_label_values(&["flush"]);
         wait_until("the checkpointer to notice", || failures.get() >= 1);
-        let stopped = &ctx.metrics.stream.checkpoints_stopped;
-        wait_until("the partition to be reported", || stopped.get() == 1);
-        // Not even the final checkpoint at stop: a restart must replay.
-        let outcome = worker.stop(STOP_TIMEOUT);
-        assert!(
-            matches!(outcome, StopOutcome::NotCheckpointed { .. }),
-            "{outcome:?}"
+        // The worker gives the partition up at once, writing nothing: its
+        // next owner (this instance again, see the coordinator) replays.
+        wait_until("the worker to stop", || worker.is_finished());
+        assert_eq!(
+            worker.stopped_because().map(|(_, why)| why),
+            Some(StoppedBecause::CheckpointsStopped)
         );
+        assert_eq!(worker.stop(STOP_TIMEOUT), StopOutcome::AlreadyStopped);
         assert_eq!(store.peek(0).unwrap(), None);
-        assert_eq!(stopped.get(), 0, "the partition is no longer ours");
+        assert_eq!(ctx.metrics.stream.partitions_owned.get(), 0);
     }
 
     #[test]

@@ -68,6 +68,13 @@ pub enum CheckpointError {
     /// Another instance took the partition: stop processing it.
     #[error("fenced: epoch {ours} is stale, partition now at epoch {current}")]
     Fenced { ours: u64, current: u64 },
+    /// The store no longer holds the epoch this owner took the partition
+    /// at (it holds none, `current` 0, or an older one): it lost data — a
+    /// restart without persistence, a `FLUSHALL`, a failover to a replica
+    /// behind. The owner still holds the live state; see
+    /// [`CheckpointStore::reseed`].
+    #[error("the checkpoint store forgot epoch {ours} (it holds {current}): it lost data")]
+    Forgotten { ours: u64, current: u64 },
     /// The save would move the partition's offset backwards.
     #[error("checkpoint offset {offered} is behind the stored {stored}")]
     Backwards { offered: i64, stored: i64 },
@@ -85,8 +92,16 @@ pub trait CheckpointStore: Send + Sync {
     fn acquire(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError>;
 
     /// Save `cp` if `epoch` is still the partition's epoch and the offset
-    /// does not move backwards.
+    /// does not move backwards. A newer epoch stored: `Fenced`; an older
+    /// one or none: `Forgotten`.
     fn save(&self, partition: i32, epoch: u64, cp: &Checkpoint) -> Result<(), CheckpointError>;
+
+    /// After `Forgotten`: write `cp` under a new epoch, above `ours` and
+    /// above every epoch the store has issued and still knows of, and
+    /// return it. Epochs must stay unique across the loss, so that a stale
+    /// owner and a new one never share a fencing token. `Fenced` when a
+    /// newer owner took the partition since.
+    fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError>;
 
     /// The partition left this instance: drop what was kept for it (a
     /// connection, say). Saving it again later still works.
@@ -100,9 +115,24 @@ type Slots = HashMap<i32, (u64, Option<Vec<u8>>)>;
 #[derive(Default)]
 pub struct MemoryCheckpoints {
     inner: Mutex<Slots>,
+    /// The highest epoch ever issued, for any partition: kept apart from
+    /// the slots, so epochs stay unique across [`MemoryCheckpoints::forget`].
+    issued: Mutex<u64>,
 }
 
 impl MemoryCheckpoints {
+    /// Lose every epoch and checkpoint, as a Redis restarted without
+    /// persistence would (tests of the recovery).
+    pub fn forget(&self) {
+        self.inner.lock().clear();
+    }
+
+    fn next_epoch(&self, above: u64) -> u64 {
+        let mut issued = self.issued.lock();
+        *issued = (*issued).max(above).saturating_add(1);
+        *issued
+    }
+
     /// The last checkpoint saved for `partition`, without taking it.
     pub fn peek(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
         let map = self.inner.lock();
@@ -117,7 +147,7 @@ impl CheckpointStore for MemoryCheckpoints {
     fn acquire(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError> {
         let mut map = self.inner.lock();
         let entry = map.entry(partition).or_insert((0, None));
-        entry.0 += 1;
+        entry.0 = self.next_epoch(entry.0);
         let cp = entry.1.as_deref().map(Checkpoint::decode).transpose()?;
         Ok((entry.0, cp))
     }
@@ -126,8 +156,14 @@ impl CheckpointStore for MemoryCheckpoints {
         let bytes = cp.encode()?;
         let mut map = self.inner.lock();
         let entry = map.entry(partition).or_insert((0, None));
-        if entry.0 != epoch {
+        if entry.0 > epoch {
             return Err(CheckpointError::Fenced {
+                ours: epoch,
+                current: entry.0,
+            });
+        }
+        if entry.0 < epoch {
+            return Err(CheckpointError::Forgotten {
                 ours: epoch,
                 current: entry.0,
             });
@@ -142,6 +178,21 @@ impl CheckpointStore for MemoryCheckpoints {
         }
         entry.1 = Some(bytes);
         Ok(())
+    }
+
+    fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError> {
+        let bytes = cp.encode()?;
+        let mut map = self.inner.lock();
+        let entry = map.entry(partition).or_insert((0, None));
+        if entry.0 > ours {
+            return Err(CheckpointError::Fenced {
+                ours,
+                current: entry.0,
+            });
+        }
+        let epoch = self.next_epoch(ours);
+        *entry = (epoch, Some(bytes));
+        Ok(epoch)
     }
 }
 
@@ -175,6 +226,48 @@ mod tests {
             })
         );
         store.save(0, new, &cp(30)).unwrap();
+    }
+
+    #[test]
+    fn a_store_that_forgot_is_reseeded_with_an_epoch_no_one_held() {
+        let store = MemoryCheckpoints::default();
+        let cp = |n| Checkpoint {
+            next_offset: n,
+            ..Checkpoint::default()
+        };
+        let (zombie, _) = store.acquire(0).unwrap();
+        let (owner, _) = store.acquire(0).unwrap();
+        store.save(0, owner, &cp(10)).unwrap();
+        store.forget();
+        assert_eq!(
+            store.save(0, owner, &cp(20)),
+            Err(CheckpointError::Forgotten {
+                ours: owner,
+                current: 0
+            })
+        );
+        let reseeded = store.reseed(0, owner, &cp(20)).unwrap();
+        assert!(reseeded > owner && reseeded > zombie);
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 20);
+        // The zombie's token is stale for good; a new owner's is new.
+        assert_eq!(
+            store.save(0, zombie, &cp(99)),
+            Err(CheckpointError::Fenced {
+                ours: zombie,
+                current: reseeded
+            })
+        );
+        assert_eq!(
+            store.reseed(0, zombie, &cp(99)),
+            Err(CheckpointError::Fenced {
+                ours: zombie,
+                current: reseeded
+            })
+        );
+        store.forget();
+        let (next, restored) = store.acquire(0).unwrap();
+        assert!(next > reseeded, "epochs stay unique across the loss");
+        assert_eq!(restored, None);
     }
 
     #[test]
