@@ -168,39 +168,15 @@ window = "1h"
 async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
     let f = Fixture::new("crash", 6).await;
     let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"300ms\"\n");
-    let mut a = Server::start(Some(&config), &[]);
-    let b = Server::start(Some(&config), &[]);
-    let mut c = Server::start(Some(&config), &[]);
-    wait_for(
-        "6 partitions owned by 3 processors",
-        Duration::from_secs(60),
-        || {
-            [&a, &b, &c]
-                .iter()
-                .map(|s| metric(s, "quotaflow_partitions_owned"))
-                .sum::<f64>()
-                == 6.0
-                && [&a, &b, &c]
-                    .iter()
-                    .all(|s| metric(s, "quotaflow_partitions_owned") >= 1.0)
-        },
-    );
-    let t0 = base();
-    let mut rng = StdRng::seed_from_u64(11);
+    let [mut a, b, mut c] = group_of_three(&f, &config);
     let mut sent = Vec::new();
-    let mut produce = async |range: std::ops::Range<usize>, sent: &mut Vec<Sent>| {
-        for n in range {
-            let user = format!("user-{}", rng.random_range(0..120));
-            let ts = t0 + n as i64 * 100;
-            sent.push(f.send(event(&user, ts, n), ts).await);
-        }
-    };
-    produce(0..2000, &mut sent).await;
+    let mut users = Users::new(11);
+    users.produce(&f, 0..2000, &mut sent).await;
     wait_for("b to process some events", Duration::from_secs(30), || {
         metric(&b, "quotaflow_events_consumed_total") > 100.0
     });
     drop(b); // SIGKILL: no final checkpoint, no leaving the group
-    produce(2000..4000, &mut sent).await;
+    users.produce(&f, 2000..4000, &mut sent).await;
     f.wait_checkpointed(&sent, Duration::from_secs(90));
     assert!(a.terminate().success());
     assert!(c.terminate().success());
@@ -667,45 +643,19 @@ async fn redis_lost_its_data_mid_stream(name: &str, kill_after: Option<Duration>
     let mut redis = common::services::PrivateRedis::start();
     let f = Fixture::new(name, 6).await.with_redis(redis.url());
     let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"300ms\"\n");
-    let mut servers = vec![
-        Server::start(Some(&config), &[]),
-        Server::start(Some(&config), &[]),
-        Server::start(Some(&config), &[]),
-    ];
-    wait_for(
-        "6 partitions owned by 3 processors",
-        Duration::from_secs(60),
-        || {
-            servers
-                .iter()
-                .map(|s| metric(s, "quotaflow_partitions_owned"))
-                .sum::<f64>()
-                == 6.0
-                && servers
-                    .iter()
-                    .all(|s| metric(s, "quotaflow_partitions_owned") >= 1.0)
-        },
-    );
-    let t0 = base();
-    let mut rng = StdRng::seed_from_u64(17);
+    let mut servers = Vec::from(group_of_three(&f, &config));
     let mut sent = Vec::new();
-    let mut produce = async |range: std::ops::Range<usize>, sent: &mut Vec<Sent>| {
-        for n in range {
-            let user = format!("user-{}", rng.random_range(0..120));
-            let ts = t0 + n as i64 * 100;
-            sent.push(f.send(event(&user, ts, n), ts).await);
-        }
-    };
-    produce(0..1500, &mut sent).await;
+    let mut users = Users::new(17);
+    users.produce(&f, 0..1500, &mut sent).await;
     f.wait_checkpointed(&sent, Duration::from_secs(60));
 
     redis.restart_empty();
-    produce(1500..3000, &mut sent).await;
+    users.produce(&f, 1500..3000, &mut sent).await;
     if let Some(after) = kill_after {
         tokio::time::sleep(after).await;
         servers.remove(1); // dropped: SIGKILL, no final checkpoint
         servers.push(Server::start(Some(&config), &[]));
-        produce(3000..4000, &mut sent).await;
+        users.produce(&f, 3000..4000, &mut sent).await;
     }
     // No stall: every partition checkpoints the whole stream again.
     f.wait_checkpointed(&sent, Duration::from_secs(90));
@@ -862,4 +812,51 @@ async fn a_paused_zombie_cannot_overwrite_the_new_owner_after_a_store_loss() {
         0.0
     );
     drop(owner);
+}
+
+/// Three processors of `f`'s group, started with `config`, once the six
+/// partitions are spread over all three.
+fn group_of_three(f: &Fixture, config: &str) -> [Server; 3] {
+    assert_eq!(f.partitions, 6);
+    let group = [
+        Server::start(Some(config), &[]),
+        Server::start(Some(config), &[]),
+        Server::start(Some(config), &[]),
+    ];
+    wait_for(
+        "6 partitions owned by 3 processors",
+        Duration::from_secs(60),
+        || {
+            let owned: Vec<f64> = group
+                .iter()
+                .map(|s| metric(s, "quotaflow_partitions_owned"))
+                .collect();
+            owned.iter().sum::<f64>() == 6.0 && owned.iter().all(|&n| n >= 1.0)
+        },
+    );
+    group
+}
+
+/// Events of 120 users (`user-0` …), drawn with a fixed seed, 100 ms of
+/// event time apart: the traffic of the crash and store-loss tests.
+struct Users {
+    rng: StdRng,
+    t0: i64,
+}
+
+impl Users {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            t0: base(),
+        }
+    }
+
+    async fn produce(&mut self, f: &Fixture, range: std::ops::Range<usize>, sent: &mut Vec<Sent>) {
+        for n in range {
+            let user = format!("user-{}", self.rng.random_range(0..120));
+            let ts = self.t0 + n as i64 * 100;
+            sent.push(f.send(event(&user, ts, n), ts).await);
+        }
+    }
 }
