@@ -312,6 +312,9 @@ install_redis() {
   # Only promtool is wanted from the prometheus package: stop a server its
   # init script may have started.
   local prom_pid
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
   if prom_pid=$(live_pid /run/prometheus/prometheus.pid prometheus); then
     log "stopping the system prometheus the package started (pid $prom_pid)"
     stop_pid "system prometheus" "$prom_pid" "$REDIS_STOP_TIMEOUT" prometheus

@@ -11,12 +11,17 @@
 //! - **request**: a request (body included) must be read and answered
 //!   within `request_timeout`, else `408`;
 //! - **connections**: at most `max_connections` at once; past that a new
-//!   connection is closed at once and counted, so existing ones and the
-//!   health checks keep working;
+//!   connection is closed at once and counted, so the process never runs
+//!   out of file descriptors, and new connections (health probes too) get
+//!   through again as soon as others close — which the timeouts bound;
 //! - **accept errors** (such as running out of file descriptors) are logged
 //!   once a second at most, with a short pause before accepting again;
 //! - **shutdown**: stop accepting, let requests in flight finish for
 //!   `shutdown_grace`, then close whatever is left.
+//!
+//! Not bounded here: a client that never reads its response holds its
+//! connection until the kernel's send buffer and TCP give up (responses are
+//! small, so this takes many connections, which the cap then bounds).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -82,6 +87,9 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    // Every connection's task, so that those still open after the grace
+    // can be ended; finished ones are reaped as connections come in.
+    let mut tasks = tokio::task::JoinSet::new();
     let mut last_error_log: Option<Instant> = None;
     let mut refused_since_log = 0u64;
     tokio::pin!(shutdown);
@@ -128,7 +136,8 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         let open = metrics.http_connections_open.clone();
         open.inc();
-        tokio::spawn(async move {
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
             // Errors here are clients going away or timing out.
             let _ = conn.await;
             open.dec();
@@ -149,7 +158,12 @@ pub async fn serve(
     {
         tracing::warn!(
             event = "http_drain_timeout",
+            open_connections = tasks.len(),
             "connections still open after the shutdown grace; closing them"
         );
     }
+    // Ended, not left serving while the stream processor drains.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    metrics.http_connections_open.set(0);
 }

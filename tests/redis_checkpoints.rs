@@ -124,6 +124,8 @@ fn a_store_that_forgot_is_detected_and_reseeded_with_a_unique_epoch() {
     );
     let reseeded = owner.reseed(2, ours, &cp(20, 4)).expect("reseed");
     assert!(reseeded > ours && reseeded > stale, "{reseeded}");
+    // Its answer lost, the owner asks again: the same epoch, not a fence.
+    assert_eq!(owner.reseed(2, ours, &cp(20, 4)), Ok(reseeded));
     assert_eq!(owner.peek(2).expect("peek"), (reseeded, Some(cp(20, 4))));
     assert_eq!(
         zombie.save(2, stale, &cp(99, 1)),
@@ -158,7 +160,24 @@ fn a_store_that_forgot_is_detected_and_reseeded_with_a_unique_epoch() {
     );
     let again = owner.reseed(2, reseeded, &cp(40, 4)).expect("reseed");
     assert!(again > reseeded);
-    // Epochs issued after a loss stay above every earlier one.
+    // A re-seed never goes back over a checkpoint further ahead.
+    let _: () = redis::cmd("SET")
+        .arg(&epoch_key)
+        .arg(stale)
+        .query(&mut redis)
+        .expect("SET");
+    assert!(matches!(
+        owner.reseed(2, again, &cp(35, 4)),
+        Err(CheckpointError::Fenced { .. })
+    ));
+    let _: () = redis::cmd("SET")
+        .arg(&epoch_key)
+        .arg(again)
+        .query(&mut redis)
+        .expect("SET");
+    // Epochs issued after a loss stay above every earlier one (epochs are
+    // ordered by the millisecond they are issued in: let one pass).
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let _: () = redis::cmd("DEL")
         .arg(&epoch_key)
         .query(&mut redis)

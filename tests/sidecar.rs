@@ -323,6 +323,17 @@ async fn config_writes_without_a_token_need_json_and_a_loopback_host() {
         v["detail"].as_str().unwrap_or_default().contains("Host"),
         "{v}"
     );
+    // A remote client behind a local proxy (trusted, so its
+    // X-Forwarded-For is read) is not local.
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(doc.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 403);
     assert_eq!(version().await, Some(1), "refused writes changed nothing");
     // A loopback client by a loopback name may, and sees the whitelist.
     let full: Value = c

@@ -804,8 +804,10 @@ async fn a_paused_zombie_cannot_overwrite_the_new_owner_after_a_store_loss() {
     zombie.wait_log(Duration::from_secs(60), |v| {
         v["event"] == "checkpoint_fenced"
     });
+    // The zombie, back in the group, may legitimately be given the
+    // partition again (under a newer epoch still); it never went back.
     let (epoch, cp) = store.peek(0).expect("peek");
-    assert_eq!(epoch, owner_epoch);
+    assert!(epoch >= owner_epoch);
     assert!(cp.expect("checkpoint").next_offset >= owner_offset);
     assert_eq!(
         metric(&zombie, "quotaflow_checkpoint_store_reseeds_total"),

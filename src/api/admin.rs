@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use super::{problem, AppState};
+use super::{client_ip, problem, AppState};
 use quotaflow_adapters::metrics::ConfigUpdate;
 use quotaflow_core::limiter::ReplaceError;
 use quotaflow_core::rules::{FieldError, RulesDoc};
@@ -30,6 +30,9 @@ const MAX_CONFIG_BYTES: usize = 2 * 1024 * 1024;
 /// Who is asking, as far as the config API cares.
 struct Caller {
     peer: Option<IpAddr>,
+    /// The client behind trusted proxies (`X-Forwarded-For`), else the peer:
+    /// a proxy on this machine must not make its remote clients local.
+    client: Option<IpAddr>,
     /// The bearer token presented matches the configured one.
     token_ok: bool,
     loopback_host: bool,
@@ -38,11 +41,13 @@ struct Caller {
 impl Caller {
     fn of(app: &AppState, req: &HttpRequest) -> Self {
         let headers = req.headers();
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_canonical());
         Self {
-            peer: req
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_canonical()),
+            peer,
+            client: client_ip::resolve(peer, headers, &app.identity.trusted_proxies),
             token_ok: app
                 .admin_token
                 .as_deref()
@@ -63,7 +68,7 @@ impl Caller {
                 Err(Refusal::Token)
             };
         }
-        if !self.peer.is_some_and(|p| p.is_loopback()) {
+        if !self.client.is_some_and(|c| c.is_loopback()) {
             return Err(Refusal::NotLocal);
         }
         if !self.loopback_host {

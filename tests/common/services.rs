@@ -223,11 +223,14 @@ impl PrivateRedis {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
+        // The server answering must be ours: another test may have taken
+        // the port while it was free.
+        let pid_line = format!("process_id:{}", r.child.id());
         loop {
-            let ping = redis::Client::open(r.url())
+            let info = redis::Client::open(r.url())
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if ping.is_ok() {
+                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+            if info.is_ok_and(|text| text.lines().any(|l| l.trim() == pid_line)) {
                 return r;
             }
             assert!(

@@ -35,6 +35,15 @@ use crate::worker::{
 const RESTORE_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_RESTORE_BACKOFF: Duration = Duration::from_secs(2);
 
+/// How long a partition whose outputs failed delivery `times` times since
+/// it was assigned waits before it is taken over again.
+fn retake_backoff(times: u32) -> Duration {
+    match times {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 1).min(6)),
+    }
+}
+
 /// A partition taken by [`Coordinator::assign`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
@@ -75,6 +84,9 @@ enum Slot {
 pub struct Coordinator {
     ctx: Arc<WorkerContext>,
     slots: Mutex<BTreeMap<i32, Slot>>,
+    /// Partitions taken over again since they were last assigned, and how
+    /// often: a failure that repeats waits longer each time.
+    retaken: Mutex<BTreeMap<i32, u32>>,
     drain_deadline: Duration,
     shutting_down: AtomicBool,
 }
@@ -87,6 +99,7 @@ impl Coordinator {
         Self {
             ctx,
             slots: Mutex::new(BTreeMap::new()),
+            retaken: Mutex::new(BTreeMap::new()),
             drain_deadline,
             shutting_down: AtomicBool::new(false),
         }
@@ -96,8 +109,10 @@ impl Coordinator {
         &self.ctx
     }
 
-    /// Take `partitions`, in parallel. `make_source(partition, channel)`
-    /// builds each worker's source around its control channel; a partition
+    /// Take `partitions`, in parallel. `make_source(taken, channel)`
+    /// builds each worker's source around its control channel, knowing the
+    /// epoch and offset the partition was taken at (it may rewind the
+    /// consumer there before the worker reads anything); a partition
     /// whose source cannot be built, or whose restore was cancelled, is left
     /// out of the result. A partition already owned is handed back first
     /// (a new generation of the same assignment).
@@ -105,7 +120,7 @@ impl Coordinator {
         &self,
         partitions: &[i32],
         depth: usize,
-        make_source: impl Fn(i32, Receiver<Msg>) -> Option<S> + Sync,
+        make_source: impl Fn(&Taken, Receiver<Msg>) -> Option<S> + Sync,
     ) -> Vec<Taken> {
         let owned: Vec<i32> = {
             let slots = self.slots.lock();
@@ -167,7 +182,7 @@ impl Coordinator {
         p: i32,
         cancel: &AtomicBool,
         depth: usize,
-        make_source: &(impl Fn(i32, Receiver<Msg>) -> Option<S> + Sync),
+        make_source: &(impl Fn(&Taken, Receiver<Msg>) -> Option<S> + Sync),
     ) -> Option<Taken> {
         let started = Instant::now();
         let restored = self.restore(p, cancel);
@@ -190,8 +205,13 @@ impl Coordinator {
         };
         let next_offset = cp.as_ref().map(|c| c.next_offset);
         let keys = cp.as_ref().map_or(0, |c| c.keys.len());
+        let taken = Taken {
+            partition: p,
+            epoch,
+            next_offset,
+        };
         let (tx, rx) = worker::channel(depth);
-        let Some(source) = make_source(p, rx) else {
+        let Some(source) = make_source(&taken, rx) else {
             slots.remove(&p);
             tracing::error!(
                 event = "assign_failed",
@@ -220,11 +240,7 @@ impl Coordinator {
             "took partition"
         );
         slots.insert(p, Slot::Running(worker));
-        Some(Taken {
-            partition: p,
-            epoch,
-            next_offset,
-        })
+        Some(taken)
     }
 
     /// Bump the epoch and load the checkpoint, retrying while the store is
@@ -324,6 +340,12 @@ impl Coordinator {
         for p in &report.cancelled {
             self.ctx.checkpoints.store.release(*p);
         }
+        {
+            let mut retaken = self.retaken.lock();
+            for p in partitions {
+                retaken.remove(p);
+            }
+        }
         // Asked outside the lock: a channel-fed worker's stop request
         // queues behind the records already sent to it.
         let stopping: Vec<Stopping> = workers
@@ -394,10 +416,11 @@ impl Coordinator {
         &self,
         fenced_after: Duration,
         depth: usize,
-        make_source: impl Fn(i32, Receiver<Msg>) -> Option<S> + Sync,
+        make_source: impl Fn(&Taken, Receiver<Msg>) -> Option<S> + Sync,
     ) -> Vec<Taken> {
         let due: Vec<(i32, StoppedBecause)> = {
             let mut slots = self.slots.lock();
+            let retaken = self.retaken.lock();
             let due: Vec<(i32, StoppedBecause)> = slots
                 .iter()
                 .filter_map(|(p, s)| match s {
@@ -405,7 +428,11 @@ impl Coordinator {
                         let (since, why) = w.stopped_because()?;
                         let wait = match why {
                             StoppedBecause::Fenced => fenced_after,
-                            StoppedBecause::CheckpointsStopped => Duration::ZERO,
+                            // At once the first time; a delivery failure
+                            // that repeats waits 1, 2, 4 … 64 s.
+                            StoppedBecause::CheckpointsStopped => {
+                                retake_backoff(retaken.get(p).copied().unwrap_or(0))
+                            }
                         };
                         (since.elapsed() >= wait).then_some((*p, why))
                     }
@@ -422,6 +449,12 @@ impl Coordinator {
         }
         let partitions: Vec<i32> = due.iter().map(|(p, _)| *p).collect();
         for (p, why) in &due {
+            let times = {
+                let mut retaken = self.retaken.lock();
+                let n = retaken.entry(*p).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            };
             self.ctx
                 .metrics
                 .stream
@@ -432,6 +465,7 @@ impl Coordinator {
                 event = "partition_retaken",
                 partition = *p,
                 reason = why.as_str(),
+                times,
                 "the partition's worker had stopped on its own while the partition is still assigned here; taking it over again from its last checkpoint"
             );
         }
@@ -827,6 +861,41 @@ mod tests {
         owner.revoke_all();
     }
 
+    /// The other order, after a total loss: the zombie saves first. Its
+    /// re-seed cannot be told from a true owner's (the store holds nothing
+    /// to compare), so the owner is fenced and takes the partition over
+    /// again from the zombie's older checkpoint — a replay, not a miscount.
+    #[test]
+    fn a_zombie_that_reseeds_first_costs_the_owner_a_replay_only() {
+        let store = Arc::new(MemoryCheckpoints::default());
+        let zombie = coordinator(store.clone(), NO_PERIODIC);
+        let owner = coordinator(store.clone(), Duration::from_millis(20));
+        assign(&zombie, &[0]);
+        feed_partition(&zombie, 0, 0, 2);
+        wait_until("the zombie's events", || position(&zombie, 0) == Some(2));
+        assign(&owner, &[0]);
+        feed_partition(&owner, 0, 0, 4);
+        wait_until("the owner's checkpoint", || {
+            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 4)
+        });
+        store.forget();
+        let report = zombie.revoke(&[0]);
+        assert_eq!(
+            report.stopped,
+            vec![(0, StopOutcome::Checkpointed { next_offset: 2 })]
+        );
+        feed_partition(&owner, 0, 4, 1);
+        wait_until("the owner to be fenced", || !owner.owns(0));
+        let taken = assign_stopped(&owner, Duration::ZERO);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            taken[0].next_offset,
+            Some(2),
+            "replays from the zombie's checkpoint"
+        );
+        owner.revoke_all();
+    }
+
     #[test]
     fn a_fenced_partition_still_assigned_here_is_taken_over_again() {
         let store = Arc::new(MemoryCheckpoints::default());
@@ -882,6 +951,12 @@ mod tests {
         assert_eq!(taken[0].next_offset, None, "replayed from the start");
         assert!(c.owns(0));
         c.revoke_all();
+    }
+
+    #[test]
+    fn repeated_delivery_failures_are_retaken_less_and_less_often() {
+        let waits: Vec<u64> = (0..9).map(|n| retake_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [0, 1, 2, 4, 8, 16, 32, 64, 64]);
     }
 
     fn assign_stopped(c: &Coordinator, fenced_after: Duration) -> Vec<Taken> {

@@ -162,6 +162,11 @@ impl StreamMetrics {
         registry.register(Box::new(m.checkpoint_failures.clone()))?;
         registry.register(Box::new(m.restore_duration.clone()))?;
         registry.register(Box::new(m.rebalances.clone()))?;
+        // Exported at 0 from the start, so that the first one is an
+        // increase Prometheus can see.
+        for why in ["fenced", "checkpoints_stopped"] {
+            m.partitions_retaken.with_label_values(&[why]);
+        }
         registry.register(Box::new(m.checkpoint_reseeds.clone()))?;
         registry.register(Box::new(m.partitions_retaken.clone()))?;
         Ok(m)

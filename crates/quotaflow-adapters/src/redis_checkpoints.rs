@@ -52,21 +52,29 @@ redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'next_offset', ARGV[2], 'config_ve
 return {'ok', current}
 "#;
 
-/// KEYS: epoch, checkpoint. ARGV: our (forgotten) epoch, the epoch floor,
-/// next_offset, config_version, state. Writes the checkpoint under a new
-/// epoch unless a newer owner holds the partition.
+/// KEYS: epoch, checkpoint. ARGV: our (forgotten) epoch, the proposed new
+/// epoch (above ours), next_offset, config_version, state. Writes the
+/// checkpoint under the proposed epoch unless a newer owner holds the
+/// partition or a checkpoint further ahead is stored. Idempotent: when the
+/// proposed epoch is already stored, an earlier call landed and only its
+/// reply was lost.
 const RESEED: &str = r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ours = tonumber(ARGV[1])
-if current > ours then
-  return {'fenced', current}
+local proposed = tonumber(ARGV[2])
+if current ~= proposed then
+  if current > ours then
+    return {'fenced', current}
+  end
+  local stored = redis.call('HGET', KEYS[2], 'next_offset')
+  if stored and tonumber(stored) > tonumber(ARGV[3]) then
+    return {'ahead', tonumber(stored)}
+  end
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[2])
 end
-local epoch = math.max(current + 1, ours + 1, tonumber(ARGV[2]))
-local text = string.format('%d', epoch)
-redis.call('SET', KEYS[1], text)
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'epoch', text, 'next_offset', ARGV[3], 'config_version', ARGV[4], 'state', ARGV[5])
-return {'ok', epoch}
+redis.call('HSET', KEYS[2], 'epoch', ARGV[2], 'next_offset', ARGV[3], 'config_version', ARGV[4], 'state', ARGV[5])
+return {'ok', proposed}
 "#;
 
 /// The least epoch issued now: the time in ms, times 1,024, plus a random
@@ -85,6 +93,10 @@ pub struct RedisCheckpoints {
     /// save together: a slow or unreachable Redis then costs a revoke one
     /// timeout, not one per partition.
     conns: Mutex<HashMap<i32, redis::Connection>>,
+    /// Per partition, the epoch a re-seed proposed for the forgotten one:
+    /// proposed again on a retry, so a re-seed whose reply was lost is
+    /// recognised instead of fencing its own owner.
+    proposals: Mutex<HashMap<i32, (u64, u64)>>,
     base: String,
     timeout: Duration,
     acquire: redis::Script,
@@ -105,6 +117,7 @@ impl RedisCheckpoints {
         Ok(Self {
             client,
             conns: Mutex::new(HashMap::new()),
+            proposals: Mutex::new(HashMap::new()),
             base: format!("{prefix}:{group}:{topic}"),
             timeout,
             acquire: redis::Script::new(ACQUIRE),
@@ -225,24 +238,45 @@ impl CheckpointStore for RedisCheckpoints {
     fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError> {
         let (epoch_key, cp_key) = self.keys(partition);
         let blob = cp.encode()?;
-        let floor = epoch_floor();
+        let proposed = {
+            let mut proposals = self.proposals.lock();
+            match proposals.get(&partition) {
+                Some(&(forgotten, proposed)) if forgotten == ours => proposed,
+                _ => {
+                    let proposed = epoch_floor().max(ours.saturating_add(1));
+                    proposals.insert(partition, (ours, proposed));
+                    proposed
+                }
+            }
+        };
         let (status, value): (String, i64) = self.with_conn(partition, |c| {
             self.reseed
                 .key(&epoch_key)
                 .key(&cp_key)
                 .arg(ours)
-                .arg(floor)
+                .arg(proposed)
                 .arg(cp.next_offset)
                 .arg(cp.config_version)
                 .arg(&blob[..])
                 .invoke(c)
         })?;
         let value = u64::try_from(value).unwrap_or(0);
+        // Kept after success too (one per partition, until it leaves): a
+        // caller that never heard the answer asks again with the same epoch.
+        if status != "ok" {
+            self.proposals.lock().remove(&partition);
+        }
         match status.as_str() {
             "ok" => Ok(value),
             "fenced" => Err(CheckpointError::Fenced {
                 ours,
                 current: value,
+            }),
+            // A checkpoint further ahead than this owner's state is stored:
+            // another owner got there; never go back over it.
+            "ahead" => Err(CheckpointError::Fenced {
+                ours,
+                current: ours,
             }),
             other => Err(CheckpointError::Unavailable(format!(
                 "unexpected script answer {other}"
@@ -252,5 +286,6 @@ impl CheckpointStore for RedisCheckpoints {
 
     fn release(&self, partition: i32) {
         self.conns.lock().remove(&partition);
+        self.proposals.lock().remove(&partition);
     }
 }

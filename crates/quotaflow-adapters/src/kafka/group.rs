@@ -147,8 +147,8 @@ impl ConsumerCtx {
         };
         let taken = self
             .coordinator
-            .assign(partitions, CONTROL_DEPTH, |p, control| {
-                BatchQueue::split(&me, &self.topic, p, BATCH)
+            .assign(partitions, CONTROL_DEPTH, |t, control| {
+                BatchQueue::split(&me, &self.topic, t.partition, BATCH)
                     .map(|queue| QueueSource { queue, control })
             });
         for t in taken {
@@ -177,21 +177,26 @@ fn fenced_grace(session_timeout: Duration) -> Duration {
 /// stopped on its own while still assigned here, each resumed at its
 /// checkpoint (a worker that gave its partition up must not keep it idle).
 fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) {
-    let taken = ctx.coordinator.retake_stopped(
+    ctx.coordinator.retake_stopped(
         fenced_grace(ctx.session_timeout),
         CONTROL_DEPTH,
-        |p, control| {
-            BatchQueue::split(consumer, &ctx.topic, p, BATCH)
+        |t, control| {
+            // Rewind before the new worker reads anything: records the old
+            // worker left queued are from before the seek, and librdkafka
+            // drops them.
+            let offset = t.next_offset.map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = consumer.seek(&ctx.topic, t.partition, offset, SEEK_TIMEOUT) {
+                tracing::error!(event = "seek_failed", partition = t.partition, error = %e, "could not rewind the retaken partition to its checkpoint; it stays idle until the next rebalance");
+                return None;
+            }
+            BatchQueue::split(consumer, &ctx.topic, t.partition, BATCH)
                 .map(|queue| QueueSource { queue, control })
         },
     );
-    for t in taken {
-        let offset = t.next_offset.map_or(Offset::Beginning, Offset::Offset);
-        if let Err(e) = consumer.seek(&ctx.topic, t.partition, offset, Duration::from_secs(5)) {
-            tracing::error!(event = "seek_failed", partition = t.partition, error = %e, "could not rewind the retaken partition to its checkpoint");
-        }
-    }
 }
+
+/// Bound on rewinding a retaken partition.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running consumer-group member.
 pub struct KafkaProcessor {

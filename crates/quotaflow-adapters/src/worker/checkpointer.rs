@@ -121,6 +121,8 @@ fn checkpoints(
         fenced,
         stopped,
     } = flags;
+    // A re-seed is under way (its answer was lost): retry it, not a save.
+    let reseeding = &AtomicBool::new(false);
     // Delivery generations not yet known to be settled, oldest first: a
     // snapshot is saved only once all of them are, since it covers them all.
     let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
@@ -169,7 +171,7 @@ fn checkpoints(
         } else if let Some(cp) = cp {
             pending = None;
             let next_offset = cp.next_offset;
-            match save(&ctx, partition, epoch, &cp, &mut unsettled) {
+            match save(&ctx, partition, epoch, reseeding, &cp, &mut unsettled) {
                 Saved::Yes => {
                     unsaved = None;
                     outcome = StopOutcome::Checkpointed { next_offset };
@@ -213,11 +215,17 @@ fn reseed(
     ctx: &WorkerContext,
     partition: i32,
     epoch: &AtomicU64,
+    reseeding: &AtomicBool,
     ours: u64,
     current: u64,
     cp: &Checkpoint,
 ) -> Result<(), CheckpointError> {
-    let new = ctx.checkpoints.store.reseed(partition, ours, cp)?;
+    reseeding.store(true, Ordering::SeqCst);
+    let result = ctx.checkpoints.store.reseed(partition, ours, cp);
+    if !matches!(result, Err(CheckpointError::Unavailable(_))) {
+        reseeding.store(false, Ordering::SeqCst);
+    }
+    let new = result?;
     epoch.store(new, Ordering::SeqCst);
     ctx.metrics.stream.checkpoint_reseeds.inc();
     tracing::error!(
@@ -249,6 +257,7 @@ fn save(
     ctx: &WorkerContext,
     partition: i32,
     epoch: &AtomicU64,
+    reseeding: &AtomicBool,
     cp: &Checkpoint,
     unsettled: &mut Vec<Arc<Delivery>>,
 ) -> Saved {
@@ -276,11 +285,17 @@ fn save(
     unsettled.clear();
     let started = Instant::now();
     let ours = epoch.load(Ordering::SeqCst);
-    let saved = match ctx.checkpoints.store.save(partition, ours, cp) {
-        Err(CheckpointError::Forgotten { current, .. }) => {
-            reseed(ctx, partition, epoch, ours, current, cp)
+    // A re-seed whose answer was lost is retried as a re-seed: as a save
+    // it would meet its own new epoch and read it as a fence.
+    let saved = if reseeding.load(Ordering::SeqCst) {
+        reseed(ctx, partition, epoch, reseeding, ours, 0, cp)
+    } else {
+        match ctx.checkpoints.store.save(partition, ours, cp) {
+            Err(CheckpointError::Forgotten { current, .. }) => {
+                reseed(ctx, partition, epoch, reseeding, ours, current, cp)
+            }
+            other => other,
         }
-        other => other,
     };
     match saved {
         Ok(()) => {

@@ -363,6 +363,11 @@ fn run<S: Source>(
         .stream
         .events_consumed
         .with_label_values(&[&label]);
+    // Exported at 0 from the start, so a skip is an increase Prometheus sees.
+    ctx.metrics
+        .stream
+        .offsets_skipped
+        .with_label_values(&[&label]);
     // Where the partition must resume: its checkpoint's offset, or 0 with
     // none. A first record beyond it means events were lost before anyone
     // read them (retention deleted them and the consumer reset to the

@@ -100,7 +100,9 @@ pub trait CheckpointStore: Send + Sync {
     /// above every epoch the store has issued and still knows of, and
     /// return it. Epochs must stay unique across the loss, so that a stale
     /// owner and a new one never share a fencing token. `Fenced` when a
-    /// newer owner took the partition since.
+    /// newer owner took the partition since, or a checkpoint further ahead
+    /// than `cp` is stored. Retrying after `Unavailable` must be safe: a
+    /// re-seed that landed but whose answer was lost is not a fence.
     fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError>;
 
     /// The partition left this instance: drop what was kept for it (a
@@ -190,6 +192,14 @@ impl CheckpointStore for MemoryCheckpoints {
                 current: entry.0,
             });
         }
+        if let Some(stored) = entry.1.as_deref().map(Checkpoint::decode).transpose()? {
+            if stored.next_offset > cp.next_offset {
+                return Err(CheckpointError::Fenced {
+                    ours,
+                    current: entry.0,
+                });
+            }
+        }
         let epoch = self.next_epoch(ours);
         *entry = (epoch, Some(bytes));
         Ok(epoch)
@@ -264,9 +274,16 @@ mod tests {
                 current: reseeded
             })
         );
+        // A re-seed never goes back over a checkpoint further ahead.
+        let (newest, _) = store.acquire(0).unwrap();
+        store.save(0, newest, &cp(50)).unwrap();
+        assert!(matches!(
+            store.reseed(0, newest, &cp(40)),
+            Err(CheckpointError::Fenced { .. })
+        ));
         store.forget();
         let (next, restored) = store.acquire(0).unwrap();
-        assert!(next > reseeded, "epochs stay unique across the loss");
+        assert!(next > newest, "epochs stay unique across the loss");
         assert_eq!(restored, None);
     }
 
