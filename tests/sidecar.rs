@@ -792,3 +792,39 @@ request_timeout = "500ms"
         s.wait_log(Duration::from_secs(1), |v| v["event"] == "stopped");
     }
 }
+
+/// Lowering a limit below a key's current count leaves the key refused
+/// with nothing remaining — not a wrapped `remaining` (it was
+/// 18446744073709550721 once) or a panic.
+#[tokio::test]
+async fn lowering_a_limit_below_a_keys_count_answers_zero_remaining() {
+    let config = r#"
+[[limits]]
+name = "per_user"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 5
+window = "1h"
+"#;
+    let s = Server::start(Some(config), &[]);
+    let c = client();
+    let user = json!({"user_id": "erin"});
+    for _ in 0..5 {
+        assert_eq!(check(&c, &s, user.clone()).await.status(), 200);
+    }
+    let lowered = json!({"limits": [{"name": "per_user", "algorithm": "fixed_window",
+        "key": ["user_id"], "limit": 2, "window": "1h"}]});
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .json(&lowered)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 200);
+    let r = check(&c, &s, user).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-ratelimit-limit"), "2");
+    assert_eq!(header(&r, "x-ratelimit-remaining"), "0");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["limits"][0]["remaining"], 0);
+}

@@ -48,12 +48,13 @@ impl Algorithm for FixedWindow {
         let count = if start == state[0] { state[1] } else { 0 };
         let allowed = count.saturating_add(cost) <= self.limit;
         let count = if allowed { count + cost } else { count };
-        let end = start + self.window_ms;
+        let end = start.saturating_add(self.window_ms);
         Outcome {
             verdict: Verdict {
                 allowed,
                 limit: self.limit,
-                remaining: self.limit - count,
+                // The count may exceed a limit lowered since it was made.
+                remaining: self.limit.saturating_sub(count),
                 reset_ms: end - now_ms,
                 retry_after_ms: if allowed { 0 } else { end - now_ms },
                 clock_ms: now_ms,

@@ -261,4 +261,75 @@ mod tests {
         let err = build("fixed_window", &map(json!({"limit": 5, "window": 60}))).unwrap_err();
         assert_eq!(err[0].field, "window");
     }
+
+    mod config_changes_over_live_state {
+        //! A limit's parameters can change at any time while keys hold
+        //! state made under the old ones (a config push lowers a limit
+        //! below a key's count, shortens a window, shrinks a bucket). Every
+        //! algorithm must then still answer — no overflow, no wrapped
+        //! `remaining` — with a verdict that makes sense.
+
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn algorithm(kind: u8, quota: u64, window_ms: u64) -> Box<dyn Algorithm> {
+            match kind % 3 {
+                0 => Box::new(TokenBucket::new(quota, 1000.0 / window_ms as f64).expect("bucket")),
+                1 => Box::new(FixedWindow::new(quota, window_ms).expect("fixed")),
+                _ => Box::new(SlidingWindow::new(quota, window_ms).expect("sliding")),
+            }
+        }
+
+        /// The verdict's promises, whatever the state it was made from.
+        fn check(v: &Verdict, quota: u64, cost: u64) -> Result<(), TestCaseError> {
+            prop_assert_eq!(v.limit, quota);
+            prop_assert!(
+                v.remaining <= quota,
+                "remaining {} > limit {}",
+                v.remaining,
+                quota
+            );
+            prop_assert!(!v.allowed || v.retry_after_ms == 0);
+            prop_assert!(v.allowed || v.retry_after_ms > 0 || cost == 0);
+            Ok(())
+        }
+
+        proptest! {
+            /// State built by one config, then decided by others: limits
+            /// raised and lowered below a key's count, windows lengthened
+            /// and shortened, between steps of live traffic.
+            #[test]
+            fn config_changes_between_steps_give_sane_verdicts(
+                kind in 0u8..3,
+                configs in prop::collection::vec((1u64..50, 1u64..5_000), 1..5),
+                steps in prop::collection::vec((any::<prop::sample::Index>(), 0u64..3_000, 0u64..20), 1..120),
+            ) {
+                let mut state = State::default();
+                let mut clock = 1_700_000_000_000u64;
+                for (pick, dt, cost) in steps {
+                    let (quota, window_ms) = configs[pick.index(configs.len())];
+                    let a = algorithm(kind, quota, window_ms);
+                    clock += dt;
+                    let o = a.decide(&state, clock, cost);
+                    check(&o.verdict, quota, cost)?;
+                    state = o.state;
+                }
+            }
+
+            /// Any state words at all (a corrupt or foreign checkpoint) and
+            /// any clock: an answer, never an overflow.
+            #[test]
+            fn any_state_and_clock_gives_a_sane_verdict(
+                kind in 0u8..3,
+                state in prop::array::uniform3(prop_oneof![any::<u64>(), u64::MAX - 300_000..=u64::MAX]),
+                quota in 1u64..1_000,
+                window_ms in 1u64..100_000,
+                now in prop_oneof![any::<u64>(), u64::MAX - 300_000..=u64::MAX],
+                cost in 0u64..1_000,
+            ) {
+                let o = algorithm(kind, quota, window_ms).decide(&state, now, cost);
+                check(&o.verdict, quota, cost)?;
+            }
+        }
+    }
 }

@@ -84,7 +84,7 @@ impl Algorithm for SlidingWindow {
         let start = now_ms - now_ms % w;
         let (curr, prev) = if start == state[0] {
             (state[1], state[2])
-        } else if start == state[0] + w {
+        } else if state[0].checked_add(w) == Some(start) {
             (0, state[1])
         } else {
             (0, 0)
@@ -95,27 +95,33 @@ impl Algorithm for SlidingWindow {
                 <= u128::from(self.limit) * u128::from(w);
         let curr = if allowed { curr + cost } else { curr };
         let used = self.weighted(prev, curr, elapsed).div_ceil(u128::from(w)) as u64;
-        let to_next = start + w - now_ms;
+        // Saturating: a clock (or a restored state) at the end of time
+        // yields an answer, not an overflow.
+        let to_next = start.saturating_add(w) - now_ms;
         let retry_after_ms = if allowed {
             0
         } else if let Some(wait) = self.wait_in_window(prev, curr, cost, elapsed) {
             wait.max(1)
         } else if let Some(wait) = self.wait_in_window(curr, 0, cost, 0) {
-            to_next + wait
+            to_next.saturating_add(wait)
         } else {
-            to_next + w
+            to_next.saturating_add(w)
         };
         Outcome {
             verdict: Verdict {
                 allowed,
                 limit: self.limit,
                 remaining: self.limit.saturating_sub(used),
-                reset_ms: if curr > 0 { to_next + w } else { to_next },
+                reset_ms: if curr > 0 {
+                    to_next.saturating_add(w)
+                } else {
+                    to_next
+                },
                 retry_after_ms,
                 clock_ms: now_ms,
             },
             state: [start, curr, prev],
-            expires_at_ms: start + 2 * w,
+            expires_at_ms: start.saturating_add(2 * w),
         }
     }
 
