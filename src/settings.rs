@@ -42,6 +42,10 @@ pub struct Settings {
     pub limits: Vec<LimitDoc>,
     #[serde(default)]
     pub whitelist: WhitelistDoc,
+    /// Whether request paths are case-sensitive when limits match them
+    /// (`rules::path`); off by default.
+    #[serde(default)]
+    pub path_case_sensitive: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -323,6 +327,7 @@ impl Settings {
         RulesDoc {
             limits: self.limits.clone(),
             whitelist: self.whitelist.clone(),
+            path_case_sensitive: self.path_case_sensitive,
         }
     }
 }

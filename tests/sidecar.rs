@@ -828,3 +828,66 @@ window = "1h"
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["limits"][0]["remaining"], 0);
 }
+
+/// Every spelling a backend may serve as `/login` counts against the
+/// `POST /login` limit: the path is canonical before it is matched.
+#[tokio::test]
+async fn path_spellings_cannot_dodge_a_path_limit() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let spellings = [
+        "/login",
+        "//login",
+        "/login/",
+        "/./login",
+        "/x/../login",
+        "/%6Cogin",
+        "/LOGIN",
+        "/login;jsessionid=1",
+        "http://other.example/login",
+    ];
+    let mut statuses = Vec::new();
+    for path in spellings {
+        let r = check(
+            &c,
+            &s,
+            json!({"client_ip": "198.51.100.4", "method": "POST", "path": path}),
+        )
+        .await;
+        statuses.push(r.status().as_u16());
+    }
+    // `login` allows two an hour per address.
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429, 429, 429, 429]);
+    // The same through forward-auth's original-URI header.
+    let got = forward_auth_statuses(
+        &c,
+        &s,
+        "GET",
+        "/forward-auth",
+        &[
+            ("x-original-method", "POST"),
+            ("x-original-uri", "/%6cOGIN/"),
+            ("x-forwarded-for", "198.51.100.4"),
+        ],
+        1,
+    )
+    .await;
+    assert_eq!(got, [429]);
+}
+
+#[tokio::test]
+async fn a_pattern_that_could_never_match_is_refused() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let doc = json!({"limits": [{"name": "p", "algorithm": "fixed_window", "key": ["path"],
+        "limit": 1, "window": "1s", "match": {"path_pattern": "/api/[v1"}}]});
+    let r = c
+        .post(s.url("/rate_limit/config"))
+        .json(&doc)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["errors"][0]["field"], "limits[0].match.path_pattern");
+}

@@ -35,7 +35,7 @@ pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response 
         }
     };
     // Services calling /check read the status themselves: always 429.
-    decide(&app, "check", &req, StatusCode::TOO_MANY_REQUESTS)
+    decide(&app, "check", req, StatusCode::TOO_MANY_REQUESTS)
 }
 
 /// Forward-auth for nginx `auth_request`, Traefik ForwardAuth and Envoy
@@ -55,7 +55,7 @@ pub(super) async fn forward_auth(State(app): State<AppState>, req: HttpRequest) 
         req.headers(),
         peer,
     ) {
-        Ok(r) => decide(&app, "forward_auth", &r, app.identity.deny_status),
+        Ok(r) => decide(&app, "forward_auth", r, app.identity.deny_status),
         Err(msg) => bad_request(&app, "forward_auth", msg),
     }
 }
@@ -104,12 +104,13 @@ fn identity_from(
     })
 }
 
-fn decide(app: &AppState, endpoint: &str, req: &Request, deny: StatusCode) -> Response {
+fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCode) -> Response {
     if let Err(e) = req.validate() {
         return bad_request(app, endpoint, e.to_string());
     }
     let started = Instant::now();
-    app.limiter.check_then(req, now_ms(), |rules, d| {
+    req.canonicalize_path(app.limiter.rules().path_case_sensitive);
+    app.limiter.check_then(&req, now_ms(), |rules, d| {
         app.metrics.record(endpoint, rules, d, started.elapsed());
         respond(rules, d, deny)
     })

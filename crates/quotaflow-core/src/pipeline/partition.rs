@@ -224,6 +224,7 @@ impl PartitionProcessor {
             self.scratch_req = req;
             return out.push(dead(reason));
         }
+        req.canonicalize_path(limiter.rules().path_case_sensitive);
         let now = self
             .event_time(timestamp_ms, rec.broker_ts_ms)
             .max(self.horizon_ms);
@@ -598,6 +599,36 @@ mod tests {
         };
         assert_eq!(unblock.action, Action::Unblock);
         assert_eq!(unblock.source_offset, 4);
+    }
+
+    /// The stream matches and keys canonical paths as `/check` does: two
+    /// spellings of one endpoint are one key.
+    #[test]
+    fn events_count_against_their_canonical_path() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_path", "key": ["path"], "algorithm": "fixed_window", "limit": 1, "window": "10s", "match": {"path": "/Login/"}}]}"#,
+        )
+        .unwrap();
+        let l = Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap();
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let mut out = Vec::new();
+        for (offset, path) in ["/LOGIN", "//login/"].into_iter().enumerate() {
+            let e = RequestEvent {
+                path: Some(path.into()),
+                ..event("alice", 1_000)
+            };
+            let rec = InputRecord {
+                offset: offset as i64,
+                broker_ts_ms: Some(1_000),
+                key: None,
+                payload: b"",
+            };
+            p.process(&l, rec, Ok(&e), &mut out);
+        }
+        let Some(Output::Decision(block)) = out.first() else {
+            panic!("the second spelling is refused: {out:?}")
+        };
+        assert_eq!(block.key, "per_path/path=/login");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! stopping at the first, because an operator fixing a config wants the
 //! whole list at once.
 
+pub mod path;
 mod request;
 
 use std::collections::HashSet;
@@ -125,6 +126,15 @@ pub struct RulesDoc {
     pub limits: Vec<LimitDoc>,
     #[serde(default)]
     pub whitelist: WhitelistDoc,
+    /// Whether `/Login` and `/login` are different paths. Off by default:
+    /// most backends treat them alike, and a limit must not be dodged by
+    /// letter case (see `rules::path`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub path_case_sensitive: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One problem in a config document, with the path of the field at fault.
@@ -284,6 +294,8 @@ struct Whitelist {
 pub struct Rules {
     pub version: u64,
     pub limits: Vec<Limit>,
+    /// See [`RulesDoc::path_case_sensitive`].
+    pub path_case_sensitive: bool,
     whitelist: Whitelist,
     /// The document as accepted, with API keys replaced by fingerprints.
     doc: RulesDoc,
@@ -333,7 +345,12 @@ impl Rules {
                     ));
                 }
             }
-            let matcher = compile_match(l.matcher.as_ref(), &at("match"), &mut errors);
+            let matcher = compile_match(
+                l.matcher.as_ref(),
+                &at("match"),
+                doc.path_case_sensitive,
+                &mut errors,
+            );
             match algorithms::build(&l.algorithm, &l.params) {
                 Ok(algorithm) => {
                     let key_prefix = format!("{}{KEY_SEP}{}", l.name, algorithm.name());
@@ -363,9 +380,11 @@ impl Rules {
             version,
             limits,
             whitelist,
+            path_case_sensitive: doc.path_case_sensitive,
             doc: RulesDoc {
                 limits: doc.limits,
                 whitelist: wl_doc,
+                path_case_sensitive: doc.path_case_sensitive,
             },
         })
     }
@@ -392,7 +411,12 @@ impl Rules {
     }
 }
 
-fn compile_match(doc: Option<&MatchDoc>, at: &str, errors: &mut Vec<FieldError>) -> Matcher {
+fn compile_match(
+    doc: Option<&MatchDoc>,
+    at: &str,
+    case_sensitive: bool,
+    errors: &mut Vec<FieldError>,
+) -> Matcher {
     let Some(m) = doc else {
         return Matcher {
             methods: Vec::new(),
@@ -434,10 +458,24 @@ fn compile_match(doc: Option<&MatchDoc>, at: &str, errors: &mut Vec<FieldError>)
                     "must start with '/'",
                 ));
             }
+            // Requests' paths are matched in canonical form (`path`), so
+            // configured ones are brought to it too: an exact path fully,
+            // a prefix or pattern in letter case (their `/` and `*` are
+            // meaningful as written).
+            let folded = if case_sensitive {
+                p.clone()
+            } else {
+                p.to_ascii_lowercase()
+            };
             match *field {
-                "path" => PathMatch::Exact(p.clone()),
-                "path_prefix" => PathMatch::Prefix(p.clone()),
-                _ => PathMatch::Pattern(p.clone()),
+                "path" => PathMatch::Exact(path::canonical_path(p, case_sensitive).into_owned()),
+                "path_prefix" => PathMatch::Prefix(folded),
+                _ => {
+                    if let Err(e) = glob_check(&folded) {
+                        errors.push(FieldError::new(format!("{at}.{field}"), e));
+                    }
+                    PathMatch::Pattern(folded)
+                }
             }
         }
         _ => {
@@ -449,6 +487,32 @@ fn compile_match(doc: Option<&MatchDoc>, at: &str, errors: &mut Vec<FieldError>)
         }
     };
     Matcher { methods, path }
+}
+
+/// A pattern glob-match would misread: unbalanced brackets or braces, an
+/// empty class. (glob-match treats them literally or never matches, either
+/// way silently; a limit that never applies must be refused instead.)
+fn glob_check(pattern: &str) -> Result<(), String> {
+    let (mut square, mut curly) = (0i32, 0i32);
+    let mut prev = None;
+    for c in pattern.chars() {
+        match c {
+            '[' => square += 1,
+            ']' if prev == Some('[') => return Err("empty character class `[]`".into()),
+            ']' => square -= 1,
+            '{' => curly += 1,
+            '}' => curly -= 1,
+            _ => {}
+        }
+        if square < 0 || curly < 0 || square > 1 {
+            return Err(format!("unbalanced `[]` or `{{}}` in pattern `{pattern}`"));
+        }
+        prev = Some(c);
+    }
+    if square != 0 || curly != 0 {
+        return Err(format!("unbalanced `[]` or `{{}}` in pattern `{pattern}`"));
+    }
+    Ok(())
 }
 
 /// Prefix marking an API key given as its fingerprint.

@@ -65,6 +65,16 @@ pub enum RequestError {
 
 impl Request {
     /// Check the limits the sidecar and the processor enforce on any input.
+    /// Bring `path` to its canonical form (`rules::path`), as every limit
+    /// matches and keys it; allocates only for a path not already in it.
+    pub fn canonicalize_path(&mut self, case_sensitive: bool) {
+        if let Some(p) = &self.path {
+            if let std::borrow::Cow::Owned(c) = super::path::canonical_path(p, case_sensitive) {
+                self.path = Some(c);
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<(), RequestError> {
         let texts = [
             ("user_id", &self.user_id),
