@@ -891,3 +891,60 @@ async fn a_pattern_that_could_never_match_is_refused() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["errors"][0]["field"], "limits[0].match.path_pattern");
 }
+
+/// Input the sidecar once took without a word: empty ids (every request
+/// sending one shared a bucket), data after the JSON, and errors axum
+/// answered in plain text.
+#[tokio::test]
+async fn empty_ids_trailing_data_and_routing_errors_get_clear_problems() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let r = check(&c, &s, json!({"user_id": ""})).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("user_id must not be empty"),
+        "{v}"
+    );
+    let r = c
+        .post(s.url("/check"))
+        .body(r#"{"user_id":"a"} {"user_id":"b"}"#)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("after the JSON"),
+        "{v}"
+    );
+
+    for (method, path, status) in [("GET", "/no-such-endpoint", 404), ("DELETE", "/check", 405)] {
+        let r = c
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+                s.url(path),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), status, "{method} {path}");
+        assert_eq!(header(&r, "content-type"), "application/problem+json");
+        let v: Value = r.json().await.expect("problem body");
+        assert_eq!(v["status"], status);
+    }
+    let r = c
+        .post(s.url("/check"))
+        .body(vec![b' '; 3 * 1024 * 1024])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 413);
+    assert_eq!(header(&r, "content-type"), "application/problem+json");
+}

@@ -18,7 +18,14 @@ use quotaflow_core::rules::{Request, Rules};
 /// `POST /check`: a JSON body of vocabulary fields.
 pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response {
     let de = &mut serde_json::Deserializer::from_slice(&body);
-    let req: Request = match serde_path_to_error::deserialize(de) {
+    let req: Request = match serde_path_to_error::deserialize(&mut *de) {
+        Ok(_) if de.end().is_err() => {
+            return bad_request(
+                &app,
+                "check",
+                "invalid check request: data after the JSON object".into(),
+            )
+        }
         Ok(r) => r,
         Err(e) => {
             let path = e.path().to_string();
@@ -67,8 +74,9 @@ fn identity_from(
     h: &HeaderMap,
     peer: Option<IpAddr>,
 ) -> Result<Request, String> {
+    // An empty header is no value: proxies clear a header by sending it empty.
     let text = |name: &str| -> Result<Option<String>, String> {
-        match h.get(name) {
+        match h.get(name).filter(|v| !v.is_empty()) {
             None => Ok(None),
             Some(v) => v
                 .to_str()

@@ -17,6 +17,21 @@ pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|n| n.contains(&peer))
 }
 
+/// One `X-Forwarded-For` entry: an address, possibly with a port
+/// (`203.0.113.7:51234`, `[2001:db8::1]:443`) or in brackets, as some
+/// proxies write them.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sock) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse::<IpAddr>().ok())
+}
+
 /// The address to rate limit for a request that arrived from `peer`.
 pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
     let peer = peer?.to_canonical();
@@ -33,7 +48,7 @@ pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> 
         .collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
-        let Ok(ip) = hop.parse::<IpAddr>() else {
+        let Some(ip) = parse_hop(hop) else {
             // A garbled hop was written by someone we cannot vouch for:
             // stop at the last address a trusted proxy reported.
             break;
@@ -48,6 +63,35 @@ pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hops_with_ports_or_brackets_name_their_address() {
+        for (hop, ip) in [
+            ("203.0.113.7", "203.0.113.7"),
+            ("203.0.113.7:51234", "203.0.113.7"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+        ] {
+            assert_eq!(parse_hop(hop), ip.parse().ok(), "{hop}");
+        }
+        assert_eq!(parse_hop("unknown"), None);
+        assert_eq!(parse_hop("[203.0.113.7"), None);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_peer_is_trusted_as_its_ipv4_address() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(is_trusted(peer, &trusted));
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "198.51.100.9:4444".parse().unwrap());
+        assert_eq!(
+            resolve(Some(peer), &h, &trusted),
+            "198.51.100.9".parse().ok()
+        );
+    }
+
     use super::*;
 
     fn nets(v: &[&str]) -> Vec<IpNet> {

@@ -64,7 +64,48 @@ pub fn router(state: AppState) -> Router {
         .route("/stream/decisions", get(events::decisions))
         .route("/stream/alerts", get(events::alerts))
         .route("/stream/dead-letters", get(events::dead_letters))
+        .fallback(|| async {
+            problem(
+                StatusCode::NOT_FOUND,
+                "about:blank",
+                "Not Found",
+                "no such endpoint",
+                json!({}),
+            )
+        })
+        .layer(axum::middleware::map_response(errors_as_problems))
         .with_state(state)
+}
+
+/// Errors axum answers by itself (a wrong method, a body over the limit)
+/// come as plain text; every error of this API is problem+json.
+async fn errors_as_problems(response: Response) -> Response {
+    let status = response.status();
+    let plain = !response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    let title = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "Method Not Allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "Unsupported Media Type",
+        _ => return response,
+    };
+    if !plain {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let mut problem = problem(
+        status,
+        "about:blank",
+        title,
+        title.to_lowercase(),
+        json!({}),
+    );
+    if let Some(allow) = allow {
+        problem.headers_mut().insert(header::ALLOW, allow);
+    }
+    problem
 }
 
 async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Response {

@@ -183,6 +183,12 @@ impl<'a> Params<'a> {
             );
         };
         match humantime::parse_duration(text) {
+            // Whole milliseconds only: "1500us" silently cut to 1 ms would
+            // be a different limit from the one written.
+            Ok(d) if d.subsec_nanos() % 1_000_000 != 0 => self.fail(
+                field,
+                format!("must be a whole number of milliseconds, got \"{text}\""),
+            ),
             Ok(d) if d >= Duration::from_millis(1) && d <= max => d.as_millis() as u64,
             Ok(_) => self.fail(
                 field,
@@ -260,6 +266,22 @@ mod tests {
         );
         let err = build("fixed_window", &map(json!({"limit": 5, "window": 60}))).unwrap_err();
         assert_eq!(err[0].field, "window");
+        // Not silently cut to whole milliseconds.
+        let err = build(
+            "fixed_window",
+            &map(json!({"limit": 5, "window": "1500us"})),
+        )
+        .unwrap_err();
+        assert!(
+            err[0].message.contains("whole number of milliseconds"),
+            "{}",
+            err[0].message
+        );
+        assert!(build(
+            "fixed_window",
+            &map(json!({"limit": 5, "window": "1s 500ms"}))
+        )
+        .is_ok());
     }
 
     mod config_changes_over_live_state {

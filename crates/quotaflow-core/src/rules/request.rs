@@ -61,10 +61,13 @@ pub enum RequestError {
     ControlCharacter { field: &'static str },
     #[error("cost must be at most {MAX_COST}")]
     CostTooHigh,
+    /// An empty id is no identity: every request sending one would share
+    /// one bucket.
+    #[error("{field} must not be empty (leave it out instead)")]
+    EmptyField { field: &'static str },
 }
 
 impl Request {
-    /// Check the limits the sidecar and the processor enforce on any input.
     /// Bring `path` to its canonical form (`rules::path`), as every limit
     /// matches and keys it; allocates only for a path not already in it.
     pub fn canonicalize_path(&mut self, case_sensitive: bool) {
@@ -75,6 +78,7 @@ impl Request {
         }
     }
 
+    /// Check the limits the sidecar and the processor enforce on any input.
     pub fn validate(&self) -> Result<(), RequestError> {
         let texts = [
             ("user_id", &self.user_id),
@@ -87,6 +91,9 @@ impl Request {
         }
         for (field, value) in texts {
             let Some(v) = value else { continue };
+            if v.is_empty() {
+                return Err(RequestError::EmptyField { field });
+            }
             if v.len() > MAX_FIELD_LEN {
                 return Err(RequestError::TooLong { field });
             }
