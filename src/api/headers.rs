@@ -30,21 +30,35 @@ pub fn retry_after_secs(decision: &Decision) -> u64 {
     .max(1)
 }
 
+/// Largest `RateLimit-Policy` value: proxies refuse responses whose
+/// headers pass 8–16 KB, and a request matched by hundreds of limits must
+/// not push its answer past them. Policies past this are left out, the
+/// binding limit's first (the `RateLimit` header names it anyway).
+pub const MAX_POLICY_HEADER_BYTES: usize = 2048;
+
 /// Add every rate-limit header for `decision` to `headers`.
 pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
     let mut policy = String::new();
-    for o in decision.outcomes.iter().filter(|o| !o.shadow) {
+    let binding = decision.binding().map(|o| o.limit);
+    let enforced = decision.outcomes.iter().filter(|o| !o.shadow);
+    let (first, rest): (Vec<_>, Vec<_>) = enforced.partition(|o| Some(o.limit) == binding);
+    for o in first.into_iter().chain(rest) {
         let Some(limit) = rules.limits.get(o.limit) else {
             continue;
         };
-        if !policy.is_empty() {
-            policy.push_str(", ");
-        }
+        let mut item = String::new();
         let _ = write!(
-            policy,
+            item,
             "\"{}\";q={};w={}",
             limit.name, limit.shape.quota, limit.shape.window_secs
         );
+        if policy.len() + 2 + item.len() > MAX_POLICY_HEADER_BYTES {
+            break;
+        }
+        if !policy.is_empty() {
+            policy.push_str(", ");
+        }
+        policy.push_str(&item);
     }
     if !policy.is_empty() {
         put(headers, "ratelimit-policy", policy);
@@ -133,6 +147,34 @@ mod tests {
         assert_eq!(get(&h, "x-ratelimit-remaining"), "2");
         assert_eq!(get(&h, "x-ratelimit-reset"), "2");
         assert!(h.get("retry-after").is_none());
+    }
+
+    #[test]
+    fn the_policy_header_stays_bounded_with_the_binding_limit_first() {
+        let limits: Vec<String> = (0..500)
+            .map(|i| {
+                let limit = if i == 377 { 1 } else { 1_000_000 };
+                format!(
+                    r#"{{"name": "limit-{i:03}", "key": ["user_id"], "algorithm": "fixed_window", "limit": {limit}, "window": "1h"}}"#
+                )
+            })
+            .collect();
+        let doc =
+            RulesDoc::from_json(format!(r#"{{"limits": [{}]}}"#, limits.join(",")).as_bytes())
+                .unwrap();
+        let l = Limiter::new(doc, Fingerprinter::random(), 1).unwrap();
+        let h = headers_after(&l, 2);
+        let policy = get(&h, "ratelimit-policy");
+        assert!(
+            policy.len() <= MAX_POLICY_HEADER_BYTES,
+            "{} bytes",
+            policy.len()
+        );
+        assert!(
+            policy.starts_with(r#""limit-377";q=1;w=3600, "limit-000""#),
+            "{policy}"
+        );
+        assert_eq!(get(&h, "ratelimit"), r#""limit-377";r=0;t=3600"#);
     }
 
     #[test]

@@ -183,6 +183,9 @@ impl RulesDoc {
 
 /// Longest accepted limit name: names go into headers and metric labels.
 const MAX_NAME_LEN: usize = 64;
+/// Limits in one config: every request is matched against all of them, so
+/// their number bounds the work (and headers) an accepted config can cause.
+pub const MAX_LIMITS: usize = 1000;
 /// Separator between the parts of a state key; rejected in request fields.
 pub(crate) const KEY_SEP: char = '\u{1f}';
 
@@ -314,7 +317,13 @@ impl Rules {
     /// Validate and compile `doc`, reporting every problem by field path.
     pub fn compile(doc: RulesDoc, version: u64, fp: &Fingerprinter) -> Result<Self, InvalidConfig> {
         let mut errors = Vec::new();
-        let mut limits = Vec::with_capacity(doc.limits.len());
+        if doc.limits.len() > MAX_LIMITS {
+            errors.push(FieldError::new(
+                "limits",
+                format!("at most {MAX_LIMITS} limits, got {}", doc.limits.len()),
+            ));
+        }
+        let mut limits = Vec::with_capacity(doc.limits.len().min(MAX_LIMITS));
         let mut names = HashSet::new();
         for (i, l) in doc.limits.iter().enumerate() {
             let at = |f: &str| format!("limits[{i}].{f}");
@@ -591,6 +600,27 @@ mod tests {
 
     fn fields(err: InvalidConfig) -> Vec<String> {
         err.0.into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn a_config_with_too_many_limits_is_refused() {
+        let limits: Vec<String> = (0..=MAX_LIMITS)
+            .map(|i| {
+                format!(
+                    r#"{{"name": "l{i}", "key": ["user_id"], "capacity": 1, "refill_per_sec": 1}}"#
+                )
+            })
+            .collect();
+        let doc =
+            RulesDoc::from_json(format!(r#"{{"limits": [{}]}}"#, limits.join(",")).as_bytes())
+                .unwrap();
+        let err = Rules::compile(doc, 1, &Fingerprinter::random()).unwrap_err();
+        assert_eq!(err.0[0].field, "limits");
+        assert!(
+            err.0[0].message.contains("at most 1000"),
+            "{}",
+            err.0[0].message
+        );
     }
 
     #[test]
