@@ -948,3 +948,44 @@ async fn empty_ids_trailing_data_and_routing_errors_get_clear_problems() {
     assert_eq!(r.status(), 413);
     assert_eq!(header(&r, "content-type"), "application/problem+json");
 }
+
+/// `POST /events` feeds the pipeline, so it is a write like a config
+/// change, and one request cannot carry an unbounded batch.
+#[tokio::test]
+async fn events_are_a_bounded_write() {
+    let s = Server::start(Some(TIGHT), &[("QUOTAFLOW_ADMIN_TOKEN", "events-token")]);
+    let c = client();
+    let one = json!([{"user_id": "frank"}]);
+    let r = c
+        .post(s.url("/events"))
+        .json(&one)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(s.url("/events"))
+        .bearer_auth("events-token")
+        .json(&one)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 202);
+    let too_many: Vec<Value> = (0..10_001).map(|_| json!({"user_id": "f"})).collect();
+    let r = c
+        .post(s.url("/events"))
+        .bearer_auth("events-token")
+        .json(&too_many)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most 10000"),
+        "{v}"
+    );
+}

@@ -128,37 +128,68 @@ pub(super) async fn get_config(State(app): State<AppState>, req: HttpRequest) ->
 /// Replace the document. A body may carry the `version` it was edited from
 /// (as `GET` returns it): then the write applies only if that version is
 /// still running, else `409`.
-pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -> Response {
-    let caller = Caller::of(&app, &req);
+/// Who wrote, for the log: the peer, and how it was allowed.
+pub(super) struct Writer {
+    pub peer: String,
+    pub by: &'static str,
+}
+
+/// The caller, when it may write (change the config, feed events); else
+/// the refusal to answer with, logged as `write_unauthorized`.
+pub(super) fn writer(
+    app: &AppState,
+    req: &HttpRequest,
+    what: &str,
+) -> Result<Writer, Box<Response>> {
+    let caller = Caller::of(app, req);
     let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
-    if let Err(refusal) = caller.may_write(&app) {
-        app.metrics.config_update(ConfigUpdate::Unauthorized);
-        let (status, detail) = match refusal {
-            Refusal::Token => (
-                StatusCode::UNAUTHORIZED,
-                "config writes need `Authorization: Bearer <token>`",
-            ),
-            Refusal::NotLocal => (
-                StatusCode::FORBIDDEN,
-                "no admin token is configured (QUOTAFLOW_ADMIN_TOKEN), so config writes are \
-                 accepted only from this machine",
-            ),
-            Refusal::Host => (
-                StatusCode::FORBIDDEN,
-                "no admin token is configured, so config writes must name this machine \
-                 (Host: localhost or a loopback address)",
-            ),
+    let Err(refusal) = caller.may_write(app) else {
+        let by = if caller.token_ok {
+            "admin_token"
+        } else {
+            "loopback"
         };
-        tracing::warn!(event = "config_update_unauthorized", peer = %peer, reason = detail, "config write refused");
-        let mut r = problem(status, "about:blank", "Not allowed", detail, json!({}));
-        if status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        return r;
+        return Ok(Writer { peer, by });
+    };
+    let (status, detail) = match refusal {
+        Refusal::Token => (
+            StatusCode::UNAUTHORIZED,
+            format!("{what} need `Authorization: Bearer <token>`"),
+        ),
+        Refusal::NotLocal => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "no admin token is configured (QUOTAFLOW_ADMIN_TOKEN), so {what} are accepted \
+                 only from this machine"
+            ),
+        ),
+        Refusal::Host => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "no admin token is configured, so {what} must name this machine (Host: \
+                 localhost or a loopback address)"
+            ),
+        ),
+    };
+    tracing::warn!(event = "write_unauthorized", what, peer = %peer, reason = %detail, "write refused");
+    let mut r = problem(status, "about:blank", "Not allowed", detail, json!({}));
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
     }
+    Err(Box::new(r))
+}
+
+pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -> Response {
+    let who = match writer(&app, &req, "config writes") {
+        Ok(who) => who,
+        Err(refused) => {
+            app.metrics.config_update(ConfigUpdate::Unauthorized);
+            return *refused;
+        }
+    };
     if !is_json(req.headers()) {
         app.metrics.config_update(ConfigUpdate::Rejected);
         return problem(
@@ -189,8 +220,8 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
             tracing::info!(
                 event = "config_applied",
                 version,
-                peer = %peer,
-                by = if caller.token_ok { "admin_token" } else { "loopback" },
+                peer = %who.peer,
+                by = who.by,
                 "rate-limit config replaced"
             );
             (

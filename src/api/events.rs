@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
@@ -49,8 +49,48 @@ impl EventIn {
     }
 }
 
-/// `POST /events`: one event object or an array of them.
-pub(super) async fn publish(State(app): State<AppState>, body: Bytes) -> Response {
+/// Events one `POST /events` may carry.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+/// Largest `POST /events` body.
+const MAX_EVENTS_BYTES: usize = 2 * 1024 * 1024;
+
+/// `POST /events`: one event object or an array of them. Feeding the
+/// pipeline is a write: the same rule as config writes applies (the admin
+/// token, or this machine). Parsing, encoding and the bus (which blocks
+/// while a partition's queue is full) run off the async threads, so a few
+/// large bodies cannot stall `/check`.
+pub(super) async fn publish(State(app): State<AppState>, req: HttpRequest) -> Response {
+    if let Err(refused) = super::admin::writer(&app, &req, "event writes") {
+        return *refused;
+    }
+    let body = match axum::body::to_bytes(req.into_body(), MAX_EVENTS_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            app.metrics.invalid_request("events");
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "about:blank",
+                "Payload Too Large",
+                format!("event body unreadable or over {MAX_EVENTS_BYTES} bytes: {e}"),
+                json!({}),
+            );
+        }
+    };
+    let worker = app.clone();
+    tokio::task::spawn_blocking(move || publish_blocking(&worker, &body))
+        .await
+        .unwrap_or_else(|e| {
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "about:blank",
+                "Internal Server Error",
+                format!("publishing failed: {e}"),
+                json!({}),
+            )
+        })
+}
+
+fn publish_blocking(app: &AppState, body: &Bytes) -> Response {
     let Some(embedded) = &app.embedded else {
         return problem(
             StatusCode::CONFLICT,
@@ -60,7 +100,20 @@ pub(super) async fn publish(State(app): State<AppState>, body: Bytes) -> Respons
             json!({}),
         );
     };
-    let parsed: Result<Vec<EventIn>, _> = match serde_json::from_slice::<Value>(&body) {
+    let parsed: Result<Vec<EventIn>, _> = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(items)) if items.len() > MAX_EVENTS_PER_REQUEST => {
+            app.metrics.invalid_request("events");
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "about:blank",
+                "Bad Request",
+                format!(
+                    "at most {MAX_EVENTS_PER_REQUEST} events per request, got {}",
+                    items.len()
+                ),
+                json!({}),
+            );
+        }
         Ok(Value::Array(items)) => items.into_iter().map(serde_json::from_value).collect(),
         Ok(one) => serde_json::from_value(one).map(|e| vec![e]),
         Err(e) => Err(e),
