@@ -17,32 +17,28 @@ use quotaflow_core::rules::{Request, Rules};
 
 /// `POST /check`: a JSON body of vocabulary fields.
 pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response {
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let req: Request = match serde_path_to_error::deserialize(&mut *de) {
-        Ok(_) if de.end().is_err() => {
-            return bad_request(
-                &app,
-                "check",
-                "invalid check request: data after the JSON object".into(),
-            )
-        }
-        Ok(r) => r,
-        Err(e) => {
-            let path = e.path().to_string();
-            let at = if path == "." {
-                String::new()
-            } else {
-                format!(" at `{path}`")
-            };
-            return bad_request(
-                &app,
-                "check",
-                format!("invalid check request{at}: {}", e.into_inner()),
-            );
-        }
-    };
-    // Services calling /check read the status themselves: always 429.
-    decide(&app, "check", req, StatusCode::TOO_MANY_REQUESTS)
+    match parse_check(&body) {
+        // Services calling /check read the status themselves: always 429.
+        Ok(req) => decide(&app, "check", req, StatusCode::TOO_MANY_REQUESTS),
+        Err(detail) => bad_request(&app, "check", detail),
+    }
+}
+
+/// A `/check` body as a request, or why not (naming the field at fault).
+fn parse_check(body: &[u8]) -> Result<Request, String> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let req: Request = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!(" at `{path}`")
+        };
+        format!("invalid check request{at}: {}", e.into_inner())
+    })?;
+    de.end()
+        .map_err(|_| "invalid check request: data after the JSON object".to_owned())?;
+    Ok(req)
 }
 
 /// Forward-auth for nginx `auth_request`, Traefik ForwardAuth and Envoy
@@ -231,4 +227,78 @@ fn bad_request(app: &AppState, endpoint: &str, detail: String) -> Response {
         detail,
         json!({}),
     )
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Bounded fuzzing of what clients send (run by the test command with
+    //! the suite's `PROPTEST_CASES`; longer runs: docs/security.md).
+
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn app() -> AppState {
+        let settings = crate::settings::Settings::load_with_env(None, false).expect("defaults");
+        crate::server::build_state(&settings, None).expect("state")
+    }
+
+    proptest! {
+        /// Any bytes as a `/check` body: a request or a reason, never a
+        /// panic; a request that parses validates or says why.
+        #[test]
+        fn check_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(req) = parse_check(&body) {
+                let _ = req.validate();
+            }
+        }
+
+        /// JSON-shaped bodies reach deeper than random bytes do.
+        #[test]
+        fn check_shaped_bodies_never_panic(
+            fields in prop::collection::vec(
+                (prop::sample::select(vec!["user_id", "api_key", "client_ip", "method", "path", "cost", "extra"]),
+                 prop_oneof![
+                    any::<String>().prop_map(|s| serde_json::Value::String(s)),
+                    any::<i64>().prop_map(serde_json::Value::from),
+                    any::<f64>().prop_map(serde_json::Value::from),
+                    Just(serde_json::Value::Null),
+                 ]),
+                0..7,
+            ),
+            tail in ".{0,3}",
+        ) {
+            let map: serde_json::Map<String, serde_json::Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let body = format!("{}{tail}", serde_json::Value::Object(map));
+            if let Ok(mut req) = parse_check(body.as_bytes()) {
+                if req.validate().is_ok() {
+                    req.canonicalize_path(false);
+                }
+            }
+        }
+
+        /// Any header values and path on forward-auth, from a trusted or an
+        /// untrusted peer: a request or a reason, never a panic.
+        #[test]
+        fn forward_auth_headers_never_panic(
+            values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 7),
+            path in "/forward-auth(/[ -~]{0,30})?",
+            trusted in any::<bool>(),
+        ) {
+            let app = app();
+            let mut h = HeaderMap::new();
+            let names = ["x-user-id", "x-api-key", "x-original-uri", "x-original-method",
+                "x-quotaflow-cost", "x-forwarded-for", "x-forwarded-uri"];
+            for (name, v) in names.iter().zip(&values) {
+                if let Ok(v) = HeaderValue::from_bytes(v) {
+                    h.insert(*name, v);
+                }
+            }
+            let peer: IpAddr = if trusted { [127, 0, 0, 1].into() } else { [203, 0, 113, 9].into() };
+            if let Ok(req) = identity_from(&app, "GET", &path, &h, Some(peer)) {
+                let _ = req.validate();
+            }
+        }
+    }
 }

@@ -754,4 +754,80 @@ mod tests {
         };
         assert!(rules.is_whitelisted(&user, &fp()));
     }
+
+    mod fuzz {
+        //! Bounded fuzzing of the config parser and compiler (the suite's
+        //! `PROPTEST_CASES`; longer runs: docs/security.md).
+
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        fn value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                "[ -~]{0,12}".prop_map(Value::from),
+                prop::sample::select(vec!["1s", "10ms", "1500us", "0s", "400d", "1h", "-1s"])
+                    .prop_map(Value::from),
+                prop::sample::select(vec!["/a/*", "/[x", "/{a,b}", "**", "/p[]"])
+                    .prop_map(Value::from),
+                Just(json!(["user_id", "client_ip"])),
+                Just(json!({"method": "POST", "path_prefix": "/a"})),
+                Just(Value::Null),
+            ]
+        }
+
+        fn limit() -> impl Strategy<Value = Value> {
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "name",
+                        "algorithm",
+                        "key",
+                        "capacity",
+                        "refill_per_sec",
+                        "limit",
+                        "window",
+                        "match",
+                        "shadow",
+                        "unknown",
+                    ]),
+                    value(),
+                ),
+                0..8,
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+        }
+
+        fn compile(bytes: &[u8]) {
+            if let Ok(doc) = RulesDoc::from_json(bytes) {
+                let _ = Rules::compile(doc, 1, &Fingerprinter::from_secret("fuzz"));
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn config_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+                compile(&bytes);
+            }
+
+            #[test]
+            fn config_shaped_documents_never_panic(
+                limits in prop::collection::vec(limit(), 0..4),
+                algorithm in prop::sample::select(vec!["token_bucket", "fixed_window", "sliding_window", "leaky"]),
+                ips in prop::collection::vec("[0-9./:a-f]{0,18}", 0..3),
+            ) {
+                let mut limits = limits;
+                for l in &mut limits {
+                    if let Some(o) = l.as_object_mut() {
+                        o.entry("algorithm").or_insert_with(|| Value::from(algorithm));
+                    }
+                }
+                let doc = json!({"limits": limits, "whitelist": {"client_ips": ips}});
+                compile(doc.to_string().as_bytes());
+            }
+        }
+    }
 }
