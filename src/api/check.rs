@@ -259,7 +259,7 @@ mod fuzz {
             fields in prop::collection::vec(
                 (prop::sample::select(vec!["user_id", "api_key", "client_ip", "method", "path", "cost", "extra"]),
                  prop_oneof![
-                    any::<String>().prop_map(|s| serde_json::Value::String(s)),
+                    any::<String>().prop_map(serde_json::Value::String),
                     any::<i64>().prop_map(serde_json::Value::from),
                     any::<f64>().prop_map(serde_json::Value::from),
                     Just(serde_json::Value::Null),
