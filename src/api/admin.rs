@@ -213,8 +213,11 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
         Ok(v) => v,
         Err(errors) => return refused(&app, errors),
     };
+    let old = app.limiter.rules();
     match app.limiter.replace_rules_if(expected, doc) {
         Ok(version) => {
+            app.metrics
+                .forget_removed_limits(&old, &app.limiter.rules());
             app.metrics.config_update(ConfigUpdate::Applied);
             app.metrics.config_version.set(version as i64);
             tracing::info!(

@@ -307,6 +307,26 @@ impl Metrics {
     }
 
     /// Count a decision and log its breach events, one structured event each.
+    /// Drop the series of limits that `new` no longer has (by name), so a
+    /// config that churns limit names does not grow the exposition forever.
+    pub fn forget_removed_limits(&self, old: &Rules, new: &Rules) {
+        for limit in &old.limits {
+            let name = limit.name.as_str();
+            if new.limits.iter().any(|l| l.name == name) {
+                continue;
+            }
+            for v in ["allowed", "refused", "shadow_refused"] {
+                let _ = self.limit_decisions.remove_label_values(&[name, v]);
+            }
+            for shadow in ["true", "false"] {
+                let _ = self.breaches.remove_label_values(&[name, shadow]);
+            }
+            let _ = self
+                .suspicious
+                .remove_label_values(&[name, "ignores_retry_after"]);
+        }
+    }
+
     pub fn record(&self, endpoint: &str, rules: &Rules, decision: &Decision, took: Duration) {
         self.check_duration.observe(took.as_secs_f64());
         let verdict = if decision.whitelisted {
@@ -417,5 +437,37 @@ mod tests {
         assert!(text.contains(r#"quotaflow_limit_decisions_total{limit="k",verdict="allowed"} 1"#));
         assert!(text.contains(r#"quotaflow_breaches_total{limit="k",shadow="false"} 1"#));
         assert!(!text.contains("sk_secret_value"));
+    }
+
+    #[test]
+    fn series_of_a_removed_limit_go_with_it() {
+        let doc = |names: &[&str]| {
+            let limits: Vec<String> = names
+                .iter()
+                .map(|n| format!(r#"{{"name": "{n}", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1m"}}"#))
+                .collect();
+            RulesDoc::from_json(format!(r#"{{"limits": [{}]}}"#, limits.join(",")).as_bytes())
+                .unwrap()
+        };
+        let limiter = Limiter::new(doc(&["kept", "gone"]), Fingerprinter::random(), 1).unwrap();
+        let m = Metrics::new().unwrap();
+        let req = Request {
+            user_id: Some("u".into()),
+            ..Request::default()
+        };
+        for _ in 0..2 {
+            limiter.check_then(&req, 0, |rules, d| {
+                m.record("check", rules, d, Duration::ZERO)
+            });
+        }
+        assert!(m.render().contains(r#"limit="gone""#));
+        let old = limiter.rules();
+        limiter.replace_rules(doc(&["kept"])).unwrap();
+        m.forget_removed_limits(&old, &limiter.rules());
+        let text = m.render();
+        assert!(!text.contains(r#"limit="gone""#), "{text}");
+        assert!(
+            text.contains(r#"quotaflow_limit_decisions_total{limit="kept",verdict="allowed"} 1"#)
+        );
     }
 }
