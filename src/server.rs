@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use axum::http::StatusCode;
 use tokio::net::TcpListener;
 
+use crate::api::tokens::AdminTokens;
 use crate::api::{self, AppState, Identity};
 use crate::http_server;
 use crate::settings::{EncodingName, Settings};
@@ -51,11 +52,11 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
     Ok(AppState {
         limiter: Arc::new(limiter),
         metrics: Arc::new(metrics),
-        // Mounted secrets often end in a newline, which no client sends.
-        admin_token: admin_token
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .map(Into::into),
+        // Trimmed there: mounted secrets often end in a newline.
+        admin_tokens: Arc::new(AdminTokens::new(
+            admin_token.as_deref(),
+            settings.server.admin_tokens_file.clone(),
+        )),
         identity: Arc::new(Identity {
             api_key_header: settings.server.api_key_header.to_ascii_lowercase(),
             user_id_header: settings.server.user_id_header.to_ascii_lowercase(),
@@ -210,7 +211,7 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
-    if state.admin_token.is_none() && !addr.ip().is_loopback() {
+    if !state.admin_tokens.any() && !addr.ip().is_loopback() {
         tracing::warn!(
             event = "config_writes_local_only",
             addr = %addr,
@@ -223,7 +224,7 @@ pub async fn serve(
         addr = %addr,
         limits = rules.limits.len(),
         config_version = rules.version,
-        admin_token = state.admin_token.is_some(),
+        admin_token = state.admin_tokens.any(),
         mode = pipeline.mode(),
         "quotaflow listening on http://{addr} ({} mode)",
         pipeline.mode()

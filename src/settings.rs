@@ -72,6 +72,9 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Connections open at once; past this new ones are closed at once.
     pub max_connections: usize,
+    /// A file of admin tokens (one a line, `id:token`), read again when it
+    /// changes: rotation without a restart (`api::tokens`).
+    pub admin_tokens_file: Option<std::path::PathBuf>,
     /// On shutdown, how long requests in flight may take to finish before
     /// their connections are closed (the stream's final checkpoints follow).
     #[serde(deserialize_with = "duration")]
@@ -96,6 +99,7 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            admin_tokens_file: None,
         }
     }
 }

@@ -989,3 +989,45 @@ async fn events_are_a_bounded_write() {
         "{v}"
     );
 }
+
+/// Admin tokens from a file are rotated by editing it: the new token
+/// works and the old one stops, with no restart; logs name the token's
+/// id, never its value.
+#[tokio::test]
+async fn admin_tokens_rotate_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "deploy-2026-11:old-secret-value\n").expect("write");
+    let config = format!(
+        "{TIGHT}\n[server]\nadmin_tokens_file = \"{}\"\n",
+        file.display()
+    );
+    let s = Server::start(
+        Some(&config),
+        &[("QUOTAFLOW_ADMIN_TOKEN", "env-secret-value")],
+    );
+    let c = client();
+    let post = |token: &'static str| {
+        c.post(s.url("/rate_limit/config"))
+            .bearer_auth(token)
+            .json(&json!({"limits": []}))
+            .send()
+    };
+    assert_eq!(post("old-secret-value").await.expect("POST").status(), 200);
+    assert_eq!(post("env-secret-value").await.expect("POST").status(), 200);
+    std::fs::write(&file, "deploy-2026-12:new-secret-value\n").expect("rewrite");
+    // Make the change visible even on a coarse file-time clock.
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_modified(later))
+        .expect("mtime");
+    assert_eq!(post("old-secret-value").await.expect("POST").status(), 401);
+    assert_eq!(post("new-secret-value").await.expect("POST").status(), 200);
+    let applied = s.wait_log(Duration::from_secs(5), |v| {
+        v["event"] == "config_applied" && v["by"] == "token:deploy-2026-12"
+    });
+    assert_eq!(applied["peer"], "127.0.0.1");
+    assert!(!s.logs().iter().any(|l| l.contains("secret-value")));
+}

@@ -14,7 +14,6 @@ use axum::extract::{ConnectInfo, Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use super::{client_ip, problem, AppState};
 use quotaflow_adapters::metrics::ConfigUpdate;
@@ -33,8 +32,8 @@ struct Caller {
     /// The client behind trusted proxies (`X-Forwarded-For`), else the peer:
     /// a proxy on this machine must not make its remote clients local.
     client: Option<IpAddr>,
-    /// The bearer token presented matches the configured one.
-    token_ok: bool,
+    /// The id of the admin token presented, when it is a valid one.
+    token: Option<String>,
     loopback_host: bool,
 }
 
@@ -48,10 +47,7 @@ impl Caller {
         Self {
             peer,
             client: client_ip::resolve(peer, headers, &app.identity.trusted_proxies),
-            token_ok: app
-                .admin_token
-                .as_deref()
-                .is_some_and(|t| bearer_matches(headers, t)),
+            token: bearer(headers).and_then(|t| app.admin_tokens.check(t)),
             loopback_host: headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
@@ -61,12 +57,11 @@ impl Caller {
 
     /// May change the config (and so see all of it).
     fn may_write(&self, app: &AppState) -> Result<(), Refusal> {
-        if app.admin_token.is_some() {
-            return if self.token_ok {
-                Ok(())
-            } else {
-                Err(Refusal::Token)
-            };
+        if self.token.is_some() {
+            return Ok(());
+        }
+        if app.admin_tokens.any() {
+            return Err(Refusal::Token);
         }
         if !self.client.is_some_and(|c| c.is_loopback()) {
             return Err(Refusal::NotLocal);
@@ -131,7 +126,8 @@ pub(super) async fn get_config(State(app): State<AppState>, req: HttpRequest) ->
 /// Who wrote, for the log: the peer, and how it was allowed.
 pub(super) struct Writer {
     pub peer: String,
-    pub by: &'static str,
+    /// `token:<id>` (the admin token's name, never its value) or `loopback`.
+    pub by: String,
 }
 
 /// The caller, when it may write (change the config, feed events); else
@@ -144,11 +140,9 @@ pub(super) fn writer(
     let caller = Caller::of(app, req);
     let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
     let Err(refusal) = caller.may_write(app) else {
-        let by = if caller.token_ok {
-            "admin_token"
-        } else {
-            "loopback"
-        };
+        let by = caller
+            .token
+            .map_or_else(|| "loopback".to_owned(), |id| format!("token:{id}"));
         return Ok(Writer { peer, by });
     };
     let (status, detail) = match refusal {
@@ -224,7 +218,7 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
                 event = "config_applied",
                 version,
                 peer = %who.peer,
-                by = who.by,
+                by = %who.by,
                 "rate-limit config replaced"
             );
             (
@@ -297,13 +291,13 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// Constant-time comparison of the bearer token, so response timing does not
 /// reveal how much of a guess was right. The scheme is case-insensitive
 /// (RFC 9110).
-fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .is_some_and(|(_, given)| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+        .map(|(_, given)| given.trim())
 }
 
 #[cfg(test)]
@@ -360,10 +354,12 @@ mod tests {
             h.insert(header::AUTHORIZATION, header::HeaderValue::from_static(v));
             h
         };
-        assert!(bearer_matches(&with("Bearer s3cret"), "s3cret"));
-        assert!(bearer_matches(&with("bearer s3cret"), "s3cret"));
-        assert!(!bearer_matches(&with("Bearer S3CRET"), "s3cret"));
-        assert!(!bearer_matches(&with("Basic s3cret"), "s3cret"));
-        assert!(!bearer_matches(&HeaderMap::new(), "s3cret"));
+        let tokens = super::super::tokens::AdminTokens::new(Some("s3cret"), None);
+        let matches = |h: &HeaderMap| bearer(h).and_then(|t| tokens.check(t)).is_some();
+        assert!(matches(&with("Bearer s3cret")));
+        assert!(matches(&with("bearer s3cret")));
+        assert!(!matches(&with("Bearer S3CRET")));
+        assert!(!matches(&with("Basic s3cret")));
+        assert!(!matches(&HeaderMap::new()));
     }
 }

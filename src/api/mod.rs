@@ -6,6 +6,7 @@ mod check;
 pub mod client_ip;
 mod events;
 pub mod headers;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -37,8 +38,9 @@ pub struct Identity {
 pub struct AppState {
     pub limiter: Arc<Limiter>,
     pub metrics: Arc<Metrics>,
-    /// Bearer token required for config writes, when set.
-    pub admin_token: Option<Arc<str>>,
+    /// Admin tokens, one of which config writes and `/events` need when
+    /// any is configured (see `tokens`).
+    pub admin_tokens: Arc<tokens::AdminTokens>,
     pub identity: Arc<Identity>,
     /// The in-process bus and its outputs (embedded mode only).
     pub embedded: Option<Arc<Embedded>>,
