@@ -12,8 +12,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use quotaflow_core::limiter::{BreachEvent, Decision};
-use quotaflow_core::rules::Rules;
+use quotaflow_core::limiter::{BreachEvent, Decision, LimitOutcome};
+use quotaflow_core::rules::{Limit, Rules};
+use quotaflow_core::state::KeyId;
 
 /// Every metric quotaflow exports.
 pub struct Metrics {
@@ -28,6 +29,10 @@ pub struct Metrics {
     breaches: IntCounterVec,
     suspicious: IntCounterVec,
     invalid_requests: IntCounterVec,
+    /// Breach episodes of the sync path, for one log line each way.
+    episodes: Episodes,
+    /// New breaches not logged because too many episodes were open.
+    breach_logs_suppressed: IntCounter,
     /// HTTP connections open now.
     pub http_connections_open: IntGauge,
     /// Connections closed at once because `server.max_connections` were open.
@@ -252,6 +257,11 @@ impl Metrics {
             "http_accept_errors_total",
             "Errors accepting HTTP connections (for example, out of file descriptors).",
         )?;
+        let breach_logs_suppressed = IntCounter::new(
+            "breach_logs_suppressed_total",
+            "Breaches not logged because 100,000 breach episodes were open at once (they are still counted in checks and limit_decisions).",
+        )?;
+        registry.register(Box::new(breach_logs_suppressed.clone()))?;
         registry.register(Box::new(http_connections_open.clone()))?;
         registry.register(Box::new(http_connections_refused.clone()))?;
         registry.register(Box::new(http_accept_errors.clone()))?;
@@ -282,6 +292,8 @@ impl Metrics {
             http_connections_open,
             http_connections_refused,
             http_accept_errors,
+            episodes: Episodes::default(),
+            breach_logs_suppressed,
         })
     }
 
@@ -349,12 +361,15 @@ impl Metrics {
             self.limit_decisions
                 .with_label_values(&[limit.name.as_str(), v])
                 .inc();
-            let Some(event) = o.event else { continue };
+            let episode = self.episodes.observe(o, limit, decision.whitelisted);
+            if episode == Episode::Quiet && o.event.is_none() {
+                continue;
+            }
             let key_fp = o.key;
             let dims: Vec<&str> = limit.key.iter().map(|d| d.as_str()).collect();
             let dims = dims.join(",");
-            match event {
-                BreachEvent::Started => {
+            match episode {
+                Episode::Started => {
                     self.breaches
                         .with_label_values(&[
                             limit.name.as_str(),
@@ -374,7 +389,7 @@ impl Metrics {
                         "key crossed its limit"
                     );
                 }
-                BreachEvent::Ended { refused } => {
+                Episode::Ended { refused } => {
                     tracing::info!(
                         event = "breach_ended",
                         limit = %limit.name,
@@ -385,23 +400,105 @@ impl Metrics {
                         "key is within its limit again"
                     );
                 }
-                BreachEvent::IgnoresRetryAfter { refused } => {
-                    self.suspicious
-                        .with_label_values(&[limit.name.as_str(), "ignores_retry_after"])
-                        .inc();
-                    tracing::warn!(
-                        event = "suspicious_pattern",
-                        pattern = "ignores_retry_after",
-                        limit = %limit.name,
-                        key_fp = %key_fp,
-                        key_dimensions = %dims,
-                        shadow = o.shadow,
-                        refused,
-                        "client keeps sending while refused"
-                    );
-                }
+                Episode::Suppressed => self.breach_logs_suppressed.inc(),
+                Episode::Quiet => {}
+            }
+            if let Some(BreachEvent::IgnoresRetryAfter { refused }) = o.event {
+                self.suspicious
+                    .with_label_values(&[limit.name.as_str(), "ignores_retry_after"])
+                    .inc();
+                tracing::warn!(
+                    event = "suspicious_pattern",
+                    pattern = "ignores_retry_after",
+                    limit = %limit.name,
+                    key_fp = %key_fp,
+                    key_dimensions = %dims,
+                    shadow = o.shadow,
+                    refused,
+                    "client keeps sending while refused"
+                );
             }
         }
+    }
+}
+
+/// What one outcome meant for its key's breach episode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Episode {
+    Started,
+    Ended {
+        refused: u64,
+    },
+    Quiet,
+    /// A new breach while [`MAX_EPISODES`] are open: counted, not logged.
+    Suppressed,
+}
+
+/// Breach episodes of the sync path, for the log: an episode starts at a
+/// key's first refusal and ends only once the key is allowed after a calm
+/// spell without refusals (its limit's window, at least 1 s, at most
+/// 60 s). A key held at its limit — refused, allowed, refused — is one
+/// episode and two log lines, not two lines per refill. Bounded: at most
+/// [`MAX_EPISODES`] open at once; past that, stale ones are dropped, and
+/// then new breaches are counted (`breach_logs_suppressed_total`) but not
+/// logged.
+#[derive(Default)]
+struct Episodes {
+    open: parking_lot::Mutex<hashbrown::HashMap<KeyId, OpenEpisode>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenEpisode {
+    last_refusal_ms: u64,
+    refused: u64,
+    calm_ms: u64,
+}
+
+/// Breach episodes tracked at once.
+const MAX_EPISODES: usize = 100_000;
+/// Episodes idle this long are dropped without an end line (their key
+/// never came back to be allowed).
+const STALE_EPISODE_MS: u64 = 10 * 60 * 1000;
+
+impl Episodes {
+    fn observe(&self, o: &LimitOutcome, limit: &Limit, whitelisted: bool) -> Episode {
+        if whitelisted {
+            return Episode::Quiet;
+        }
+        let now = o.verdict.clock_ms;
+        let mut open = self.open.lock();
+        if o.verdict.allowed {
+            // The common case, an allowed key with no breach: one probe.
+            let Some(e) = open.get(&o.key).copied() else {
+                return Episode::Quiet;
+            };
+            if now.saturating_sub(e.last_refusal_ms) < e.calm_ms {
+                return Episode::Quiet;
+            }
+            open.remove(&o.key);
+            return Episode::Ended { refused: e.refused };
+        }
+        if let Some(e) = open.get_mut(&o.key) {
+            e.last_refusal_ms = e.last_refusal_ms.max(now);
+            e.refused = e.refused.saturating_add(1);
+            return Episode::Quiet;
+        }
+        if open.len() >= MAX_EPISODES {
+            open.retain(|_, e| now.saturating_sub(e.last_refusal_ms) < STALE_EPISODE_MS);
+            if open.len() >= MAX_EPISODES {
+                return Episode::Suppressed;
+            }
+        }
+        let calm_ms = limit.shape.window_secs.clamp(1, 60) * 1000;
+        open.insert(
+            o.key,
+            OpenEpisode {
+                last_refusal_ms: now,
+                refused: 1,
+                calm_ms,
+            },
+        );
+        Episode::Started
     }
 }
 
@@ -469,5 +566,48 @@ mod tests {
         assert!(
             text.contains(r#"quotaflow_limit_decisions_total{limit="kept",verdict="allowed"} 1"#)
         );
+    }
+
+    /// A key held at its limit (refused, allowed on each refill, refused)
+    /// is one breach episode: one start, one end after a calm spell.
+    #[test]
+    fn a_key_held_at_its_limit_is_one_breach_episode() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "tb", "key": ["user_id"], "capacity": 1, "refill_per_sec": 2}]}"#,
+        )
+        .unwrap();
+        let limiter = Limiter::new(doc, Fingerprinter::random(), 1).unwrap();
+        let m = Metrics::new().unwrap();
+        let req = Request {
+            user_id: Some("held".into()),
+            ..Request::default()
+        };
+        let mut episodes = Vec::new();
+        // Ten seconds of a request every 200 ms: two in five pass.
+        let mut now = 1_000_000;
+        for _ in 0..50 {
+            limiter.check_then(&req, now, |rules, d| {
+                m.record("check", rules, d, Duration::ZERO);
+                episodes.push(d.outcomes[0].verdict.allowed);
+            });
+            now += 200;
+        }
+        let allowed = episodes.iter().filter(|a| **a).count();
+        assert!(
+            allowed > 10 && allowed < 40,
+            "{allowed} allowed: the key flapped"
+        );
+        let breaches = m.breaches.with_label_values(&["tb", "false"]);
+        assert_eq!(breaches.get(), 1, "one episode while held at the limit");
+        // Quiet for longer than the calm spell (the bucket's 1 s), then allowed.
+        now += 5_000;
+        let ended = limiter.check_then(&req, now, |rules, d| {
+            m.episodes.observe(&d.outcomes[0], &rules.limits[0], false)
+        });
+        assert!(
+            matches!(ended, Episode::Ended { refused } if refused > 10),
+            "{ended:?}"
+        );
+        assert_eq!(m.episodes.open.lock().len(), 0);
     }
 }
