@@ -22,6 +22,7 @@ use quotaflow_adapters::worker::{Checkpointing, Processing, WorkerContext};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::limiter::Limiter;
 use quotaflow_core::pipeline::{CheckpointStore, MemoryCheckpoints, OutputSink, ProcessorConfig};
+use quotaflow_core::state::KeyCap;
 
 /// Environment variable holding the bearer token for config writes.
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAFLOW_ADMIN_TOKEN";
@@ -37,10 +38,14 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
     } else {
         Fingerprinter::from_secret(&settings.security.fingerprint_key)
     };
-    let limiter = Limiter::new(
+    let limiter = Limiter::with_key_cap(
         settings.rules(),
         fingerprinter,
         settings.state.effective_shards(),
+        KeyCap {
+            max_keys: settings.state.max_keys.max(1),
+            when_full: settings.state.when_full,
+        },
     )
     .context("the rate-limit config is invalid")?;
     let metrics = Metrics::new().context("registering metrics")?;
@@ -260,6 +265,16 @@ async fn sweep(state: AppState, every: std::time::Duration) {
             .metrics
             .keys_tracked
             .set(state.limiter.store().len() as i64);
+        let over = state.limiter.store().take_over_cap();
+        if over > 0 {
+            state.metrics.keys_over_cap.inc_by(over);
+            tracing::warn!(
+                event = "key_capacity_reached",
+                new_keys = over,
+                keys = state.limiter.store().len(),
+                "the key store is full (state.max_keys): new keys were not stored since the last sweep"
+            );
+        }
     }
 }
 

@@ -133,6 +133,11 @@ impl Default for LogSettings {
 pub struct StateSettings {
     /// Shards of the key store; 0 picks 16 per core.
     pub shards: usize,
+    /// Keys the sidecar's store holds at most (about 113 bytes each).
+    pub max_keys: usize,
+    /// A new key past `max_keys`: decided but not stored (`allow`), or
+    /// refused (`refuse`); see `quotaflow_core::state::WhenFull`.
+    pub when_full: quotaflow_core::state::WhenFull,
     #[serde(deserialize_with = "duration")]
     pub sweep_interval: Duration,
 }
@@ -141,6 +146,8 @@ impl Default for StateSettings {
     fn default() -> Self {
         Self {
             shards: 0,
+            max_keys: 2_000_000,
+            when_full: quotaflow_core::state::WhenFull::Allow,
             sweep_interval: Duration::from_secs(5),
         }
     }

@@ -1031,3 +1031,48 @@ async fn admin_tokens_rotate_without_a_restart() {
     assert_eq!(applied["peer"], "127.0.0.1");
     assert!(!s.logs().iter().any(|l| l.contains("secret-value")));
 }
+
+/// Distinct keys are what a client grows without bound (a new user id per
+/// request): the store holds at most `state.max_keys`, says so in a metric
+/// and a log line, and with `when_full = "refuse"` lets nobody new in.
+#[tokio::test]
+async fn a_full_key_store_refuses_new_keys_and_reports_it() {
+    let config = r#"
+[state]
+shards = 1
+max_keys = 8
+when_full = "refuse"
+sweep_interval = "100ms"
+
+[[limits]]
+name = "per_user"
+algorithm = "token_bucket"
+key = ["user_id"]
+capacity = 100
+refill_per_sec = 0.001
+"#;
+    let s = Server::start(Some(config), &[]);
+    let c = client();
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let r = check(&c, &s, json!({"user_id": format!("spray-{i}")})).await;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses[..8], [200; 8]);
+    assert_eq!(statuses[8..], [429; 4]);
+    // A key already held is still served.
+    assert_eq!(
+        check(&c, &s, json!({"user_id": "spray-0"})).await.status(),
+        200
+    );
+    let logged = s.wait_log(Duration::from_secs(5), |v| {
+        v["event"] == "key_capacity_reached"
+    });
+    assert_eq!(logged["new_keys"], 4);
+    let metrics = get_text(&c, &s.url("/metrics")).await;
+    assert!(
+        metrics.contains("quotaflow_keys_over_capacity_total 4"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("quotaflow_keys_tracked 8"), "{metrics}");
+}

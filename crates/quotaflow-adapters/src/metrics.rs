@@ -24,6 +24,8 @@ pub struct Metrics {
     check_duration: Histogram,
     pub keys_tracked: IntGauge,
     pub keys_expired: IntCounter,
+    /// New keys that found the store full (`state.max_keys`).
+    pub keys_over_cap: IntCounter,
     pub config_version: IntGauge,
     config_updates: IntCounterVec,
     breaches: IntCounterVec,
@@ -215,6 +217,11 @@ impl Metrics {
         let keys_tracked = IntGauge::new("keys_tracked", "Per-key states held in memory.")?;
         let keys_expired =
             IntCounter::new("keys_expired_total", "Idle keys dropped by the sweeper.")?;
+        let keys_over_cap = IntCounter::new(
+            "keys_over_capacity_total",
+            "New keys that found the key store full (state.max_keys): decided but not stored, or refused (state.when_full).",
+        )?;
+        registry.register(Box::new(keys_over_cap.clone()))?;
         let config_version = IntGauge::new(
             "config_version",
             "Version of the running rate-limit config.",
@@ -284,6 +291,7 @@ impl Metrics {
             check_duration,
             keys_tracked,
             keys_expired,
+            keys_over_cap,
             config_version,
             config_updates,
             breaches,

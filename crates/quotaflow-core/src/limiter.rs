@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 use crate::algorithms::Verdict;
 use crate::fingerprint::Fingerprinter;
 use crate::rules::{InvalidConfig, Request, Rules, RulesDoc};
-use crate::state::{KeyId, KeyedStore, Probe, Probed};
+use crate::state::{KeyCap, KeyId, KeyedStore, Probe, Probed};
 
 /// Something worth one log line and one metric: the edges of a breach, and
 /// clients that keep knocking after being told to back off.
@@ -99,16 +99,26 @@ thread_local! {
 }
 
 impl Limiter {
-    /// A limiter running `doc` as version 1.
+    /// A limiter running `doc` as version 1, with no cap on its keys.
     pub fn new(
         doc: RulesDoc,
         fingerprinter: Fingerprinter,
         shards: usize,
     ) -> Result<Self, InvalidConfig> {
+        Self::with_key_cap(doc, fingerprinter, shards, KeyCap::UNLIMITED)
+    }
+
+    /// A limiter whose own store holds at most `cap.max_keys` keys.
+    pub fn with_key_cap(
+        doc: RulesDoc,
+        fingerprinter: Fingerprinter,
+        shards: usize,
+        cap: KeyCap,
+    ) -> Result<Self, InvalidConfig> {
         let rules = Rules::compile(doc, 1, &fingerprinter)?;
         Ok(Self {
             rules: ArcSwap::from_pointee(rules),
-            store: KeyedStore::new(shards),
+            store: KeyedStore::with_cap(shards, cap),
             fingerprinter,
             writer: Mutex::new(()),
         })

@@ -17,6 +17,7 @@
 //! bounded by the keys active within their longest window.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -123,6 +124,53 @@ struct Shard(Mutex<HashTable<Slot>>);
 pub struct KeyedStore {
     shards: Box<[Shard]>,
     mask: usize,
+    /// Keys one shard may hold (the store's cap, spread over its shards).
+    shard_cap: usize,
+    when_full: WhenFull,
+    /// New keys that found their shard full, since last taken.
+    over_cap: AtomicU64,
+}
+
+/// What a store does with a key it has no room for. Distinct keys are the
+/// one thing a client can grow without bound (a new user id, IP or path per
+/// request), so the store holds at most `max_keys`; past that a new key
+/// is decided as a fresh key but not stored (`Allow`: new keys are not
+/// limited until room frees up; keys already held are limited as before),
+/// or refused (`Refuse`: nobody new gets in until room frees up). Room
+/// frees as the sweeper drops keys back at their fresh state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    #[default]
+    Allow,
+    Refuse,
+}
+
+/// How many keys a store holds at most, and what it does past that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCap {
+    pub max_keys: usize,
+    pub when_full: WhenFull,
+}
+
+impl KeyCap {
+    pub const UNLIMITED: KeyCap = KeyCap {
+        max_keys: usize::MAX,
+        when_full: WhenFull::Allow,
+    };
+}
+
+/// How long a client refused for want of room is told to wait: about one
+/// sweep, after which room may have freed.
+const FULL_RETRY_MS: u64 = 1_000;
+
+/// `outcome`, refused because the store has no room for a new key.
+fn refused_for_room(mut outcome: Outcome) -> Outcome {
+    outcome.verdict.allowed = false;
+    outcome.verdict.remaining = 0;
+    outcome.verdict.retry_after_ms = FULL_RETRY_MS;
+    outcome.verdict.reset_ms = outcome.verdict.reset_ms.max(FULL_RETRY_MS);
+    outcome
 }
 
 const FRESH: State = [0; 3];
@@ -130,13 +178,36 @@ const FRESH: State = [0; 3];
 impl KeyedStore {
     /// A store with `shards` shards (rounded up to a power of two, at least 1).
     pub fn new(shards: usize) -> Self {
+        Self::with_cap(shards, KeyCap::UNLIMITED)
+    }
+
+    /// A store holding at most about `cap.max_keys` keys (rounded up to a
+    /// whole number per shard).
+    pub fn with_cap(shards: usize, cap: KeyCap) -> Self {
         let n = shards.max(1).next_power_of_two();
         Self {
             shards: (0..n)
                 .map(|_| Shard(Mutex::new(HashTable::new())))
                 .collect(),
             mask: n - 1,
+            shard_cap: cap.max_keys.div_ceil(n).max(1),
+            when_full: cap.when_full,
+            over_cap: AtomicU64::new(0),
         }
+    }
+
+    /// New keys that found no room since the last call (for metrics).
+    pub fn take_over_cap(&self) -> u64 {
+        self.over_cap.swap(0, Ordering::Relaxed)
+    }
+
+    /// Whether a new key may go into `table`; counts the ones that may not.
+    fn room(&self, table: &HashTable<Slot>) -> bool {
+        let room = table.len() < self.shard_cap;
+        if !room {
+            self.over_cap.fetch_add(1, Ordering::Relaxed);
+        }
+        room
     }
 
     fn shard_of(&self, hash: u64) -> usize {
@@ -183,8 +254,12 @@ impl KeyedStore {
                 }
             }
             None => {
-                let outcome = probe.algorithm.decide(&FRESH, now_ms, cost);
-                if outcome.verdict.allowed {
+                let mut outcome = probe.algorithm.decide(&FRESH, now_ms, cost);
+                if !self.room(&table) {
+                    if self.when_full == WhenFull::Refuse {
+                        outcome = refused_for_room(outcome);
+                    }
+                } else if outcome.verdict.allowed {
                     insert(&mut table, probe.key, &outcome);
                 }
                 Probed {
@@ -243,7 +318,13 @@ impl KeyedStore {
             let table = &guards[g].1;
             let found = bucket.and_then(|b| table.get_bucket(b));
             let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
-            let outcome = probe.algorithm.decide(&state, now_ms, cost);
+            let mut outcome = probe.algorithm.decide(&state, now_ms, cost);
+            if found.is_none()
+                && self.when_full == WhenFull::Refuse
+                && table.len() >= self.shard_cap
+            {
+                outcome = refused_for_room(outcome);
+            }
             admitted &= outcome.verdict.allowed || !probe.enforce;
             out.push(Probed {
                 outcome,
@@ -261,7 +342,9 @@ impl KeyedStore {
             let outcome = out[i].outcome;
             if buckets[i].is_none() && admitted && outcome.verdict.allowed {
                 let table = &mut guards[slots[i]].1;
-                insert(table, probe.key, &outcome);
+                if self.room(table) {
+                    insert(table, probe.key, &outcome);
+                }
             }
         }
         admitted
@@ -414,6 +497,57 @@ mod tests {
         assert!(store.apply(&[shadow], 0, 1, &mut out));
         assert!(store.apply(&[shadow], 0, 1, &mut out));
         assert!(!out[0].outcome.verdict.allowed);
+    }
+
+    #[test]
+    fn a_full_store_stores_no_new_key_and_says_so() {
+        let tb = TokenBucket::new(2, 1.0).unwrap();
+        for when_full in [WhenFull::Allow, WhenFull::Refuse] {
+            let store = KeyedStore::with_cap(
+                1,
+                KeyCap {
+                    max_keys: 4,
+                    when_full,
+                },
+            );
+            for i in 0..4 {
+                assert!(
+                    store
+                        .apply_one(&probe(&format!("k{i}"), &tb), 1_000, 1)
+                        .outcome
+                        .verdict
+                        .allowed
+                );
+            }
+            let newcomer = store.apply_one(&probe("k4", &tb), 1_000, 1).outcome.verdict;
+            assert_eq!(newcomer.allowed, when_full == WhenFull::Allow);
+            if when_full == WhenFull::Refuse {
+                assert_eq!(newcomer.retry_after_ms, 1_000);
+                assert_eq!(newcomer.remaining, 0);
+            }
+            assert_eq!(store.len(), 4, "{when_full:?}: no fifth key stored");
+            assert_eq!(store.take_over_cap(), 1);
+            assert_eq!(store.take_over_cap(), 0);
+            // Keys held are limited as before.
+            store.apply_one(&probe("k0", &tb), 1_000, 1);
+            assert!(
+                !store
+                    .apply_one(&probe("k0", &tb), 1_000, 1)
+                    .outcome
+                    .verdict
+                    .allowed
+            );
+            // Room frees as keys return to their fresh state.
+            store.sweep(60_000);
+            assert!(
+                store
+                    .apply_one(&probe("k4", &tb), 60_000, 1)
+                    .outcome
+                    .verdict
+                    .allowed
+            );
+            assert_eq!(store.len(), 1);
+        }
     }
 
     #[test]
