@@ -203,6 +203,27 @@ stop_pid() {
   die "$name (pid $pid) is still alive after KILL"
 }
 
+# Schemathesis (PyPI) drives the running sidecar from its OpenAPI document
+# in tests/openapi.rs; installed once into a virtualenv under the cache.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=$CACHE/venv-schemathesis-$SCHEMATHESIS_VERSION
+
+install_schemathesis() {
+  [[ -x $SCHEMATHESIS_VENV/bin/st ]] && return 0
+  local log_file=$CACHE/logs/schemathesis-install.log
+  mkdir -p "$CACHE/logs"
+  log "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV (once; log: $log_file)"
+  # `st` is written last by pip: its presence means a whole install.
+  {
+    python3 -m venv "$SCHEMATHESIS_VENV" &&
+      "$SCHEMATHESIS_VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+  } </dev/null >"$log_file" 2>&1 || {
+    show_tail "$log_file"
+    rm -rf "$SCHEMATHESIS_VENV"
+    die "could not install schemathesis (see $log_file)"
+  }
+}
+
 need_java() {
   command -v java >/dev/null 2>&1 || die "java not found on PATH (Kafka needs Java 17 or newer)"
   local v major
@@ -677,6 +698,9 @@ cmd_up() {
   if ((WANT_KAFKA)); then need_java; fi
   if ((WANT_REDIS)); then redis_up; fi
   if ((WANT_KAFKA)); then kafka_up; fi
+  # Not a service, but what the test command needs beside them.
+  install_schemathesis
+  echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
   if ((WANT_KAFKA)); then echo "export KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT"; fi
   if ((WANT_REDIS)); then echo "export REDIS_URL=redis://$HOST:$REDIS_PORT"; fi
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::Router;
 use ipnet::IpNet;
 use serde_json::json;
@@ -53,8 +53,8 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/check", post(check::check))
-        .route("/forward-auth", any(check::forward_auth))
-        .route("/forward-auth/{*rest}", any(check::forward_auth))
+        .route("/forward-auth", forward_auth_methods())
+        .route("/forward-auth/{*rest}", forward_auth_methods())
         .route(
             "/rate_limit/config",
             get(admin::get_config).post(admin::post_config),
@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .route("/stream/decisions", get(events::decisions))
         .route("/stream/alerts", get(events::alerts))
         .route("/stream/dead-letters", get(events::dead_letters))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
@@ -79,6 +80,35 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Forward-auth answers whatever method the proxy forwards, among the
+/// standard ones (an unknown one, such as `QUERY`, gets `405`).
+fn forward_auth_methods() -> axum::routing::MethodRouter<AppState> {
+    use axum::routing::MethodFilter;
+    let standard = [
+        MethodFilter::GET,
+        MethodFilter::POST,
+        MethodFilter::PUT,
+        MethodFilter::DELETE,
+        MethodFilter::PATCH,
+        MethodFilter::HEAD,
+        MethodFilter::OPTIONS,
+        MethodFilter::TRACE,
+    ];
+    standard
+        .into_iter()
+        .fold(axum::routing::MethodRouter::new(), |r, m| {
+            r.on(m, check::forward_auth)
+        })
+}
+
+/// The OpenAPI document of every endpoint (`tests/openapi.rs` drives the
+/// running server from it, so it stays true).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 /// Errors axum answers by itself (a wrong method, a body over the limit)
 /// come as plain text; every error of this API is problem+json.
 async fn errors_as_problems(response: Response) -> Response {
@@ -88,6 +118,7 @@ async fn errors_as_problems(response: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
     let title = match status {
+        StatusCode::BAD_REQUEST => "Bad Request",
         StatusCode::METHOD_NOT_ALLOWED => "Method Not Allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "Unsupported Media Type",

@@ -55,7 +55,7 @@ impl Default for Request {
 pub enum RequestError {
     #[error("a request needs at least one of user_id, api_key, client_ip, method, path")]
     Empty,
-    #[error("{field} must be at most {MAX_FIELD_LEN} bytes")]
+    #[error("{field} must be at most {MAX_FIELD_LEN} characters")]
     TooLong { field: &'static str },
     #[error("{field} must not contain control characters")]
     ControlCharacter { field: &'static str },
@@ -94,7 +94,9 @@ impl Request {
             if v.is_empty() {
                 return Err(RequestError::EmptyField { field });
             }
-            if v.len() > MAX_FIELD_LEN {
+            // Characters, not bytes (so the OpenAPI schema can say it); a
+            // field short in bytes is short in characters.
+            if v.len() > MAX_FIELD_LEN && v.chars().count() > MAX_FIELD_LEN {
                 return Err(RequestError::TooLong { field });
             }
             if has_control(v) {
