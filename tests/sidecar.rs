@@ -1076,3 +1076,38 @@ refill_per_sec = 0.001
     );
     assert!(metrics.contains("quotaflow_keys_tracked 8"), "{metrics}");
 }
+
+/// Large `/events` batches are worked off the async threads: `/check`
+/// keeps answering while they are encoded and queued (once, a few such
+/// bodies held it up for 2.45 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn large_event_batches_do_not_hold_up_checks() {
+    let s = Server::start(Some(TIGHT), &[]);
+    let c = client();
+    let batch: Vec<Value> = (0..10_000)
+        .map(|i| json!({"user_id": format!("batch-{i}"), "path": "/x"}))
+        .collect();
+    let body = serde_json::to_vec(&batch).expect("json");
+    let posts: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, url, body) = (c.clone(), s.url("/events"), body.clone());
+            tokio::spawn(async move { c.post(url).body(body).send().await })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    while !posts.iter().all(|p| p.is_finished()) {
+        let started = std::time::Instant::now();
+        let r = check(&c, &s, json!({"user_id": "interactive"})).await;
+        assert!(r.status().is_success() || r.status() == 429);
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in posts {
+        let r = p.await.expect("task").expect("POST /events");
+        assert_eq!(r.status(), 202);
+    }
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "a /check took {slowest:?}"
+    );
+}
