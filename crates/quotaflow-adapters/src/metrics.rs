@@ -450,9 +450,24 @@ enum Episode {
 /// [`MAX_EPISODES`] open at once; past that, stale ones are dropped, and
 /// then new breaches are counted (`breach_logs_suppressed_total`) but not
 /// logged.
-#[derive(Default)]
 struct Episodes {
-    open: parking_lot::Mutex<hashbrown::HashMap<KeyId, OpenEpisode>>,
+    /// Sharded by key, so checks of different keys do not queue on one lock.
+    shards: Box<[parking_lot::Mutex<hashbrown::HashMap<KeyId, OpenEpisode>>]>,
+    /// Episodes open in all shards: with none, an allowed outcome (nearly
+    /// every check) takes no lock at all.
+    open: std::sync::atomic::AtomicUsize,
+}
+
+/// Shards of the episode map.
+const EPISODE_SHARDS: usize = 64;
+
+impl Default for Episodes {
+    fn default() -> Self {
+        Self {
+            shards: (0..EPISODE_SHARDS).map(|_| Default::default()).collect(),
+            open: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -473,10 +488,16 @@ impl Episodes {
         if whitelisted {
             return Episode::Quiet;
         }
+        use std::sync::atomic::Ordering::Relaxed;
         let now = o.verdict.clock_ms;
-        let mut open = self.open.lock();
+        if o.verdict.allowed && self.open.load(Relaxed) == 0 {
+            return Episode::Quiet;
+        }
+        // The key id is a keyed hash: its low bits spread keys evenly.
+        let shard = (o.key.0 as usize) % EPISODE_SHARDS;
+        let mut open = self.shards[shard].lock();
         if o.verdict.allowed {
-            // The common case, an allowed key with no breach: one probe.
+            // An allowed key with no breach: one probe.
             let Some(e) = open.get(&o.key).copied() else {
                 return Episode::Quiet;
             };
@@ -484,6 +505,7 @@ impl Episodes {
                 return Episode::Quiet;
             }
             open.remove(&o.key);
+            self.open.fetch_sub(1, Relaxed);
             return Episode::Ended { refused: e.refused };
         }
         if let Some(e) = open.get_mut(&o.key) {
@@ -491,9 +513,11 @@ impl Episodes {
             e.refused = e.refused.saturating_add(1);
             return Episode::Quiet;
         }
-        if open.len() >= MAX_EPISODES {
+        if open.len() >= MAX_EPISODES / EPISODE_SHARDS {
+            let before = open.len();
             open.retain(|_, e| now.saturating_sub(e.last_refusal_ms) < STALE_EPISODE_MS);
-            if open.len() >= MAX_EPISODES {
+            self.open.fetch_sub(before - open.len(), Relaxed);
+            if open.len() >= MAX_EPISODES / EPISODE_SHARDS {
                 return Episode::Suppressed;
             }
         }
@@ -506,6 +530,7 @@ impl Episodes {
                 calm_ms,
             },
         );
+        self.open.fetch_add(1, Relaxed);
         Episode::Started
     }
 }
@@ -616,6 +641,9 @@ mod tests {
             matches!(ended, Episode::Ended { refused } if refused > 10),
             "{ended:?}"
         );
-        assert_eq!(m.episodes.open.lock().len(), 0);
+        assert_eq!(
+            m.episodes.open.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 }
