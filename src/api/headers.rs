@@ -40,25 +40,28 @@ pub const MAX_POLICY_HEADER_BYTES: usize = 2048;
 pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
     let mut policy = String::new();
     let binding = decision.binding().map(|o| o.limit);
-    let enforced = decision.outcomes.iter().filter(|o| !o.shadow);
-    let (first, rest): (Vec<_>, Vec<_>) = enforced.partition(|o| Some(o.limit) == binding);
-    for o in first.into_iter().chain(rest) {
+    let enforced = || decision.outcomes.iter().filter(|o| !o.shadow);
+    // The binding limit first, then the others in order.
+    let ordered = enforced()
+        .filter(|o| Some(o.limit) == binding)
+        .chain(enforced().filter(|o| Some(o.limit) != binding));
+    for o in ordered {
         let Some(limit) = rules.limits.get(o.limit) else {
             continue;
         };
-        let mut item = String::new();
-        let _ = write!(
-            item,
-            "\"{}\";q={};w={}",
-            limit.name, limit.shape.quota, limit.shape.window_secs
-        );
-        if policy.len() + 2 + item.len() > MAX_POLICY_HEADER_BYTES {
-            break;
-        }
+        let mark = policy.len();
         if !policy.is_empty() {
             policy.push_str(", ");
         }
-        policy.push_str(&item);
+        let _ = write!(
+            policy,
+            "\"{}\";q={};w={}",
+            limit.name, limit.shape.quota, limit.shape.window_secs
+        );
+        if policy.len() > MAX_POLICY_HEADER_BYTES {
+            policy.truncate(mark);
+            break;
+        }
     }
     if !policy.is_empty() {
         put(headers, "ratelimit-policy", policy);

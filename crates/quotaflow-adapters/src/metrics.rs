@@ -453,21 +453,29 @@ enum Episode {
 struct Episodes {
     /// Sharded by key, so checks of different keys do not queue on one lock.
     shards: Box<[parking_lot::Mutex<hashbrown::HashMap<KeyId, OpenEpisode>>]>,
-    /// Episodes open in all shards: with none, an allowed outcome (nearly
-    /// every check) takes no lock at all.
-    open: std::sync::atomic::AtomicUsize,
+    /// Open episodes per bucket of key ids (a counting filter): an allowed
+    /// outcome whose bucket counts none — nearly every check, even while
+    /// some keys are in breach — takes no lock at all.
+    maybe_open: Box<[std::sync::atomic::AtomicU32]>,
 }
 
 /// Shards of the episode map.
 const EPISODE_SHARDS: usize = 64;
+/// Buckets of the counting filter in front of the map.
+const EPISODE_BUCKETS: usize = 8192;
 
 impl Default for Episodes {
     fn default() -> Self {
         Self {
             shards: (0..EPISODE_SHARDS).map(|_| Default::default()).collect(),
-            open: std::sync::atomic::AtomicUsize::new(0),
+            maybe_open: (0..EPISODE_BUCKETS).map(|_| Default::default()).collect(),
         }
     }
+}
+
+/// The filter bucket of `key` (its id is a keyed hash: its bits are even).
+fn bucket(key: KeyId) -> usize {
+    ((key.0 >> 64) as usize) % EPISODE_BUCKETS
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -490,7 +498,7 @@ impl Episodes {
         }
         use std::sync::atomic::Ordering::Relaxed;
         let now = o.verdict.clock_ms;
-        if o.verdict.allowed && self.open.load(Relaxed) == 0 {
+        if o.verdict.allowed && self.maybe_open[bucket(o.key)].load(Relaxed) == 0 {
             return Episode::Quiet;
         }
         // The key id is a keyed hash: its low bits spread keys evenly.
@@ -505,7 +513,7 @@ impl Episodes {
                 return Episode::Quiet;
             }
             open.remove(&o.key);
-            self.open.fetch_sub(1, Relaxed);
+            self.maybe_open[bucket(o.key)].fetch_sub(1, Relaxed);
             return Episode::Ended { refused: e.refused };
         }
         if let Some(e) = open.get_mut(&o.key) {
@@ -514,9 +522,13 @@ impl Episodes {
             return Episode::Quiet;
         }
         if open.len() >= MAX_EPISODES / EPISODE_SHARDS {
-            let before = open.len();
-            open.retain(|_, e| now.saturating_sub(e.last_refusal_ms) < STALE_EPISODE_MS);
-            self.open.fetch_sub(before - open.len(), Relaxed);
+            open.retain(|key, e| {
+                let keep = now.saturating_sub(e.last_refusal_ms) < STALE_EPISODE_MS;
+                if !keep {
+                    self.maybe_open[bucket(*key)].fetch_sub(1, Relaxed);
+                }
+                keep
+            });
             if open.len() >= MAX_EPISODES / EPISODE_SHARDS {
                 return Episode::Suppressed;
             }
@@ -530,7 +542,7 @@ impl Episodes {
                 calm_ms,
             },
         );
-        self.open.fetch_add(1, Relaxed);
+        self.maybe_open[bucket(o.key)].fetch_add(1, Relaxed);
         Episode::Started
     }
 }
@@ -641,9 +653,12 @@ mod tests {
             matches!(ended, Episode::Ended { refused } if refused > 10),
             "{ended:?}"
         );
-        assert_eq!(
-            m.episodes.open.load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        let open: u32 = m
+            .episodes
+            .maybe_open
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        assert_eq!(open, 0);
     }
 }
