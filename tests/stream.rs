@@ -189,30 +189,7 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
 async fn a_paused_zombie_cannot_overwrite_the_new_owners_checkpoint() {
     let f = Fixture::new("zombie", 1).await;
     let t0 = base();
-    // The zombie-to-be checkpoints rarely, so it holds unsaved work when paused.
-    let zombie = Server::start(
-        Some(&f.config(
-            PER_USER_5_PER_10S,
-            "[stream]\ncheckpoint_interval = \"60s\"\n",
-        )),
-        &[],
-    );
-    wait_for("zombie owns the partition", Duration::from_secs(30), || {
-        metric(&zombie, "quotaflow_partitions_owned") == 1.0
-    });
-    let mut sent = Vec::new();
-    for n in 0..50 {
-        sent.push(
-            f.send(
-                event(&format!("u{}", n % 7), t0 + n as i64, n),
-                t0 + n as i64,
-            )
-            .await,
-        );
-    }
-    wait_for("zombie to consume", Duration::from_secs(30), || {
-        metric(&zombie, "quotaflow_events_consumed_total") == 50.0
-    });
+    let (zombie, mut sent) = zombie_with_unsaved_work(&f, 50).await;
     let pid = zombie.pid().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-STOP", &pid])
@@ -740,29 +717,7 @@ async fn a_paused_zombie_cannot_overwrite_the_new_owner_after_a_store_loss() {
     let mut redis = common::services::PrivateRedis::start();
     let f = Fixture::new("zombie-loss", 1).await.with_redis(redis.url());
     let t0 = base();
-    let zombie = Server::start(
-        Some(&f.config(
-            PER_USER_5_PER_10S,
-            "[stream]\ncheckpoint_interval = \"60s\"\n",
-        )),
-        &[],
-    );
-    wait_for("zombie owns the partition", Duration::from_secs(30), || {
-        metric(&zombie, "quotaflow_partitions_owned") == 1.0
-    });
-    let mut sent = Vec::new();
-    for n in 0..30 {
-        sent.push(
-            f.send(
-                event(&format!("u{}", n % 7), t0 + n as i64, n),
-                t0 + n as i64,
-            )
-            .await,
-        );
-    }
-    wait_for("zombie to consume", Duration::from_secs(30), || {
-        metric(&zombie, "quotaflow_events_consumed_total") == 30.0
-    });
+    let (zombie, mut sent) = zombie_with_unsaved_work(&f, 30).await;
     let pid = zombie.pid().to_string();
     let signal = |s: &str| {
         assert!(std::process::Command::new("kill")
@@ -861,4 +816,30 @@ impl Users {
             sent.push(f.send(event(&user, ts, n), ts).await);
         }
     }
+}
+
+/// The zombie-to-be of the zombie tests: the only processor of `f`'s
+/// single partition, checkpointing rarely, so it holds unsaved work when
+/// paused, once it has consumed `n` events of seven users.
+async fn zombie_with_unsaved_work(f: &Fixture, n: usize) -> (Server, Vec<Sent>) {
+    let t0 = base();
+    let zombie = Server::start(
+        Some(&f.config(
+            PER_USER_5_PER_10S,
+            "[stream]\ncheckpoint_interval = \"60s\"\n",
+        )),
+        &[],
+    );
+    wait_for("zombie owns the partition", Duration::from_secs(30), || {
+        metric(&zombie, "quotaflow_partitions_owned") == 1.0
+    });
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let ts = t0 + i as i64;
+        sent.push(f.send(event(&format!("u{}", i % 7), ts, i), ts).await);
+    }
+    wait_for("zombie to consume", Duration::from_secs(30), || {
+        metric(&zombie, "quotaflow_events_consumed_total") == n as f64
+    });
+    (zombie, sent)
 }
