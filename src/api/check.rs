@@ -117,7 +117,7 @@ fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCode) ->
         return bad_request(app, endpoint, e.to_string());
     }
     let started = Instant::now();
-    req.canonicalize_path(app.limiter.rules().path_case_sensitive);
+    app.limiter.canonicalize_path(&mut req);
     app.limiter.check_then(&req, now_ms(), |rules, d| {
         app.metrics.record(endpoint, rules, d, started.elapsed());
         respond(rules, d, deny)

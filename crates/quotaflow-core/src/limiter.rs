@@ -129,6 +129,13 @@ impl Limiter {
         self.rules.load_full()
     }
 
+    /// Bring `req`'s path to canonical form under the running rules, as
+    /// their limits match it (a guard, not an `Arc`: no reference count
+    /// moves on the per-request path).
+    pub fn canonicalize_path(&self, req: &mut Request) {
+        req.canonicalize_path(self.rules.load().path_case_sensitive);
+    }
+
     pub fn store(&self) -> &KeyedStore {
         &self.store
     }

@@ -224,7 +224,7 @@ impl PartitionProcessor {
             self.scratch_req = req;
             return out.push(dead(reason));
         }
-        req.canonicalize_path(limiter.rules().path_case_sensitive);
+        limiter.canonicalize_path(&mut req);
         let now = self
             .event_time(timestamp_ms, rec.broker_ts_ms)
             .max(self.horizon_ms);
