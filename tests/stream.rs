@@ -405,11 +405,6 @@ async fn simulate_publishes_decodable_events_keyed_like_java_clients() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::config::ClientConfig;
-    use rdkafka::{Offset, TopicPartitionList};
-
     let f = Fixture::new("retention", 1).await;
     let config = f.config(
         PER_USER_5_PER_10S,
@@ -429,27 +424,10 @@ async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
     for n in 10..20 {
         sent.push(f.send(event("bob", t0 + n as i64, n), t0).await);
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", common::services::kafka())
-        .create()
-        .expect("admin client");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&f.requests, 0, Offset::Offset(15))
-        .expect("offset");
-    admin
-        .delete_records(&tpl, &AdminOptions::new())
-        .await
-        .expect("delete records");
+    delete_head(&f, 15).await;
 
     let server = Server::start(Some(&config), &[]);
-    let logged = server.wait_log(Duration::from_secs(60), |v| v["event"] == "offsets_skipped");
-    assert_eq!(logged["from"], 10);
-    assert_eq!(logged["to"], 15);
-    assert_eq!(logged["skipped"], 5);
-    wait_for("the five events left", Duration::from_secs(30), || {
-        metric(&server, "quotaflow_events_consumed_total") == 5.0
-    });
-    assert_eq!(metric(&server, "quotaflow_offsets_skipped_total"), 5.0);
+    assert_skipped(&server, 10, 15, 5);
 }
 
 /// A shutdown revokes every partition at once: with Redis stalled (paused,
@@ -671,42 +649,20 @@ async fn redis_restarted_empty_then_a_processor_killed_stalls_no_partition() {
 /// it can no longer count are logged and exported, not passed over quietly.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partition_without_a_checkpoint_reports_a_deleted_head() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::config::ClientConfig;
-    use rdkafka::{Offset, TopicPartitionList};
-
     let f = Fixture::new("head-deleted", 1).await;
     let t0 = base();
     let mut sent = Vec::new();
     for n in 0..12 {
         sent.push(f.send(event("carol", t0 + n as i64, n), t0).await);
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", common::services::kafka())
-        .create()
-        .expect("admin client");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&f.requests, 0, Offset::Offset(7))
-        .expect("offset");
-    admin
-        .delete_records(&tpl, &AdminOptions::new())
-        .await
-        .expect("delete records");
+    delete_head(&f, 7).await;
 
     let config = f.config(
         PER_USER_5_PER_10S,
         "[stream]\ncheckpoint_interval = \"200ms\"\n",
     );
     let server = Server::start(Some(&config), &[]);
-    let logged = server.wait_log(Duration::from_secs(60), |v| v["event"] == "offsets_skipped");
-    assert_eq!(logged["from"], 0);
-    assert_eq!(logged["to"], 7);
-    assert_eq!(logged["skipped"], 7);
-    wait_for("the five events left", Duration::from_secs(30), || {
-        metric(&server, "quotaflow_events_consumed_total") == 5.0
-    });
-    assert_eq!(metric(&server, "quotaflow_offsets_skipped_total"), 7.0);
+    assert_skipped(&server, 0, 7, 5);
 }
 
 /// The zombie test again, with the store losing its data while the zombie
@@ -842,4 +798,41 @@ async fn zombie_with_unsaved_work(f: &Fixture, n: usize) -> (Server, Vec<Sent>) 
         metric(&zombie, "quotaflow_events_consumed_total") == n as f64
     });
     (zombie, sent)
+}
+
+/// Delete the records of `f`'s partition 0 before `offset`, as retention
+/// would.
+async fn delete_head(f: &Fixture, offset: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", common::services::kafka())
+        .create()
+        .expect("admin client");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&f.requests, 0, Offset::Offset(offset))
+        .expect("offset");
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+}
+
+/// `server` reported the offsets `from..to` as skipped (log and metric)
+/// and then processed the `left` events still in the topic.
+fn assert_skipped(server: &Server, from: i64, to: i64, left: usize) {
+    let logged = server.wait_log(Duration::from_secs(60), |v| v["event"] == "offsets_skipped");
+    assert_eq!(logged["from"], from);
+    assert_eq!(logged["to"], to);
+    assert_eq!(logged["skipped"], to - from);
+    wait_for("the events left", Duration::from_secs(30), || {
+        metric(server, "quotaflow_events_consumed_total") == left as f64
+    });
+    assert_eq!(
+        metric(server, "quotaflow_offsets_skipped_total"),
+        (to - from) as f64
+    );
 }

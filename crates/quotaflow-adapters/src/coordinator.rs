@@ -833,18 +833,7 @@ mod tests {
 
     #[test]
     fn a_zombie_cannot_reseed_over_the_new_owner_after_a_loss() {
-        let store = Arc::new(MemoryCheckpoints::default());
-        let zombie = coordinator(store.clone(), NO_PERIODIC);
-        let owner = coordinator(store.clone(), Duration::from_millis(20));
-        assign(&zombie, &[0]);
-        feed_partition(&zombie, 0, 0, 2);
-        wait_until("the zombie's events", || position(&zombie, 0) == Some(2));
-        assign(&owner, &[0]);
-        feed_partition(&owner, 0, 0, 4);
-        wait_until("the owner's checkpoint", || {
-            store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 4)
-        });
-        store.forget();
+        let (store, zombie, owner) = zombie_and_owner_after_a_loss();
         // The owner notices first and re-seeds; the zombie's save then meets
         // an epoch above its own: fenced, never forgotten.
         feed_partition(&owner, 0, 4, 1);
@@ -861,12 +850,9 @@ mod tests {
         owner.revoke_all();
     }
 
-    /// The other order, after a total loss: the zombie saves first. Its
-    /// re-seed cannot be told from a true owner's (the store holds nothing
-    /// to compare), so the owner is fenced and takes the partition over
-    /// again from the zombie's older checkpoint — a replay, not a miscount.
-    #[test]
-    fn a_zombie_that_reseeds_first_costs_the_owner_a_replay_only() {
+    /// A zombie that processed two events (never checkpointed) and the new
+    /// owner of its partition, checkpointed at 4; then the store forgets.
+    fn zombie_and_owner_after_a_loss() -> (Arc<MemoryCheckpoints>, Coordinator, Coordinator) {
         let store = Arc::new(MemoryCheckpoints::default());
         let zombie = coordinator(store.clone(), NO_PERIODIC);
         let owner = coordinator(store.clone(), Duration::from_millis(20));
@@ -879,6 +865,16 @@ mod tests {
             store.peek(0).unwrap().is_some_and(|cp| cp.next_offset == 4)
         });
         store.forget();
+        (store, zombie, owner)
+    }
+
+    /// The other order, after a total loss: the zombie saves first. Its
+    /// re-seed cannot be told from a true owner's (the store holds nothing
+    /// to compare), so the owner is fenced and takes the partition over
+    /// again from the zombie's older checkpoint — a replay, not a miscount.
+    #[test]
+    fn a_zombie_that_reseeds_first_costs_the_owner_a_replay_only() {
+        let (_store, zombie, owner) = zombie_and_owner_after_a_loss();
         let report = zombie.revoke(&[0]);
         assert_eq!(
             report.stopped,
