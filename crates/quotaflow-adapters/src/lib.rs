@@ -8,6 +8,7 @@
 //! - [`kafka`]: the consumer-group member (rebalances forwarded to the
 //!   coordinator, one librdkafka queue per partition) and the output producer;
 //! - [`redis_checkpoints`]: the checkpoint store with epoch fencing in Redis;
+//! - [`redis_state`]: the Redis state mode (all instances count in one Redis);
 //! - [`embedded`]: the in-process bus and sink of the embedded default;
 //! - [`worker`]: one thread per owned partition (decode, process, publish)
 //!   and its checkpointer;
@@ -24,6 +25,7 @@ pub mod embedded;
 pub mod kafka;
 pub mod metrics;
 pub mod redis_checkpoints;
+pub mod redis_state;
 pub mod settings;
 #[cfg(test)]
 mod test_support;

@@ -43,6 +43,74 @@ pub struct Metrics {
     pub http_accept_errors: IntCounter,
     /// The stream processor's metrics.
     pub stream: StreamMetrics,
+    /// The Redis state backend's metrics.
+    pub redis: RedisMetrics,
+}
+
+/// Metrics of the Redis state backend (`[state] backend = "redis"`).
+pub struct RedisMetrics {
+    /// Time from sending a batch of checks to Redis to its last answer.
+    pub round_trip: Histogram,
+    /// Checks sent to Redis in one round trip.
+    pub batch_size: Histogram,
+    /// Script calls Redis answered with an error (other than `NOSCRIPT`,
+    /// which reloads the script).
+    pub script_errors: IntCounter,
+    /// 1 while the circuit breaker is open (Redis deemed down).
+    pub breaker_open: IntGauge,
+    /// Checks answered by a limit's failure mode, by reason.
+    pub degraded: IntCounterVec,
+    /// Refusals answered from the deny cache without a round trip.
+    pub deny_cache_hits: IntCounter,
+}
+
+impl RedisMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            round_trip: Histogram::with_opts(
+                HistogramOpts::new(
+                    "redis_round_trip_seconds",
+                    "Time from sending a batch of checks to Redis to its answer.",
+                )
+                .buckets(vec![
+                    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+                ]),
+            )?,
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new(
+                    "redis_batch_size",
+                    "Checks sent to Redis in one round trip (pipelined).",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            )?,
+            script_errors: IntCounter::new(
+                "redis_script_errors_total",
+                "Script calls Redis answered with an error.",
+            )?,
+            breaker_open: IntGauge::new(
+                "redis_breaker_open",
+                "1 while the Redis circuit breaker is open: checks answer by their failure_mode without trying Redis.",
+            )?,
+            degraded: IntCounterVec::new(
+                Opts::new(
+                    "degraded_answers_total",
+                    "Checks answered by their limits' failure_mode because the state backend could not answer, by reason (timeout, breaker_open, unreachable, script_error).",
+                ),
+                &["reason"],
+            )?,
+            deny_cache_hits: IntCounter::new(
+                "deny_cache_hits_total",
+                "Checks refused from the local deny cache: a key Redis refused until a known time.",
+            )?,
+        };
+        registry.register(Box::new(m.round_trip.clone()))?;
+        registry.register(Box::new(m.batch_size.clone()))?;
+        registry.register(Box::new(m.script_errors.clone()))?;
+        registry.register(Box::new(m.breaker_open.clone()))?;
+        registry.register(Box::new(m.degraded.clone()))?;
+        registry.register(Box::new(m.deny_cache_hits.clone()))?;
+        Ok(m)
+    }
 }
 
 /// Metrics of the stream processor (both modes).
@@ -283,8 +351,10 @@ impl Metrics {
         registry.register(Box::new(suspicious.clone()))?;
         registry.register(Box::new(invalid_requests.clone()))?;
         let stream = StreamMetrics::new(&registry)?;
+        let redis = RedisMetrics::new(&registry)?;
         Ok(Self {
             stream,
+            redis,
             registry,
             checks,
             limit_decisions,

@@ -36,16 +36,32 @@ impl Default for KafkaSettings {
     }
 }
 
-/// Redis, for partition checkpoints (Kafka mode).
+/// Redis: partition checkpoints (Kafka mode) and the shared state of the
+/// Redis state mode (`[state] backend = "redis"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     pub url: String,
     /// Prefix of every key quotaflow writes, so several deployments can share a Redis.
     pub key_prefix: String,
-    /// Bound on each Redis call.
+    /// Bound on each checkpoint call.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Redis state mode: longest a check waits for Redis before its limits'
+    /// failure modes answer instead.
+    #[serde(deserialize_with = "duration")]
+    pub budget: Duration,
+    /// Redis state mode: connections, each a thread sending pipelined batches.
+    pub connections: usize,
+    /// Redis state mode: most checks sent in one round trip (1 = one
+    /// `EVALSHA` round trip per check, the baseline of the benchmarks).
+    pub max_batch: usize,
+    /// Redis state mode: answer a key Redis refused until a known instant
+    /// locally until then.
+    pub deny_cache: bool,
+    /// Redis state mode: how often a breaker that opened probes Redis.
+    #[serde(deserialize_with = "duration")]
+    pub probe_interval: Duration,
 }
 
 impl Default for RedisSettings {
@@ -54,6 +70,11 @@ impl Default for RedisSettings {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "quotaflow".into(),
             timeout: Duration::from_secs(2),
+            budget: Duration::from_millis(50),
+            connections: 2,
+            max_batch: 128,
+            deny_cache: true,
+            probe_interval: Duration::from_millis(250),
         }
     }
 }

@@ -84,6 +84,49 @@ pub enum ReplaceError {
     Conflict { expected: u64, current: u64 },
 }
 
+/// The limits a request falls under, each with its state key: what any
+/// state backend needs to decide it, whether the in-process store or one
+/// shared with other instances.
+pub struct Matched<'r> {
+    pub whitelisted: bool,
+    /// Index into [`Rules::limits`] of each probe's limit.
+    pub limits: SmallVec<[usize; 4]>,
+    pub probes: SmallVec<[Probe<'r>; 4]>,
+}
+
+impl Matched<'_> {
+    /// The decision for these probes' outcomes (in the same order): allowed
+    /// only if every enforced limit allowed it.
+    pub fn decision(&self, version: u64, probed: &[Probed]) -> Decision {
+        let mut decision = Decision {
+            allowed: true,
+            whitelisted: self.whitelisted,
+            version,
+            outcomes: SmallVec::new(),
+        };
+        decision.allowed = probed
+            .iter()
+            .zip(&self.probes)
+            .all(|(p, probe)| p.outcome.verdict.allowed || !probe.enforce);
+        for ((&i, p), probe) in self.limits.iter().zip(probed).zip(&self.probes) {
+            decision.outcomes.push(LimitOutcome {
+                limit: i,
+                key: probe.key,
+                verdict: p.outcome.verdict,
+                shadow: !probe.enforce,
+                event: breach_event(p, decision.allowed),
+            });
+        }
+        decision
+    }
+}
+
+/// A further condition on rule sets, for a backend that cannot run every
+/// valid one (the Redis scripts compute in doubles): checked at start and
+/// on every replacement, so an unsupported config is refused like an
+/// invalid one and the running rules stay.
+pub type RulesCheck = Box<dyn Fn(&Rules) -> Result<(), InvalidConfig> + Send + Sync>;
+
 /// The rule set, the state, and the fingerprint key, shared by every request.
 pub struct Limiter {
     rules: ArcSwap<Rules>,
@@ -91,6 +134,7 @@ pub struct Limiter {
     fingerprinter: Fingerprinter,
     /// Serialises config writes so versions increase without gaps or races.
     writer: Mutex<()>,
+    check: Option<RulesCheck>,
 }
 
 thread_local! {
@@ -121,7 +165,16 @@ impl Limiter {
             store: KeyedStore::with_cap(shards, cap),
             fingerprinter,
             writer: Mutex::new(()),
+            check: None,
         })
+    }
+
+    /// This limiter, refusing from now on any rule set `check` refuses;
+    /// an error if the running one already fails it.
+    pub fn with_rules_check(mut self, check: RulesCheck) -> Result<Self, InvalidConfig> {
+        check(&self.rules.load())?;
+        self.check = Some(check);
+        Ok(self)
     }
 
     /// The running rule set.
@@ -165,6 +218,9 @@ impl Limiter {
             return Err(ReplaceError::Conflict { expected, current });
         }
         let rules = Rules::compile(doc, current + 1, &self.fingerprinter)?;
+        if let Some(check) = &self.check {
+            check(&rules)?;
+        }
         self.rules.store(Arc::new(rules));
         Ok(current + 1)
     }
@@ -202,24 +258,22 @@ impl Limiter {
         self.check_then(req, now_ms, |_, d| d.clone())
     }
 
-    fn decide(&self, store: &KeyedStore, rules: &Rules, req: &Request, now_ms: u64) -> Decision {
-        let mut decision = Decision {
-            allowed: true,
+    /// The limits `req` falls under in `rules`, or none if whitelisted.
+    pub fn matched<'r>(&self, rules: &'r Rules, req: &Request) -> Matched<'r> {
+        let mut m = Matched {
             whitelisted: false,
-            version: rules.version,
-            outcomes: SmallVec::new(),
+            limits: SmallVec::new(),
+            probes: SmallVec::new(),
         };
         if rules.is_whitelisted(req, &self.fingerprinter) {
-            decision.whitelisted = true;
-            return decision;
+            m.whitelisted = true;
+            return m;
         }
-        let mut limits: SmallVec<[usize; 4]> = SmallVec::new();
-        let mut probes: SmallVec<[Probe<'_>; 4]> = SmallVec::new();
         KEYS.with_borrow_mut(|buf| {
             for (i, limit) in rules.limits.iter().enumerate() {
                 if let Some(key) = limit.key_id(req, buf) {
-                    limits.push(i);
-                    probes.push(Probe {
+                    m.limits.push(i);
+                    m.probes.push(Probe {
                         key,
                         algorithm: &*limit.algorithm,
                         enforce: !limit.shadow,
@@ -227,18 +281,14 @@ impl Limiter {
                 }
             }
         });
+        m
+    }
+
+    fn decide(&self, store: &KeyedStore, rules: &Rules, req: &Request, now_ms: u64) -> Decision {
+        let matched = self.matched(rules, req);
         let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
-        decision.allowed = store.apply(&probes, now_ms, req.cost, &mut probed);
-        for ((&i, p), probe) in limits.iter().zip(&probed).zip(&probes) {
-            decision.outcomes.push(LimitOutcome {
-                limit: i,
-                key: probe.key,
-                verdict: p.outcome.verdict,
-                shadow: !probe.enforce,
-                event: breach_event(p, decision.allowed),
-            });
-        }
-        decision
+        store.apply(&matched.probes, now_ms, req.cost, &mut probed);
+        matched.decision(rules.version, &probed)
     }
 }
 

@@ -70,6 +70,13 @@ impl Algorithm for FixedWindow {
             window_secs: self.window_ms.div_ceil(1000),
         }
     }
+
+    fn spec(&self) -> super::Spec {
+        super::Spec::FixedWindow {
+            limit: self.limit,
+            window_ms: self.window_ms,
+        }
+    }
 }
 
 #[cfg(test)]

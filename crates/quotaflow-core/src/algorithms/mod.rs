@@ -65,6 +65,27 @@ pub struct PolicyShape {
     pub window_secs: u64,
 }
 
+/// An algorithm's bound parameters as plain data, for a backend that runs
+/// the same algorithm elsewhere (the Redis scripts) and must agree with
+/// [`Algorithm::decide`] to the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spec {
+    /// See [`TokenBucket`]: `burst_ns = capacity * interval_ns`.
+    TokenBucket {
+        capacity: u64,
+        interval_ns: u64,
+        burst_ns: u64,
+    },
+    FixedWindow {
+        limit: u64,
+        window_ms: u64,
+    },
+    SlidingWindow {
+        limit: u64,
+        window_ms: u64,
+    },
+}
+
 /// A rate-limiting algorithm with its parameters bound.
 pub trait Algorithm: Send + Sync + fmt::Debug + 'static {
     /// The name used in config (`algorithm = "..."`).
@@ -79,6 +100,9 @@ pub trait Algorithm: Send + Sync + fmt::Debug + 'static {
 
     /// The policy as advertised to clients.
     fn shape(&self) -> PolicyShape;
+
+    /// The parameters, for backends that run the algorithm themselves.
+    fn spec(&self) -> Spec;
 }
 
 /// A configuration problem in an algorithm's parameters, named by field.

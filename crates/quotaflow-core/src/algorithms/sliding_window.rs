@@ -131,6 +131,13 @@ impl Algorithm for SlidingWindow {
             window_secs: self.window_ms.div_ceil(1000),
         }
     }
+
+    fn spec(&self) -> super::Spec {
+        super::Spec::SlidingWindow {
+            limit: self.limit,
+            window_ms: self.window_ms,
+        }
+    }
 }
 
 #[cfg(test)]

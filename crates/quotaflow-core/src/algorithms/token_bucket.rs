@@ -111,6 +111,14 @@ impl Algorithm for TokenBucket {
             window_secs: div_ceil(self.burst_ns, 1_000_000_000).max(1),
         }
     }
+
+    fn spec(&self) -> super::Spec {
+        super::Spec::TokenBucket {
+            capacity: self.capacity,
+            interval_ns: self.interval_ns,
+            burst_ns: self.burst_ns,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,30 @@ impl Dimension {
     }
 }
 
+/// What a limit answers when the state it is counted in cannot answer in
+/// time (a shared backend down or slow): let the request through, or refuse
+/// it. Which one is right depends on what the limit protects, so it is set
+/// per limit, with a default for all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Allow: an outage of the limiter is not an outage of the service.
+    #[default]
+    Open,
+    /// Refuse: for limits guarding something that must not be overrun
+    /// (a paid upstream, a login endpoint under attack).
+    Closed,
+}
+
+impl FailureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+        }
+    }
+}
+
 /// `"POST"` or `["GET", "POST"]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -95,6 +119,10 @@ pub struct LimitDoc {
     pub matcher: Option<MatchDoc>,
     #[serde(default)]
     pub shadow: bool,
+    /// What to answer when the state backend cannot; `None` takes the
+    /// instance's default (`[state] failure_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
     /// The algorithm's parameters (`capacity`, `refill_per_sec`, `limit`, `window`).
     #[serde(flatten)]
     pub params: Map<String, Value>,
@@ -227,6 +255,8 @@ pub struct Limit {
     pub key: Vec<Dimension>,
     pub shadow: bool,
     pub shape: PolicyShape,
+    /// See [`LimitDoc::failure_mode`].
+    pub failure_mode: Option<FailureMode>,
     matcher: Matcher,
     /// `name SEP algorithm`: the start of every state key of this limit, so a
     /// limit keeps its state across config changes unless renamed or given
@@ -372,6 +402,7 @@ impl Rules {
                         algorithm,
                         key: l.key.clone(),
                         shadow: l.shadow,
+                        failure_mode: l.failure_mode,
                         matcher,
                     });
                 }
