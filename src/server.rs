@@ -9,15 +9,17 @@ use axum::http::StatusCode;
 use tokio::net::TcpListener;
 
 use crate::api::tokens::AdminTokens;
-use crate::api::{self, AppState, Identity};
+use crate::api::{self, AppState, Identity, Shared};
 use crate::http_server;
-use crate::settings::{EncodingName, Settings};
+use crate::settings::{Backend, EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
 use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::embedded::{Embedded, EmbeddedBus, EmbeddedSink};
 use quotaflow_adapters::kafka::{KafkaProcessor, KafkaSink};
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
+use quotaflow_adapters::redis_state::config::SharedConfig;
+use quotaflow_adapters::redis_state::{self, RedisState};
 use quotaflow_adapters::worker::{Checkpointing, Processing, WorkerContext};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::limiter::Limiter;
@@ -48,15 +50,38 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         },
     )
     .context("the rate-limit config is invalid")?;
-    let metrics = Metrics::new().context("registering metrics")?;
+    let limiter = match settings.state.backend {
+        Backend::Memory => limiter,
+        Backend::Redis => limiter
+            .with_rules_check(Box::new(redis_state::check_rules))
+            .context("the rate-limit config cannot run in the Redis state mode")?,
+    };
+    let limiter = Arc::new(limiter);
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let shared = match settings.state.backend {
+        Backend::Memory => None,
+        Backend::Redis => {
+            let r = &settings.redis;
+            let state = RedisState::start(r, metrics.clone())
+                .with_context(|| format!("redis.url `{}` is not a Redis URL", r.url))?;
+            let config = SharedConfig::start(r, limiter.clone(), metrics.clone())
+                .context("following the group's config in Redis")?;
+            Some(Arc::new(Shared {
+                state,
+                config,
+                failure_mode: settings.state.failure_mode,
+            }))
+        }
+    };
     metrics.config_version.set(limiter.rules().version as i64);
     let deny_status = StatusCode::from_u16(settings.server.forward_auth_deny_status)
         .ok()
         .filter(|s| s.is_client_error())
         .context("server.forward_auth_deny_status must be a 4xx status")?;
     Ok(AppState {
-        limiter: Arc::new(limiter),
-        metrics: Arc::new(metrics),
+        limiter,
+        metrics,
+        shared,
         // Trimmed there: mounted secrets often end in a newline.
         admin_tokens: Arc::new(AdminTokens::new(
             admin_token.as_deref(),

@@ -128,9 +128,25 @@ impl Default for LogSettings {
     }
 }
 
+/// Where the sidecar's checks are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// In this instance's memory: exact for this instance alone.
+    #[default]
+    Memory,
+    /// In one Redis shared by every instance (`[redis] url`): one limit
+    /// for the whole group (docs/redis-mode.md).
+    Redis,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateSettings {
+    pub backend: Backend,
+    /// What a limit without its own `failure_mode` answers when the shared
+    /// backend cannot answer within `[redis] budget`.
+    pub failure_mode: quotaflow_core::rules::FailureMode,
     /// Shards of the key store; 0 picks 16 per core.
     pub shards: usize,
     /// Keys the sidecar's store holds at most (about 113 bytes each).
@@ -145,6 +161,8 @@ pub struct StateSettings {
 impl Default for StateSettings {
     fn default() -> Self {
         Self {
+            backend: Backend::Memory,
+            failure_mode: quotaflow_core::rules::FailureMode::Open,
             shards: 0,
             max_keys: 2_000_000,
             when_full: quotaflow_core::state::WhenFull::Allow,
@@ -303,6 +321,23 @@ impl Settings {
     /// serving, after environment overrides (a file alone may leave the
     /// secret to the environment, so `check-config` does not check this).
     pub fn check_mode(&self) -> Result<(), SettingsError> {
+        if self.state.backend == Backend::Redis && self.security.fingerprint_key.is_empty() {
+            return Err(SettingsError(
+                "security.fingerprint_key must be set when state.backend = \"redis\": state \
+                 keys in Redis are ids hashed under it, and every instance of the group must \
+                 find the same keys (for example QUOTAFLOW__SECURITY__FINGERPRINT_KEY)"
+                    .into(),
+            ));
+        }
+        if self.state.backend == Backend::Redis
+            && (self.redis.budget.is_zero()
+                || self.redis.max_batch == 0
+                || self.redis.connections == 0)
+        {
+            return Err(SettingsError(
+                "redis.budget, redis.max_batch and redis.connections must be above zero".into(),
+            ));
+        }
         if !self.kafka.bootstrap_servers.is_empty() && self.security.fingerprint_key.is_empty() {
             return Err(SettingsError(
                 "security.fingerprint_key must be set in Kafka mode: state keys are kept as \

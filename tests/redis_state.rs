@@ -69,7 +69,8 @@ fn in_redis(l: &Limiter, rs: &RedisState, req: &Request, now: u64) -> Decision {
 fn limit_strategy(i: usize) -> impl Strategy<Value = Value> {
     let name = format!("l{i}");
     let key = prop_oneof![Just(json!(["user_id"])), Just(json!([]))];
-    let algo = prop_oneof![
+    let algo =
+        prop_oneof![
         (1u64..6, prop_oneof![Just(0.5f64), Just(1.0), Just(3.0), Just(20.0)]).prop_map(
             |(c, r)| json!({"algorithm": "token_bucket", "capacity": c, "refill_per_sec": r})
         ),
@@ -145,7 +146,13 @@ fn large_parameters_within_the_exact_range_agree() {
         json!({"name": "fw", "key": [], "algorithm": "fixed_window", "limit": 1_000_000_000_000u64, "window": "366d"}),
     ];
     let steps: Vec<(u8, i64, u64)> = (0..30)
-        .map(|i| (0, [0, 1, 999, 86_399_000][i % 4], [1, 400_000, 999_999, 7][i % 4]))
+        .map(|i| {
+            (
+                0,
+                [0, 1, 999, 86_399_000][i % 4],
+                [1, 400_000, 999_999, 7][i % 4],
+            )
+        })
         .collect();
     same_decisions(&limits, &steps);
 }
@@ -190,7 +197,10 @@ fn keys_carry_a_ttl_and_no_identity_in_clear() {
         .expect("keys");
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(!keys[0].contains("carol"), "{}", keys[0]);
-    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut c).expect("pttl");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query(&mut c)
+        .expect("pttl");
     // The window ends at most 2 s after `now`: the key lives until then,
     // and one second more (for late requests).
     assert!((1_001..=3_000).contains(&ttl), "ttl {ttl}");

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::{client_ip, problem, AppState};
 use quotaflow_adapters::metrics::ConfigUpdate;
+use quotaflow_adapters::redis_state::config::PublishError;
 use quotaflow_core::limiter::ReplaceError;
 use quotaflow_core::rules::{FieldError, RulesDoc};
 
@@ -208,7 +209,39 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
         Err(errors) => return refused(&app, errors),
     };
     let old = app.limiter.rules();
-    match app.limiter.replace_rules_if(expected, doc) {
+    let result = match &app.shared {
+        None => app.limiter.replace_rules_if(expected, doc),
+        Some(shared) => {
+            let config = shared.config.clone();
+            let published =
+                tokio::task::spawn_blocking(move || config.publish(expected, doc)).await;
+            match published {
+                Ok(Ok(version)) => Ok(version),
+                Ok(Err(PublishError::Refused(e))) => Err(e),
+                Ok(Err(e @ PublishError::Unavailable(_))) => {
+                    app.metrics.config_update(ConfigUpdate::Rejected);
+                    tracing::warn!(event = "config_not_stored", error = %e, by = %who.by, "config write failed");
+                    return problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "about:blank",
+                        "Service Unavailable",
+                        e.to_string(),
+                        json!({}),
+                    );
+                }
+                Err(e) => {
+                    return problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "about:blank",
+                        "Internal Server Error",
+                        format!("config write did not finish: {e}"),
+                        json!({}),
+                    )
+                }
+            }
+        }
+    };
+    match result {
         Ok(version) => {
             app.metrics
                 .forget_removed_limits(&old, &app.limiter.rules());

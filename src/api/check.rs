@@ -10,16 +10,21 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{client_ip, headers, problem, AppState};
+use smallvec::SmallVec;
+
+use super::{client_ip, headers, problem, AppState, Shared};
 use quotaflow_adapters::clock::now_ms;
-use quotaflow_core::limiter::Decision;
-use quotaflow_core::rules::{Request, Rules};
+use quotaflow_adapters::redis_state::Unavailable;
+use quotaflow_core::algorithms::{Outcome, Verdict};
+use quotaflow_core::limiter::{Decision, Matched};
+use quotaflow_core::rules::{FailureMode, Request, Rules};
+use quotaflow_core::state::Probed;
 
 /// `POST /check`: a JSON body of vocabulary fields.
 pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response {
     match parse_check(&body) {
         // Services calling /check read the status themselves: always 429.
-        Ok(req) => decide(&app, "check", req, StatusCode::TOO_MANY_REQUESTS),
+        Ok(req) => decide(&app, "check", req, StatusCode::TOO_MANY_REQUESTS).await,
         Err(detail) => bad_request(&app, "check", detail),
     }
 }
@@ -58,7 +63,7 @@ pub(super) async fn forward_auth(State(app): State<AppState>, req: HttpRequest) 
         req.headers(),
         peer,
     ) {
-        Ok(r) => decide(&app, "forward_auth", r, app.identity.deny_status),
+        Ok(r) => decide(&app, "forward_auth", r, app.identity.deny_status).await,
         Err(msg) => bad_request(&app, "forward_auth", msg),
     }
 }
@@ -112,17 +117,120 @@ fn identity_from(
     })
 }
 
-fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCode) -> Response {
+async fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCode) -> Response {
     if let Err(e) = req.validate() {
         return bad_request(app, endpoint, e.to_string());
     }
     let started = Instant::now();
     app.limiter.canonicalize_path(&mut req);
+    if let Some(shared) = &app.shared {
+        return decide_shared(app, shared, endpoint, &req, deny, started).await;
+    }
     app.limiter.check_then(&req, now_ms(), |rules, d| {
         app.metrics.record(endpoint, rules, d, started.elapsed());
         respond(rules, d, deny)
     })
 }
+
+/// The Redis state mode: the group's state decides, within the budget;
+/// past it (or with Redis down) each limit's failure mode does, and the
+/// answer says so (`Quotaflow-Degraded`).
+async fn decide_shared(
+    app: &AppState,
+    shared: &Shared,
+    endpoint: &str,
+    req: &Request,
+    deny: StatusCode,
+    started: Instant,
+) -> Response {
+    let rules = app.limiter.rules();
+    let m = app.limiter.matched(&rules, req);
+    let answer = |d: &Decision| {
+        app.metrics.record(endpoint, &rules, d, started.elapsed());
+        respond(&rules, d, deny)
+    };
+    if m.whitelisted || m.probes.is_empty() {
+        return answer(&m.decision(rules.version, &[]));
+    }
+    let rs = &shared.state;
+    if let Some((i, probed)) = rs.denied(rules.version, &m.probes, req.cost) {
+        // Refused by one limit: the others are neither consulted nor charged.
+        let one = Matched {
+            whitelisted: false,
+            limits: smallvec::smallvec![m.limits[i]],
+            probes: smallvec::smallvec![m.probes[i]],
+        };
+        return answer(&one.decision(rules.version, &[probed]));
+    }
+    let result = match rs.submit(&m.probes, req.cost) {
+        Err(why) => Err(why),
+        Ok(pending) => match tokio::time::timeout(rs.budget(), pending).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Unavailable::Unreachable),
+            Err(_) => {
+                rs.timed_out();
+                Err(Unavailable::Timeout)
+            }
+        },
+    };
+    match result {
+        Ok(a) => {
+            rs.remember(rules.version, &m.probes, req.cost, &a);
+            answer(&m.decision(rules.version, &a.probed))
+        }
+        Err(why) => {
+            app.metrics
+                .redis
+                .degraded
+                .with_label_values(&[why.reason()])
+                .inc();
+            let probed: SmallVec<[Probed; 4]> = m
+                .limits
+                .iter()
+                .map(|&i| by_failure_mode(&rules, i, shared.failure_mode))
+                .collect();
+            let mut response = answer(&m.decision(rules.version, &probed));
+            for name in headers::REMAINING {
+                response.headers_mut().remove(name);
+            }
+            response.headers_mut().insert(
+                headers::DEGRADED,
+                axum::http::HeaderValue::from_static(why.reason()),
+            );
+            response
+        }
+    }
+}
+
+/// A limit's answer without its state: its failure mode's.
+fn by_failure_mode(rules: &Rules, limit: usize, default: FailureMode) -> Probed {
+    let (mode, quota) = rules.limits.get(limit).map_or((default, 0), |l| {
+        (l.failure_mode.unwrap_or(default), l.shape.quota)
+    });
+    let open = mode == FailureMode::Open;
+    Probed {
+        outcome: Outcome {
+            verdict: Verdict {
+                allowed: open,
+                limit: quota,
+                // Unknown: nothing promised either way.
+                remaining: 0,
+                reset_ms: 0,
+                retry_after_ms: if open { 0 } else { CLOSED_RETRY_MS },
+                clock_ms: 0,
+            },
+            state: [0; 3],
+            expires_at_ms: 0,
+        },
+        // Neither the start nor the end of a breach: no breach log lines
+        // for answers the state did not give.
+        refused_before: u32::from(!open),
+    }
+}
+
+/// What a limit refusing by `failure_mode = "closed"` asks clients to wait:
+/// a guess at how long the backend takes to come back.
+const CLOSED_RETRY_MS: u64 = 1_000;
 
 /// One limit's part in a `/check` answer.
 #[derive(Serialize)]

@@ -36,6 +36,19 @@ pub fn retry_after_secs(decision: &Decision) -> u64 {
 /// binding limit's first (the `RateLimit` header names it anyway).
 pub const MAX_POLICY_HEADER_BYTES: usize = 2048;
 
+/// On an answer given by the limits' failure modes instead of their state
+/// (the state backend could not answer): why, as `degraded_answers_total`
+/// labels it. Such answers carry no remaining quota: it is not known.
+pub const DEGRADED: &str = "quotaflow-degraded";
+
+/// The headers that state a remaining quota, removed from degraded answers.
+pub const REMAINING: [&str; 4] = [
+    "ratelimit",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+];
+
 /// Add every rate-limit header for `decision` to `headers`.
 pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
     let mut policy = String::new();

@@ -19,7 +19,10 @@ use serde_json::json;
 
 use quotaflow_adapters::embedded::Embedded;
 use quotaflow_adapters::metrics::Metrics;
+use quotaflow_adapters::redis_state::config::SharedConfig;
+use quotaflow_adapters::redis_state::RedisState;
 use quotaflow_core::limiter::Limiter;
+use quotaflow_core::rules::FailureMode;
 
 /// Where the forward-auth endpoint finds identity, and whom it trusts.
 #[derive(Debug, Clone)]
@@ -47,6 +50,16 @@ pub struct AppState {
     /// Whether the stream processor is up (the embedded bus, or the Kafka
     /// consumer polling its group).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The group's shared state and config (`[state] backend = "redis"`).
+    pub shared: Option<Arc<Shared>>,
+}
+
+/// The Redis state mode's parts, as the handlers use them.
+pub struct Shared {
+    pub state: RedisState,
+    pub config: Arc<SharedConfig>,
+    /// For limits without their own `failure_mode`.
+    pub failure_mode: FailureMode,
 }
 
 /// Every route of the sidecar.
@@ -142,7 +155,13 @@ async fn errors_as_problems(response: Response) -> Response {
 }
 
 async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Response {
-    if app.ready.load(std::sync::atomic::Ordering::SeqCst) {
+    if app.shared.as_ref().is_some_and(|s| !s.state.is_available()) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state backend (Redis) not answering\n",
+        )
+            .into_response()
+    } else if app.ready.load(std::sync::atomic::Ordering::SeqCst) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()

@@ -225,6 +225,49 @@ impl Limiter {
         Ok(current + 1)
     }
 
+    /// `doc` as it would run (API keys of the whitelist as fingerprints),
+    /// if it would be accepted as the running rule set, without running it:
+    /// what a shared config store keeps.
+    pub fn normalize(&self, doc: RulesDoc) -> Result<RulesDoc, InvalidConfig> {
+        let rules = Rules::compile(doc, 0, &self.fingerprinter)?;
+        if let Some(check) = &self.check {
+            check(&rules)?;
+        }
+        Ok(rules.doc().clone())
+    }
+
+    /// Run `doc` as `version`, decided elsewhere (the group's shared config
+    /// store), if that is newer than the running version: `Ok(false)` when
+    /// it is not. Versions only move forward, so a late notice of an old
+    /// version changes nothing.
+    pub fn install(&self, version: u64, doc: RulesDoc) -> Result<bool, InvalidConfig> {
+        self.install_if(version, doc, |running| version > running)
+    }
+
+    /// Run `doc` as `version` whatever runs now: an instance joining a
+    /// group adopts the group's config, even at the version it started at.
+    pub fn adopt(&self, version: u64, doc: RulesDoc) -> Result<(), InvalidConfig> {
+        self.install_if(version, doc, |_| true).map(|_| ())
+    }
+
+    fn install_if(
+        &self,
+        version: u64,
+        doc: RulesDoc,
+        wanted: impl FnOnce(u64) -> bool,
+    ) -> Result<bool, InvalidConfig> {
+        let _w = self.writer.lock();
+        if !wanted(self.rules.load().version) {
+            return Ok(false);
+        }
+        let rules = Rules::compile(doc, version, &self.fingerprinter)?;
+        if let Some(check) = &self.check {
+            check(&rules)?;
+        }
+        self.rules.store(Arc::new(rules));
+        Ok(true)
+    }
+
     /// Decide `req` at `now_ms`, and hand the decision with the rule set it was
     /// made with to `f` (for headers that need the limits' names and shapes).
     ///

@@ -54,6 +54,8 @@ func main() {
 	hotEvery := flag.Int("hot-every", 20, "1 request in this many is from the hot user")
 	timeout := flag.Duration("timeout", 5*time.Second, "per-request timeout")
 	jsonOut := flag.String("json", "", "also write the summary as JSON to this file")
+	bodyKind := flag.String("body", "quotaflow", "request body: quotaflow (POST /check JSON) or envoy "+
+		"(envoyproxy/ratelimit's /json form, domain \"bench\", descriptor user_id)")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(*addr)
@@ -67,7 +69,10 @@ func main() {
 		fail("need 0 < -duration <= 10m, 1 <= -conns <= 4096, -rate >= 0")
 	}
 
-	reqs := buildRequests(*addr, *path, *users, *hotEvery)
+	if *bodyKind != "quotaflow" && *bodyKind != "envoy" {
+		fail("-body must be quotaflow or envoy, got %q", *bodyKind)
+	}
+	reqs := buildRequests(*addr, *path, *users, *hotEvery, *bodyKind)
 	jobs := make(chan time.Time, 1<<16)
 	var next atomic.Uint64 // index into reqs, shared by all connections
 	results := make([]result, *conns)
@@ -170,8 +175,11 @@ func main() {
 }
 
 // buildRequests pre-serialises one cycle of the body mix: ordinary users in
-// turn, and the hot user on every hotEvery-th request.
-func buildRequests(addr, path string, users, hotEvery int) [][]byte {
+// turn, and the hot user on every hotEvery-th request. kind "quotaflow" is
+// the body of quotaflow's POST /check; kind "envoy" is the same user in the
+// body of envoyproxy/ratelimit's HTTP /json endpoint (a RateLimitRequest of
+// domain "bench" with one descriptor entry user_id = the user).
+func buildRequests(addr, path string, users, hotEvery int, kind string) [][]byte {
 	n := 20000
 	out := make([][]byte, n)
 	for i := 0; i < n; i++ {
@@ -180,6 +188,9 @@ func buildRequests(addr, path string, users, hotEvery int) [][]byte {
 			user = "hot-user"
 		}
 		body := fmt.Sprintf(`{"user_id":%q,"method":"GET","path":"/orders"}`, user)
+		if kind == "envoy" {
+			body = fmt.Sprintf(`{"domain":"bench","descriptors":[{"entries":[{"key":"user_id","value":%q}]}]}`, user)
+		}
 		out[i] = []byte(fmt.Sprintf("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
 			path, addr, len(body), body))
 	}

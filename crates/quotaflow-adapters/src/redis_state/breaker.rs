@@ -38,7 +38,10 @@ impl Breaker {
 
     /// One failure; the one that opens the breaker is logged, no other.
     pub fn failure(&self, why: &str) {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if n >= OPEN_AFTER && !self.open.swap(true, Ordering::AcqRel) {
             *self.opened_at.lock() = Some(Instant::now());
             self.metrics.redis.breaker_open.set(1);
@@ -78,5 +81,34 @@ pub(super) fn probe_loop(shared: &Weak<Shared>, every: Duration) {
         if s.breaker.is_open() && s.connect().is_ok() {
             s.breaker.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(Arc::new(Metrics::new().expect("metrics")))
+    }
+
+    #[test]
+    fn opens_after_failures_in_a_row_and_a_success_resets_the_count() {
+        let b = breaker();
+        b.failure("x");
+        b.failure("x");
+        b.success();
+        b.failure("x");
+        b.failure("x");
+        assert!(!b.is_open(), "a success between failures");
+        b.failure("x");
+        assert!(b.is_open());
+        assert_eq!(b.metrics.redis.breaker_open.get(), 1);
+        // Only the probe closes it: answers from Redis in flight do not.
+        b.success();
+        assert!(b.is_open());
+        b.close();
+        assert!(!b.is_open());
+        assert_eq!(b.metrics.redis.breaker_open.get(), 0);
     }
 }

@@ -74,8 +74,11 @@ impl DenyCache {
         if shard.len() >= SHARD_CAP && !shard.contains_key(&key) {
             let now = Instant::now();
             shard.retain(|_, d| d.until > now);
+            // Still full of live refusals (a flood of distinct refused
+            // keys): start over rather than scan again on every insert. A
+            // forgotten refusal costs a round trip, never a wrong answer.
             if shard.len() >= SHARD_CAP {
-                return;
+                shard.clear();
             }
         }
         shard.insert(
@@ -122,7 +125,10 @@ mod tests {
         let t0 = Instant::now();
         c.put(3, k, 2, t0 + Duration::from_millis(100), refused(100));
         let v = c.get(3, k, 2, t0 + Duration::from_millis(40)).unwrap();
-        assert_eq!((v.allowed, v.retry_after_ms, v.clock_ms), (false, 60, 1_040));
+        assert_eq!(
+            (v.allowed, v.retry_after_ms, v.clock_ms),
+            (false, 60, 1_040)
+        );
         assert!(c.get(3, k, 5, t0).is_some());
         assert!(c.get(3, k, 1, t0).is_none(), "a smaller cost may fit");
         assert!(c.get(4, k, 2, t0).is_none(), "another rule set");

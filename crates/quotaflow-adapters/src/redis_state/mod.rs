@@ -8,6 +8,7 @@
 //!   pipeline: one round trip for many checks;
 //! - [`DenyCache`] answers a key Redis refused until a known instant
 //!   locally until then;
+//! - [`config::SharedConfig`] keeps the group on one rate-limit config;
 //! - [`Breaker`] stops paying the budget on every check while Redis is down,
 //!   and probes for its return.
 //!
@@ -15,6 +16,7 @@
 //! Redis cannot answer, applies each limit's failure mode.
 
 mod breaker;
+pub mod config;
 mod deny_cache;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

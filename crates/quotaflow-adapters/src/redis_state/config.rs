@@ -1,0 +1,230 @@
+//! The rate-limit config of a Redis-mode group: one document and its
+//! version in Redis, written with a compare-and-set, announced on a
+//! channel and also polled, so a write to any instance runs on all within
+//! a second even if a notice is lost.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use quotaflow_core::limiter::{Limiter, ReplaceError};
+use quotaflow_core::rules::{InvalidConfig, RulesDoc};
+
+use crate::metrics::Metrics;
+use crate::settings::RedisSettings;
+
+/// KEYS: version, document. ARGV: the version the write was edited from
+/// (-1: any), the document, the channel. Returns {1, new} or {0, current}.
+const PUBLISH: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local expected = tonumber(ARGV[1])
+if expected >= 0 and expected ~= cur then return {0, cur} end
+local new = cur + 1
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[1], new)
+redis.call('PUBLISH', ARGV[3], new)
+return {1, new}
+";
+
+/// KEYS: version, document. ARGV: this instance's document. The group's
+/// config, seeded with this instance's when the group has none yet.
+const JOIN: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[2], ARGV[1])
+  redis.call('SET', KEYS[1], '1')
+  return {1, ARGV[1]}
+end
+return {tonumber(v), redis.call('GET', KEYS[2])}
+";
+
+/// How often the stored version is read, beside the channel's notices.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Why a config write did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Refused(#[from] ReplaceError),
+    #[error("the group's config store (Redis) cannot be written: {0}")]
+    Unavailable(#[from] redis::RedisError),
+}
+
+impl From<InvalidConfig> for PublishError {
+    fn from(e: InvalidConfig) -> Self {
+        PublishError::Refused(ReplaceError::Invalid(e))
+    }
+}
+
+pub struct SharedConfig {
+    client: redis::Client,
+    version_key: String,
+    doc_key: String,
+    channel: String,
+    timeout: Duration,
+    limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedConfig {
+    /// Join the group's config (adopting it, or seeding it with the running
+    /// one) and keep following it. Redis down at start is not fatal: the
+    /// instance runs its own config and adopts the group's once it can.
+    pub fn start(
+        settings: &RedisSettings,
+        limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
+    ) -> redis::RedisResult<Arc<Self>> {
+        let p = &settings.key_prefix;
+        let me = Arc::new(Self {
+            client: redis::Client::open(settings.url.as_str())?,
+            version_key: format!("{p}:config:version"),
+            doc_key: format!("{p}:config:doc"),
+            channel: format!("{p}:config"),
+            timeout: settings.timeout,
+            limiter,
+            metrics,
+        });
+        if let Err(e) = me.join() {
+            tracing::warn!(
+                event = "config_store_unavailable",
+                error = %e,
+                "cannot read the group's config from Redis: running this instance's own until it can"
+            );
+        }
+        let weak = Arc::downgrade(&me);
+        std::thread::Builder::new()
+            .name("redis-config".into())
+            .spawn(move || follow(&weak))
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+        Ok(me)
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        let c = self.client.get_connection_with_timeout(self.timeout)?;
+        c.set_read_timeout(Some(self.timeout))?;
+        c.set_write_timeout(Some(self.timeout))?;
+        Ok(c)
+    }
+
+    fn join(&self) -> redis::RedisResult<()> {
+        let mut c = self.connection()?;
+        let own = serde_json::to_string(self.limiter.rules().doc())
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+        let (version, text): (u64, String) = redis::Script::new(JOIN)
+            .key(&self.version_key)
+            .key(&self.doc_key)
+            .arg(own)
+            .invoke(&mut c)?;
+        self.run(version, &text, true);
+        Ok(())
+    }
+
+    /// Store `doc` as the group's next version if the group runs
+    /// `expected` (when given), and run it here at once.
+    pub fn publish(&self, expected: Option<u64>, doc: RulesDoc) -> Result<u64, PublishError> {
+        let doc = self.limiter.normalize(doc)?;
+        let text = serde_json::to_string(&doc)
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+        let mut c = self.connection()?;
+        let (ok, version): (u8, u64) = redis::Script::new(PUBLISH)
+            .key(&self.version_key)
+            .key(&self.doc_key)
+            .arg(expected.map_or(-1, i128::from))
+            .arg(text)
+            .arg(&self.channel)
+            .invoke(&mut c)?;
+        if ok == 0 {
+            return Err(ReplaceError::Conflict {
+                expected: expected.unwrap_or_default(),
+                current: version,
+            }
+            .into());
+        }
+        let old = self.limiter.rules();
+        if self.limiter.install(version, doc)? {
+            self.metrics
+                .forget_removed_limits(&old, &self.limiter.rules());
+            self.metrics.config_version.set(version as i64);
+        }
+        Ok(version)
+    }
+
+    /// Run the stored version if it is newer than the running one.
+    fn sync(&self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+        let (version, text): (Option<u64>, Option<String>) = redis::cmd("MGET")
+            .arg(&self.version_key)
+            .arg(&self.doc_key)
+            .query(c)?;
+        if let (Some(v), Some(text)) = (version, text) {
+            if v > self.limiter.rules().version {
+                self.run(v, &text, false);
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, version: u64, text: &str, adopt: bool) {
+        let old = self.limiter.rules();
+        let result = RulesDoc::from_json(text.as_bytes()).and_then(|doc| {
+            if adopt {
+                self.limiter.adopt(version, doc).map(|()| true)
+            } else {
+                self.limiter.install(version, doc)
+            }
+        });
+        match result {
+            Ok(true) => {
+                self.metrics
+                    .forget_removed_limits(&old, &self.limiter.rules());
+                self.metrics.config_version.set(version as i64);
+                tracing::info!(
+                    event = "config_applied",
+                    version,
+                    by = "group",
+                    "rate-limit config of the group now runs here"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                event = "config_not_applied",
+                version,
+                error = %e,
+                "the group's config cannot run here: the running one stays"
+            ),
+        }
+    }
+}
+
+/// Follow the channel, and read the stored version whenever a notice comes
+/// or `POLL` passes without one. Ends when the config store is dropped.
+fn follow(weak: &Weak<SharedConfig>) {
+    loop {
+        let Some(me) = weak.upgrade() else { return };
+        let subscribed = me.connection().and_then(|mut sync_conn| {
+            let mut listen = me.connection()?;
+            listen.set_read_timeout(Some(POLL))?;
+            let mut sub = listen.as_pubsub();
+            sub.subscribe(&me.channel)?;
+            // Notices sent before the subscription are covered by this read.
+            me.sync(&mut sync_conn)?;
+            loop {
+                match sub.get_message() {
+                    Ok(_) => {}
+                    Err(e) if e.is_timeout() => {}
+                    Err(e) => return Err(e),
+                }
+                me.sync(&mut sync_conn)?;
+                if weak.strong_count() <= 1 {
+                    return Ok(());
+                }
+            }
+        });
+        match subscribed {
+            Ok(()) => return,
+            Err(_) => {
+                drop(me);
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+}
