@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use tokio::net::TcpListener;
 
 use crate::api::tokens::AdminTokens;
-use crate::api::{self, AppState, Identity, Shared};
+use crate::api::{self, AppState, Identity, RedisMode};
 use crate::http_server;
 use crate::settings::{Backend, EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
@@ -58,7 +58,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
     };
     let limiter = Arc::new(limiter);
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let shared = match settings.state.backend {
+    let redis_mode = match settings.state.backend {
         Backend::Memory => None,
         Backend::Redis => {
             let r = &settings.redis;
@@ -66,7 +66,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
                 .with_context(|| format!("redis.url `{}` is not a Redis URL", r.url))?;
             let config = SharedConfig::start(r, limiter.clone(), metrics.clone())
                 .context("following the group's config in Redis")?;
-            Some(Arc::new(Shared {
+            Some(Arc::new(RedisMode {
                 state,
                 config,
                 failure_mode: settings.state.failure_mode,
@@ -81,7 +81,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
     Ok(AppState {
         limiter,
         metrics,
-        shared,
+        redis_mode,
         // Trimmed there: mounted secrets often end in a newline.
         admin_tokens: Arc::new(AdminTokens::new(
             admin_token.as_deref(),

@@ -209,10 +209,10 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
         Err(errors) => return refused(&app, errors),
     };
     let old = app.limiter.rules();
-    let result = match &app.shared {
+    let result = match &app.redis_mode {
         None => app.limiter.replace_rules_if(expected, doc),
-        Some(shared) => {
-            let config = shared.config.clone();
+        Some(mode) => {
+            let config = mode.config.clone();
             let published =
                 tokio::task::spawn_blocking(move || config.publish(expected, doc)).await;
             match published {

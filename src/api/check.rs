@@ -12,7 +12,7 @@ use serde_json::json;
 
 use smallvec::SmallVec;
 
-use super::{client_ip, headers, problem, AppState, Shared};
+use super::{client_ip, headers, problem, AppState, RedisMode};
 use quotaflow_adapters::clock::now_ms;
 use quotaflow_adapters::redis_state::Unavailable;
 use quotaflow_core::algorithms::{Outcome, Verdict};
@@ -123,8 +123,8 @@ async fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCo
     }
     let started = Instant::now();
     app.limiter.canonicalize_path(&mut req);
-    if let Some(shared) = &app.shared {
-        return decide_shared(app, shared, endpoint, &req, deny, started).await;
+    if let Some(mode) = &app.redis_mode {
+        return decide_in_redis(app, mode, endpoint, &req, deny, started).await;
     }
     app.limiter.check_then(&req, now_ms(), |rules, d| {
         app.metrics.record(endpoint, rules, d, started.elapsed());
@@ -135,9 +135,9 @@ async fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCo
 /// The Redis state mode: the group's state decides, within the budget;
 /// past it (or with Redis down) each limit's failure mode does, and the
 /// answer says so (`Quotaflow-Degraded`).
-async fn decide_shared(
+async fn decide_in_redis(
     app: &AppState,
-    shared: &Shared,
+    mode: &RedisMode,
     endpoint: &str,
     req: &Request,
     deny: StatusCode,
@@ -152,7 +152,7 @@ async fn decide_shared(
     if m.whitelisted || m.probes.is_empty() {
         return answer(&m.decision(rules.version, &[]));
     }
-    let rs = &shared.state;
+    let rs = &mode.state;
     if let Some((i, probed)) = rs.denied(rules.version, &m.probes, req.cost) {
         // Refused by one limit: the others are neither consulted nor charged.
         let one = Matched {
@@ -187,7 +187,7 @@ async fn decide_shared(
             let probed: SmallVec<[Probed; 4]> = m
                 .limits
                 .iter()
-                .map(|&i| by_failure_mode(&rules, i, shared.failure_mode))
+                .map(|&i| by_failure_mode(&rules, i, mode.failure_mode))
                 .collect();
             let mut response = answer(&m.decision(rules.version, &probed));
             for name in headers::REMAINING {

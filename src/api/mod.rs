@@ -36,7 +36,7 @@ pub struct Identity {
     pub deny_status: StatusCode,
 }
 
-/// Shared state of every handler.
+/// RedisMode state of every handler.
 #[derive(Clone)]
 pub struct AppState {
     pub limiter: Arc<Limiter>,
@@ -51,11 +51,11 @@ pub struct AppState {
     /// consumer polling its group).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The group's shared state and config (`[state] backend = "redis"`).
-    pub shared: Option<Arc<Shared>>,
+    pub redis_mode: Option<Arc<RedisMode>>,
 }
 
 /// The Redis state mode's parts, as the handlers use them.
-pub struct Shared {
+pub struct RedisMode {
     pub state: RedisState,
     pub config: Arc<SharedConfig>,
     /// For limits without their own `failure_mode`.
@@ -155,7 +155,11 @@ async fn errors_as_problems(response: Response) -> Response {
 }
 
 async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Response {
-    if app.shared.as_ref().is_some_and(|s| !s.state.is_available()) {
+    if app
+        .redis_mode
+        .as_ref()
+        .is_some_and(|s| !s.state.is_available())
+    {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "state backend (Redis) not answering\n",

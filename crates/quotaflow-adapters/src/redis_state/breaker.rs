@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::Shared;
+use super::Link;
 use crate::metrics::Metrics;
 
 /// Failures in a row (timeouts, lost connections) that open the breaker.
@@ -74,10 +74,10 @@ impl Breaker {
 /// Every `every`, while the breaker is open, try a fresh connection (which
 /// also loads the script); close the breaker when one works. Ends when the
 /// backend is dropped.
-pub(super) fn probe_loop(shared: &Weak<Shared>, every: Duration) {
+pub(super) fn probe_loop(link: &Weak<Link>, every: Duration) {
     loop {
         std::thread::sleep(every);
-        let Some(s) = shared.upgrade() else { return };
+        let Some(s) = link.upgrade() else { return };
         if s.breaker.is_open() && s.connect().is_ok() {
             s.breaker.close();
         }

@@ -125,8 +125,9 @@ struct Job {
     reply: oneshot::Sender<Result<Answer, Unavailable>>,
 }
 
-/// What the connection threads and the prober share.
-struct Shared {
+/// The link to Redis that the connection threads and the prober share:
+/// the client, the script, the breaker.
+struct Link {
     client: redis::Client,
     sha: String,
     io_timeout: Duration,
@@ -139,7 +140,7 @@ struct Shared {
 pub struct RedisState {
     queues: Vec<SyncSender<Job>>,
     next: AtomicUsize,
-    shared: Arc<Shared>,
+    link: Arc<Link>,
     deny: Option<DenyCache>,
     prefix: String,
     budget: Duration,
@@ -151,7 +152,7 @@ impl RedisState {
     pub fn start(settings: &RedisSettings, metrics: Arc<Metrics>) -> redis::RedisResult<Self> {
         let client = redis::Client::open(settings.url.as_str())?;
         let budget = settings.budget;
-        let shared = Arc::new(Shared {
+        let link = Arc::new(Link {
             client,
             sha: redis::Script::new(SCRIPT).get_hash().to_owned(),
             // A connection outlives one slow answer; the check does not
@@ -164,14 +165,14 @@ impl RedisState {
         let mut queues = Vec::new();
         for i in 0..settings.connections.max(1) {
             let (tx, rx) = mpsc::sync_channel(QUEUE);
-            let s = shared.clone();
+            let s = link.clone();
             std::thread::Builder::new()
                 .name(format!("redis-state-{i}"))
                 .spawn(move || connection_loop(&rx, &s))
                 .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
             queues.push(tx);
         }
-        let weak = Arc::downgrade(&shared);
+        let weak = Arc::downgrade(&link);
         let every = settings.probe_interval;
         std::thread::Builder::new()
             .name("redis-state-probe".into())
@@ -180,7 +181,7 @@ impl RedisState {
         Ok(Self {
             queues,
             next: AtomicUsize::new(0),
-            shared,
+            link,
             deny: settings.deny_cache.then(DenyCache::new),
             prefix: settings.key_prefix.clone(),
             budget,
@@ -199,7 +200,7 @@ impl RedisState {
 
     /// Whether Redis is answering (the breaker is closed).
     pub fn is_available(&self) -> bool {
-        !self.shared.breaker.is_open()
+        !self.link.breaker.is_open()
     }
 
     /// A refusal known without asking Redis: the index of a probe whose key
@@ -214,7 +215,7 @@ impl RedisState {
                 .flatten()
                 .map(|v| (i, v))
         })?;
-        self.shared.metrics.redis.deny_cache_hits.inc();
+        self.link.metrics.redis.deny_cache_hits.inc();
         Some((
             hit.0,
             Probed {
@@ -255,7 +256,7 @@ impl RedisState {
         cost: u64,
         now_ms: u64,
     ) -> Result<Pending, Unavailable> {
-        if self.shared.breaker.is_open() {
+        if self.link.breaker.is_open() {
             return Err(Unavailable::BreakerOpen);
         }
         let mut args: SmallVec<[u64; 24]> = SmallVec::new();
@@ -292,16 +293,16 @@ impl RedisState {
 
     /// A check gave up waiting: counts towards opening the breaker.
     pub fn timed_out(&self) {
-        self.shared.breaker.failure("checks time out");
+        self.link.breaker.failure("checks time out");
     }
 }
 
-fn connection_loop(rx: &Receiver<Job>, shared: &Shared) {
+fn connection_loop(rx: &Receiver<Job>, link: &Link) {
     let mut conn: Option<redis::Connection> = None;
-    let mut batch: Vec<Job> = Vec::with_capacity(shared.max_batch);
+    let mut batch: Vec<Job> = Vec::with_capacity(link.max_batch);
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < shared.max_batch {
+        while batch.len() < link.max_batch {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
@@ -313,26 +314,26 @@ fn connection_loop(rx: &Receiver<Job>, shared: &Shared) {
         if batch.is_empty() {
             continue;
         }
-        if shared.breaker.is_open() {
+        if link.breaker.is_open() {
             fail_all(&mut batch, Unavailable::BreakerOpen);
             continue;
         }
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match shared.connect() {
+            None => match link.connect() {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    shared.breaker.failure(&e.to_string());
+                    link.breaker.failure(&e.to_string());
                     fail_all(&mut batch, Unavailable::Unreachable);
                     continue;
                 }
             },
         };
-        if let Err(e) = shared.send(c, &mut batch) {
+        if let Err(e) = link.send(c, &mut batch) {
             // The connection's state is unknown (a half-read pipeline):
             // a new one for the next batch.
             conn = None;
-            shared.breaker.failure(&e.to_string());
+            link.breaker.failure(&e.to_string());
             let why = if e.is_timeout() {
                 Unavailable::Timeout
             } else {
@@ -349,7 +350,7 @@ fn fail_all(batch: &mut Vec<Job>, why: Unavailable) {
     }
 }
 
-impl Shared {
+impl Link {
     fn connect(&self) -> redis::RedisResult<redis::Connection> {
         let mut c = self.client.get_connection_with_timeout(self.io_timeout)?;
         c.set_read_timeout(Some(self.io_timeout))?;
