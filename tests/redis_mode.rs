@@ -583,3 +583,58 @@ async fn a_config_posted_to_one_instance_runs_on_all_within_a_second_and_stale_w
     assert_eq!(statuses, [200, 409]);
     eprintln!("config in force on all three {spread:?} after the write");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_keeps_one_count_when_an_instance_is_killed_or_paused() {
+    let prefix = unique("qftest-members");
+    let limits = r#"
+[[limits]]
+name = "fw"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 10
+window = "1h"
+"#;
+    let servers = group(3, &config(&prefix, &redis(), limits, ""));
+    let c = client();
+    let remaining = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        (status, verdicts(r).await.1["fw"].1)
+    };
+    let mut seen = Vec::new();
+    for s in &servers {
+        seen.push(remaining(check(&c, s, json!({"user_id": "member"})).await).await);
+    }
+    let kill = |signal: &str, s: &Server| {
+        let ok = std::process::Command::new("kill")
+            .args([signal, &s.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {signal}");
+    };
+    kill("-KILL", &servers[2]);
+    kill("-STOP", &servers[1]);
+    for _ in 0..8 {
+        seen.push(remaining(check(&c, &servers[0], json!({"user_id": "member"})).await).await);
+    }
+    kill("-CONT", &servers[1]);
+    seen.push(remaining(check(&c, &servers[1], json!({"user_id": "member"})).await).await);
+    assert_eq!(
+        seen,
+        [
+            (200, 9),
+            (200, 8),
+            (200, 7),
+            (200, 6),
+            (200, 5),
+            (200, 4),
+            (200, 3),
+            (200, 2),
+            (200, 1),
+            (200, 0),
+            (429, 0),
+            (429, 0)
+        ]
+    );
+}
