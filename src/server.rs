@@ -62,8 +62,9 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         Backend::Memory => None,
         Backend::Redis => {
             let r = &settings.redis;
+            // The URL may hold a password: not repeated in the error.
             let state = RedisState::start(r, metrics.clone())
-                .with_context(|| format!("redis.url `{}` is not a Redis URL", r.url))?;
+                .context("starting the Redis state backend (is redis.url a Redis URL?)")?;
             let config = SharedConfig::start(r, limiter.clone(), metrics.clone())
                 .context("following the group's config in Redis")?;
             Some(Arc::new(RedisMode {

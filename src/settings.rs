@@ -329,13 +329,17 @@ impl Settings {
                     .into(),
             ));
         }
-        if self.state.backend == Backend::Redis
-            && (self.redis.budget.is_zero()
-                || self.redis.max_batch == 0
-                || self.redis.connections == 0)
-        {
+        let r = &self.redis;
+        let sane = !r.budget.is_zero()
+            && r.budget <= Duration::from_secs(10)
+            && r.max_batch > 0
+            && (1..=256).contains(&r.connections)
+            && r.probe_interval >= Duration::from_millis(10);
+        if self.state.backend == Backend::Redis && !sane {
             return Err(SettingsError(
-                "redis.budget, redis.max_batch and redis.connections must be above zero".into(),
+                "redis.budget must be above zero and at most 10s, redis.max_batch above zero, \
+                 redis.connections between 1 and 256, and redis.probe_interval at least 10ms"
+                    .into(),
             ));
         }
         if !self.kafka.bootstrap_servers.is_empty() && self.security.fingerprint_key.is_empty() {

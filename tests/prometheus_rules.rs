@@ -30,7 +30,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn alert_rules_are_valid() {
     let text = promtool(&["check", "rules", "quotaflow-rules.yml"]);
-    assert!(text.contains("SUCCESS: 4 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 5 rules found"), "{text}");
 }
 
 #[test]

@@ -638,3 +638,123 @@ window = "1h"
         ]
     );
 }
+
+async fn running_version(c: &reqwest::Client, s: &Server) -> u64 {
+    let v: Value = c
+        .get(s.url("/rate_limit/config"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    v["version"].as_u64().expect("version")
+}
+
+async fn post_config(c: &reqwest::Client, s: &Server, body: Value) -> reqwest::Response {
+    c.post(s.url("/rate_limit/config"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("post")
+}
+
+fn one_limit(limit: u64, version: u64) -> Value {
+    json!({"version": version, "limits": [{"name": "fw", "algorithm": "fixed_window",
+        "key": ["user_id"], "limit": limit, "window": "1h"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_before_its_redis_joins_it_when_it_comes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let prefix = unique("qftest-late");
+    let s = Server::start(Some(&config(&prefix, &url, OPEN_AND_CLOSED, "")), &[]);
+    let c = client();
+    let ready = c
+        .get(s.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .status();
+    assert_eq!(
+        ready, 503,
+        "no check has failed yet, but Redis never answered"
+    );
+    let redis = PrivateRedis::start_on(port);
+    wait_exact(&c, &s, Duration::from_secs(2)).await;
+    let ready = c
+        .get(s.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .status();
+    assert_eq!(ready, 200);
+    // It stored its config for the group.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    let t = Instant::now();
+    loop {
+        let v: Option<u64> = redis::cmd("GET")
+            .arg(format!("{prefix}:config:version"))
+            .query(&mut conn)
+            .expect("get");
+        if v == Some(1) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "not joined: {v:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_config_gets_the_running_one_back_and_versions_go_on() {
+    let mut redis = PrivateRedis::start();
+    let prefix = unique("qftest-refill");
+    let cfg = config(&prefix, &redis.url(), STACKED, "");
+    let (a, b) = (
+        Server::start(Some(&cfg), &[]),
+        Server::start(Some(&cfg), &[]),
+    );
+    let c = client();
+    assert_eq!(post_config(&c, &a, one_limit(3, 1)).await.status(), 200);
+    redis.restart_empty();
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    let t = Instant::now();
+    loop {
+        let v: Option<u64> = redis::cmd("GET")
+            .arg(format!("{prefix}:config:version"))
+            .query(&mut conn)
+            .unwrap_or(None);
+        if v == Some(2) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "not stored again: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The version a client reads is the one a write must name.
+    let v = running_version(&c, &b).await;
+    assert_eq!(v, 2);
+    let r = post_config(&c, &b, one_limit(5, v)).await;
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    while running_version(&c, &a).await != 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "version 3 not on the other instance"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

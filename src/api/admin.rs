@@ -246,7 +246,9 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
             app.metrics
                 .forget_removed_limits(&old, &app.limiter.rules());
             app.metrics.config_update(ConfigUpdate::Applied);
-            app.metrics.config_version.set(version as i64);
+            app.metrics
+                .config_version
+                .set(i64::try_from(app.limiter.rules().version).unwrap_or(i64::MAX));
             tracing::info!(
                 event = "config_applied",
                 version,

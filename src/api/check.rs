@@ -167,10 +167,7 @@ async fn decide_in_redis(
         Ok(pending) => match tokio::time::timeout(rs.budget(), pending).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Unavailable::Unreachable),
-            Err(_) => {
-                rs.timed_out();
-                Err(Unavailable::Timeout)
-            }
+            Err(_) => Err(Unavailable::Timeout),
         },
     };
     match result {

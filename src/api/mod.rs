@@ -36,7 +36,7 @@ pub struct Identity {
     pub deny_status: StatusCode,
 }
 
-/// RedisMode state of every handler.
+/// Shared state of every handler.
 #[derive(Clone)]
 pub struct AppState {
     pub limiter: Arc<Limiter>,

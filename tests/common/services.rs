@@ -208,7 +208,7 @@ impl PrivateRedis {
         *self = fresh;
     }
 
-    fn start_on(port: u16) -> Self {
+    pub fn start_on(port: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])

@@ -94,7 +94,7 @@ impl RedisMetrics {
             degraded: IntCounterVec::new(
                 Opts::new(
                     "degraded_answers_total",
-                    "Checks answered by their limits' failure_mode because the state backend could not answer, by reason (timeout, breaker_open, unreachable, script_error).",
+                    "Checks answered by their limits' failure_mode because the state backend could not answer, by reason (timeout, breaker_open, unreachable, script_error, overloaded).",
                 ),
                 &["reason"],
             )?,

@@ -12,7 +12,10 @@ use parking_lot::Mutex;
 use super::Link;
 use crate::metrics::Metrics;
 
-/// Failures in a row (timeouts, lost connections) that open the breaker.
+/// Failures in a row that open the breaker: connections that could not be
+/// made or broke (a round trip past its read timeout), counted per
+/// connection, not per check, so one slow answer for a large batch does not
+/// open it.
 const OPEN_AFTER: u32 = 3;
 
 pub struct Breaker {
@@ -51,6 +54,12 @@ impl Breaker {
                 "Redis does not answer: checks answer by their limits' failure_mode until it does"
             );
         }
+    }
+
+    /// Open at once (Redis did not answer at start), logged as a failure.
+    pub fn open_now(&self, why: &str) {
+        self.failures.store(OPEN_AFTER, Ordering::Relaxed);
+        self.failure(why);
     }
 
     pub fn success(&self) {

@@ -3,6 +3,7 @@
 //! channel and also polled, so a write to any instance runs on all within
 //! a second even if a notice is lost.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -25,14 +26,16 @@ redis.call('PUBLISH', ARGV[3], new)
 return {1, new}
 ";
 
-/// KEYS: version, document. ARGV: this instance's document. The group's
-/// config, seeded with this instance's when the group has none yet.
+/// KEYS: version, document. ARGV: this instance's document and version.
+/// The group's config, seeded with this instance's when the group has none
+/// (its first instance, or a Redis that lost its data: the group's running
+/// version is kept, so versions never go back).
 const JOIN: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then
   redis.call('SET', KEYS[2], ARGV[1])
-  redis.call('SET', KEYS[1], '1')
-  return {1, ARGV[1]}
+  redis.call('SET', KEYS[1], ARGV[2])
+  return {tonumber(ARGV[2]), ARGV[1]}
 end
 return {tonumber(v), redis.call('GET', KEYS[2])}
 ";
@@ -63,6 +66,11 @@ pub struct SharedConfig {
     timeout: Duration,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
+    /// Whether this instance runs the group's config yet (false while Redis
+    /// was down since start).
+    joined: AtomicBool,
+    /// The last group version that could not run here, logged once.
+    refused: AtomicU64,
 }
 
 impl SharedConfig {
@@ -83,6 +91,8 @@ impl SharedConfig {
             timeout: settings.timeout,
             limiter,
             metrics,
+            joined: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
         });
         if let Err(e) = me.join() {
             tracing::warn!(
@@ -108,14 +118,21 @@ impl SharedConfig {
 
     fn join(&self) -> redis::RedisResult<()> {
         let mut c = self.connection()?;
-        let own = serde_json::to_string(self.limiter.rules().doc())
+        self.join_on(&mut c)
+    }
+
+    fn join_on(&self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+        let running = self.limiter.rules();
+        let own = serde_json::to_string(running.doc())
             .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
         let (version, text): (u64, String) = redis::Script::new(JOIN)
             .key(&self.version_key)
             .key(&self.doc_key)
             .arg(own)
-            .invoke(&mut c)?;
+            .arg(running.version)
+            .invoke(c)?;
         self.run(version, &text, true);
+        self.joined.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -144,20 +161,35 @@ impl SharedConfig {
         if self.limiter.install(version, doc)? {
             self.metrics
                 .forget_removed_limits(&old, &self.limiter.rules());
-            self.metrics.config_version.set(version as i64);
+            self.metrics
+                .config_version
+                .set(i64::try_from(version).unwrap_or(i64::MAX));
         }
         Ok(version)
     }
 
-    /// Run the stored version if it is newer than the running one.
+    /// Run the stored version if it is newer than the running one; join
+    /// the group if this instance has not yet, or if the store is empty.
     fn sync(&self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+        if !self.joined.load(Ordering::Relaxed) {
+            return self.join_on(c);
+        }
         let (version, text): (Option<u64>, Option<String>) = redis::cmd("MGET")
             .arg(&self.version_key)
             .arg(&self.doc_key)
             .query(c)?;
-        if let (Some(v), Some(text)) = (version, text) {
-            if v > self.limiter.rules().version {
-                self.run(v, &text, false);
+        match (version, text) {
+            (Some(v), Some(text)) => {
+                if v > self.limiter.rules().version {
+                    self.run(v, &text, false);
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    event = "config_store_empty",
+                    "the group's config is gone from Redis (restarted without data?): storing the running one again"
+                );
+                self.join_on(c)?;
             }
         }
         Ok(())
@@ -176,7 +208,9 @@ impl SharedConfig {
             Ok(true) => {
                 self.metrics
                     .forget_removed_limits(&old, &self.limiter.rules());
-                self.metrics.config_version.set(version as i64);
+                self.metrics
+                    .config_version
+                    .set(i64::try_from(version).unwrap_or(i64::MAX));
                 tracing::info!(
                     event = "config_applied",
                     version,
@@ -185,12 +219,16 @@ impl SharedConfig {
                 );
             }
             Ok(false) => {}
-            Err(e) => tracing::error!(
-                event = "config_not_applied",
-                version,
-                error = %e,
-                "the group's config cannot run here: the running one stays"
-            ),
+            Err(e) => {
+                if self.refused.swap(version, Ordering::Relaxed) != version {
+                    tracing::error!(
+                        event = "config_not_applied",
+                        version,
+                        error = %e,
+                        "the group's config cannot run here: the running one stays"
+                    );
+                }
+            }
         }
     }
 }

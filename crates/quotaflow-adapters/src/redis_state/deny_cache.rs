@@ -5,10 +5,13 @@
 //! without a round trip — which is most of the traffic of a client
 //! hammering past its limit. The instant is taken from when the check was
 //! sent, before Redis read its clock, so the cache never refuses longer
-//! than Redis would. Entries belong to one rule set version: a config
-//! change (a raised limit) forgets them.
+//! than Redis would — as long as Redis keeps the key. Redis can forget it
+//! (a restart without data, a failover, an operator deleting the key to
+//! unblock a client), so entries belong to one rule set version and one
+//! unbroken run of connections (a config change or a lost connection
+//! forgets them), and none is held longer than `MAX_HOLD`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -19,9 +22,17 @@ const SHARDS: usize = 16;
 /// Entries per shard at most: refused keys are few compared to keys, but a
 /// flood of distinct refused keys must not grow memory without bound.
 const SHARD_CAP: usize = 8_192;
+/// Longest a refusal is answered locally: past it one check goes to Redis
+/// again, which sees a key deleted there (about one round trip per hot
+/// refused key every few seconds per instance).
+const MAX_HOLD: Duration = Duration::from_secs(5);
+
+/// What an entry belongs to: a rule set version and a generation of the
+/// connections to Redis.
+pub type Epoch = (u64, u64);
 
 struct Denied {
-    version: u64,
+    epoch: Epoch,
     cost: u64,
     until: Instant,
     verdict: Verdict,
@@ -50,10 +61,10 @@ impl DenyCache {
 
     /// The refusal of `key` for `cost` at `now`, with its times counted
     /// from `now`, if one is known.
-    pub fn get(&self, version: u64, key: KeyId, cost: u64, now: Instant) -> Option<Verdict> {
+    pub fn get(&self, epoch: Epoch, key: KeyId, cost: u64, now: Instant) -> Option<Verdict> {
         let shard = self.shard(key).lock();
         let d = shard.get(&key)?;
-        if d.version != version || cost < d.cost || d.until <= now {
+        if d.epoch != epoch || cost < d.cost || d.until <= now {
             return None;
         }
         let left = d.until.duration_since(now);
@@ -69,7 +80,10 @@ impl DenyCache {
         })
     }
 
-    pub fn put(&self, version: u64, key: KeyId, cost: u64, until: Instant, verdict: Verdict) {
+    pub fn put(&self, epoch: Epoch, key: KeyId, cost: u64, until: Instant, verdict: Verdict) {
+        let until = Instant::now()
+            .checked_add(MAX_HOLD)
+            .map_or(until, |latest| until.min(latest));
         let mut shard = self.shard(key).lock();
         if shard.len() >= SHARD_CAP && !shard.contains_key(&key) {
             let now = Instant::now();
@@ -84,7 +98,7 @@ impl DenyCache {
         shard.insert(
             key,
             Denied {
-                version,
+                epoch,
                 cost,
                 until,
                 verdict,
@@ -105,7 +119,6 @@ impl DenyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn refused(retry: u64) -> Verdict {
         Verdict {
@@ -123,17 +136,41 @@ mod tests {
         let c = DenyCache::new();
         let k = KeyId(7);
         let t0 = Instant::now();
-        c.put(3, k, 2, t0 + Duration::from_millis(100), refused(100));
-        let v = c.get(3, k, 2, t0 + Duration::from_millis(40)).unwrap();
+        let e = (3, 0);
+        c.put(e, k, 2, t0 + Duration::from_millis(100), refused(100));
+        let v = c.get(e, k, 2, t0 + Duration::from_millis(40)).unwrap();
         assert_eq!(
             (v.allowed, v.retry_after_ms, v.clock_ms),
             (false, 60, 1_040)
         );
-        assert!(c.get(3, k, 5, t0).is_some());
-        assert!(c.get(3, k, 1, t0).is_none(), "a smaller cost may fit");
-        assert!(c.get(4, k, 2, t0).is_none(), "another rule set");
-        assert!(c.get(3, k, 2, t0 + Duration::from_millis(100)).is_none());
-        assert!(c.get(3, KeyId(8), 2, t0).is_none());
+        assert!(c.get(e, k, 5, t0).is_some());
+        assert!(c.get(e, k, 1, t0).is_none(), "a smaller cost may fit");
+        assert!(c.get((4, 0), k, 2, t0).is_none(), "another rule set");
+        assert!(c.get((3, 1), k, 2, t0).is_none(), "a lost connection since");
+        assert!(c.get(e, k, 2, t0 + Duration::from_millis(100)).is_none());
+        assert!(c.get(e, KeyId(8), 2, t0).is_none());
+    }
+
+    #[test]
+    fn holds_a_refusal_a_few_seconds_at_most() {
+        let c = DenyCache::new();
+        let t0 = Instant::now();
+        c.put(
+            (1, 0),
+            KeyId(1),
+            1,
+            t0 + Duration::from_secs(86_400),
+            refused(86_400_000),
+        );
+        assert!(c.get((1, 0), KeyId(1), 1, t0).is_some());
+        assert!(c
+            .get(
+                (1, 0),
+                KeyId(1),
+                1,
+                t0 + MAX_HOLD + Duration::from_millis(10)
+            )
+            .is_none());
     }
 
     #[test]
@@ -141,7 +178,7 @@ mod tests {
         let c = DenyCache::new();
         let until = Instant::now() + Duration::from_secs(60);
         for i in 0..(SHARDS * SHARD_CAP * 2) as u128 {
-            c.put(1, KeyId(i), 1, until, refused(60_000));
+            c.put((1, 0), KeyId(i), 1, until, refused(60_000));
         }
         assert!(c.len() <= SHARDS * SHARD_CAP);
     }

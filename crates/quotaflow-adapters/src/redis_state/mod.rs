@@ -19,7 +19,7 @@ mod breaker;
 pub mod config;
 mod deny_cache;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,8 +40,10 @@ pub use deny_cache::DenyCache;
 /// The decision script (see its header for arguments and replies).
 pub const SCRIPT: &str = include_str!("decide.lua");
 
-/// Every intermediate of the script stays below 2^53 (a double's exact
-/// integers) when the parameters keep these products within 2^51.
+/// The script's intermediates stay below 2^53 (a double's exact integers)
+/// when the parameters keep these products within 2^51. State left by an
+/// earlier config (a longer window reusing counts) can exceed it only where
+/// the comparison is far from its threshold, so no verdict changes.
 const EXACT: u128 = 1 << 51;
 
 /// Checks waiting for one connection at most; past that a check is
@@ -133,6 +135,9 @@ struct Link {
     io_timeout: Duration,
     max_batch: usize,
     breaker: Breaker,
+    /// Moves on every lost connection: refusals in the deny cache from
+    /// before may be of state Redis no longer has (a restart, a failover).
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -157,11 +162,17 @@ impl RedisState {
             sha: redis::Script::new(SCRIPT).get_hash().to_owned(),
             // A connection outlives one slow answer; the check does not
             // wait for it (the caller's budget does).
-            io_timeout: (budget * 2).max(Duration::from_millis(100)),
+            io_timeout: budget.saturating_mul(2).max(Duration::from_millis(100)),
             max_batch: settings.max_batch.max(1),
             breaker: Breaker::new(metrics.clone()),
+            generation: AtomicU64::new(0),
             metrics,
         });
+        // Not ready until Redis has answered once: an instance started with
+        // Redis down reports it (and probes) before any check fails.
+        if let Err(e) = link.connect() {
+            link.breaker.open_now(&e.to_string());
+        }
         let mut queues = Vec::new();
         for i in 0..settings.connections.max(1) {
             let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -211,7 +222,7 @@ impl RedisState {
         let now = Instant::now();
         let hit = probes.iter().enumerate().find_map(|(i, p)| {
             p.enforce
-                .then(|| deny.get(version, p.key, cost, now))
+                .then(|| deny.get(self.cache_epoch(version), p.key, cost, now))
                 .flatten()
                 .map(|v| (i, v))
         })?;
@@ -230,6 +241,12 @@ impl RedisState {
         ))
     }
 
+    /// What a deny-cache entry belongs to: one rule set version over one
+    /// unbroken run of connections to Redis.
+    fn cache_epoch(&self, version: u64) -> (u64, u64) {
+        (version, self.link.generation.load(Ordering::Relaxed))
+    }
+
     /// Remember the enforced refusals of `answer` in the deny cache.
     pub fn remember(&self, version: u64, probes: &[Probe<'_>], cost: u64, answer: &Answer) {
         let Some(deny) = &self.deny else { return };
@@ -237,7 +254,7 @@ impl RedisState {
             let v = o.outcome.verdict;
             if p.enforce && !v.allowed && v.retry_after_ms > 0 {
                 let until = answer.sent_at + Duration::from_millis(v.retry_after_ms);
-                deny.put(version, p.key, cost, until, v);
+                deny.put(self.cache_epoch(version), p.key, cost, until, v);
             }
         }
     }
@@ -280,7 +297,9 @@ impl RedisState {
         let job = Job {
             keys,
             args,
-            deadline: Instant::now() + self.budget,
+            deadline: Instant::now()
+                .checked_add(self.budget)
+                .unwrap_or_else(Instant::now),
             reply,
         };
         let n = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
@@ -289,11 +308,6 @@ impl RedisState {
             Err(TrySendError::Full(_)) => Err(Unavailable::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(Unavailable::Unreachable),
         }
-    }
-
-    /// A check gave up waiting: counts towards opening the breaker.
-    pub fn timed_out(&self) {
-        self.link.breaker.failure("checks time out");
     }
 }
 
@@ -308,9 +322,7 @@ fn connection_loop(rx: &Receiver<Job>, link: &Link) {
                 Err(_) => break,
             }
         }
-        // A check already answered by its failure mode must not be counted.
-        let now = Instant::now();
-        batch.retain(|j| j.deadline > now && !j.reply.is_closed());
+        drop_expired(&mut batch);
         if batch.is_empty() {
             continue;
         }
@@ -323,7 +335,7 @@ fn connection_loop(rx: &Receiver<Job>, link: &Link) {
             None => match link.connect() {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    link.breaker.failure(&e.to_string());
+                    link.lost(&e.to_string());
                     fail_all(&mut batch, Unavailable::Unreachable);
                     continue;
                 }
@@ -333,13 +345,28 @@ fn connection_loop(rx: &Receiver<Job>, link: &Link) {
             // The connection's state is unknown (a half-read pipeline):
             // a new one for the next batch.
             conn = None;
-            link.breaker.failure(&e.to_string());
+            link.lost(&e.to_string());
             let why = if e.is_timeout() {
                 Unavailable::Timeout
             } else {
                 Unavailable::Unreachable
             };
             fail_all(&mut batch, why);
+        }
+    }
+}
+
+/// Answer, as timed out, the checks whose budget has passed (their callers
+/// already answered by failure mode) and drop them: sent now, they would
+/// be counted after a degraded answer.
+fn drop_expired(batch: &mut Vec<Job>) {
+    let now = Instant::now();
+    let mut i = 0;
+    while i < batch.len() {
+        if batch[i].deadline > now && !batch[i].reply.is_closed() {
+            i += 1;
+        } else {
+            let _ = batch.swap_remove(i).reply.send(Err(Unavailable::Timeout));
         }
     }
 }
@@ -351,6 +378,12 @@ fn fail_all(batch: &mut Vec<Job>, why: Unavailable) {
 }
 
 impl Link {
+    /// A connection failed or broke.
+    fn lost(&self, why: &str) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.breaker.failure(why);
+    }
+
     fn connect(&self) -> redis::RedisResult<redis::Connection> {
         let mut c = self.client.get_connection_with_timeout(self.io_timeout)?;
         c.set_read_timeout(Some(self.io_timeout))?;
@@ -365,6 +398,12 @@ impl Link {
     /// run, are sent again.
     fn send(&self, c: &mut redis::Connection, batch: &mut Vec<Job>) -> redis::RedisResult<()> {
         for attempt in 0..2 {
+            // Connecting or reloading the script took time: checks past
+            // their budget by now were answered by failure mode.
+            drop_expired(batch);
+            if batch.is_empty() {
+                return Ok(());
+            }
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             for j in batch.iter() {
