@@ -398,10 +398,7 @@ async fn a_dead_redis_is_answered_by_failure_mode_and_a_new_one_is_used_without_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_redis_at_start_starts_degraded_and_not_ready() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let s = Server::start(
         Some(&config(&unique("qftest-down"), &url, OPEN_AND_CLOSED, "")),
@@ -513,40 +510,16 @@ async fn a_config_posted_to_one_instance_runs_on_all_within_a_second_and_stale_w
     let prefix = unique("qftest-cfg");
     let servers = group(3, &config(&prefix, &redis(), STACKED, ""));
     let c = client();
-    let version = |s: &Server| {
-        let c = c.clone();
-        let url = s.url("/rate_limit/config");
-        async move {
-            let v: Value = c
-                .get(url)
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
-            v["version"].as_u64().expect("version")
-        }
-    };
     for s in &servers {
-        assert_eq!(version(s).await, 1);
+        assert_eq!(running_version(&c, s).await, 1);
     }
-    let doc = |limit: u64, v: u64| {
-        json!({"version": v, "limits": [{"name": "fw", "algorithm": "fixed_window",
-            "key": ["user_id"], "limit": limit, "window": "1m"}]})
-        .to_string()
-    };
     let t = Instant::now();
-    let r = c
-        .post(servers[0].url("/rate_limit/config"))
-        .header("content-type", "application/json")
-        .body(doc(3, 1))
-        .send()
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        post_config(&c, &servers[0], one_limit(3, 1)).await.status(),
+        200
+    );
     for s in &servers[1..] {
-        while version(s).await != 2 {
+        while running_version(&c, s).await != 2 {
             assert!(
                 t.elapsed() < Duration::from_secs(1),
                 "not in force within 1 s"
@@ -568,17 +541,11 @@ async fn a_config_posted_to_one_instance_runs_on_all_within_a_second_and_stale_w
     );
 
     // Two writers edited version 2 at once: one wins, the other gets 409.
-    let send = |s: &Server, limit| {
-        c.post(s.url("/rate_limit/config"))
-            .header("content-type", "application/json")
-            .body(doc(limit, 2))
-            .send()
-    };
-    let (a, b) = tokio::join!(send(&servers[1], 10), send(&servers[2], 20));
-    let mut statuses = [
-        a.expect("a").status().as_u16(),
-        b.expect("b").status().as_u16(),
-    ];
+    let (a, b) = tokio::join!(
+        post_config(&c, &servers[1], one_limit(10, 2)),
+        post_config(&c, &servers[2], one_limit(20, 2))
+    );
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 409]);
     eprintln!("config in force on all three {spread:?} after the write");
@@ -639,6 +606,34 @@ window = "1h"
     );
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Wait until the group's config version stored in Redis is `want`.
+async fn wait_stored_version(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    want: u64,
+    within: Duration,
+) {
+    let t = Instant::now();
+    loop {
+        let v: Option<u64> = redis::cmd("GET")
+            .arg(format!("{prefix}:config:version"))
+            .query(conn)
+            .unwrap_or(None);
+        if v == Some(want) {
+            return;
+        }
+        assert!(t.elapsed() < within, "stored version {v:?}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn running_version(c: &reqwest::Client, s: &Server) -> u64 {
     let v: Value = c
         .get(s.url("/rate_limit/config"))
@@ -667,10 +662,7 @@ fn one_limit(limit: u64, version: u64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_started_before_its_redis_joins_it_when_it_comes() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let prefix = unique("qftest-late");
     let s = Server::start(Some(&config(&prefix, &url, OPEN_AND_CLOSED, "")), &[]);
@@ -699,18 +691,7 @@ async fn an_instance_started_before_its_redis_joins_it_when_it_comes() {
         .expect("client")
         .get_connection()
         .expect("connection");
-    let t = Instant::now();
-    loop {
-        let v: Option<u64> = redis::cmd("GET")
-            .arg(format!("{prefix}:config:version"))
-            .query(&mut conn)
-            .expect("get");
-        if v == Some(1) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(2), "not joined: {v:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_stored_version(&mut conn, &prefix, 1, Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -729,21 +710,7 @@ async fn a_redis_that_lost_the_config_gets_the_running_one_back_and_versions_go_
         .expect("client")
         .get_connection()
         .expect("connection");
-    let t = Instant::now();
-    loop {
-        let v: Option<u64> = redis::cmd("GET")
-            .arg(format!("{prefix}:config:version"))
-            .query(&mut conn)
-            .unwrap_or(None);
-        if v == Some(2) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "not stored again: {v:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored_version(&mut conn, &prefix, 2, Duration::from_secs(3)).await;
     // The version a client reads is the one a write must name.
     let v = running_version(&c, &b).await;
     assert_eq!(v, 2);

@@ -157,14 +157,8 @@ impl SharedConfig {
             }
             .into());
         }
-        let old = self.limiter.rules();
-        if self.limiter.install(version, doc)? {
-            self.metrics
-                .forget_removed_limits(&old, &self.limiter.rules());
-            self.metrics
-                .config_version
-                .set(i64::try_from(version).unwrap_or(i64::MAX));
-        }
+        // The caller reports the change (metrics, log) as for any write.
+        self.limiter.install(version, doc)?;
         Ok(version)
     }
 
