@@ -58,40 +58,14 @@ case "$NICE" in
   -[0-9] | -1[0-9] | [0-9] | 1[0-9]) ;;
   *) die "NICE must be an integer between -19 and 19" ;;
 esac
-run() { nice -n "$NICE" "$@"; }
+# shellcheck source=scripts/bench/lib.sh
+. scripts/bench/lib.sh
 
-# CPU seconds (user + system) used so far by process $1.
-cpu_secs() {
-  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"
-}
-
-# Percentage of CPU time idle over the next 2 seconds (all cores).
-idle_pct() {
-  local a b
-  a="$(head -1 /proc/stat)"
-  sleep 2
-  b="$(head -1 /proc/stat)"
-  awk -v a="$a" -v b="$b" 'BEGIN {
-    n = split(a, x, " "); split(b, y, " "); t = 0
-    for (i = 2; i <= n; i++) t += y[i] - x[i]
-    idle = (y[5] - x[5]) + (y[6] - x[6])
-    printf "%d", (t > 0) ? 100 * idle / t : 0 }'
-}
 if [ "$DURATION" -lt 1 ] || [ "$DURATION" -gt 300 ]; then
   die "DURATION must be 1..300 seconds"
 fi
 
 # ---------------------------------------------------------------- tools
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-
-apt_install() {
-  say "installing $* (apt)"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
-
 command -v wrk >/dev/null || apt_install wrk
 command -v jq >/dev/null || apt_install jq
 command -v curl >/dev/null || apt_install curl
@@ -197,7 +171,6 @@ ERRS="$(jq -r '[.errors[]] | add // 0' "$OUT/fixed.json")"
 DECIDE_US="$(awk '/^quotaflow_check_duration_seconds_sum/ {s=$2} /^quotaflow_check_duration_seconds_count/ {c=$2}
   END {if (c > 0) printf "%.2f", s / c * 1e6; else print "n/a"}' "$OUT/metrics.txt")"
 # Server CPU per request: CPU seconds of a phase / requests answered.
-per_req_us() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.1f", (b - a) / n * 1e6; else print "n/a" }'; }
 FIXED_N="$(jq -r '.requests' "$OUT/fixed.json")"
 SERVICE_P50="$(jq -r '.service_p50_ms' "$OUT/fixed.json")"
 SERVICE_P99="$(jq -r '.service_p99_ms' "$OUT/fixed.json")"
