@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use super::{client_ip, headers, problem, AppState, RedisMode};
 use quotaflow_adapters::clock::now_ms;
 use quotaflow_adapters::redis_state::Unavailable;
-use quotaflow_core::algorithms::{Outcome, Verdict};
+use quotaflow_core::algorithms::Verdict;
 use quotaflow_core::limiter::{Decision, Matched};
 use quotaflow_core::rules::{FailureMode, Request, Rules};
 use quotaflow_core::state::Probed;
@@ -205,24 +205,18 @@ fn by_failure_mode(rules: &Rules, limit: usize, default: FailureMode) -> Probed 
         (l.failure_mode.unwrap_or(default), l.shape.quota)
     });
     let open = mode == FailureMode::Open;
-    Probed {
-        outcome: Outcome {
-            verdict: Verdict {
-                allowed: open,
-                limit: quota,
-                // Unknown: nothing promised either way.
-                remaining: 0,
-                reset_ms: 0,
-                retry_after_ms: if open { 0 } else { CLOSED_RETRY_MS },
-                clock_ms: 0,
-            },
-            state: [0; 3],
-            expires_at_ms: 0,
-        },
-        // Neither the start nor the end of a breach: no breach log lines
-        // for answers the state did not give.
-        refused_before: u32::from(!open),
-    }
+    let verdict = Verdict {
+        allowed: open,
+        limit: quota,
+        // Unknown: nothing promised either way.
+        remaining: 0,
+        reset_ms: 0,
+        retry_after_ms: if open { 0 } else { CLOSED_RETRY_MS },
+        clock_ms: 0,
+    };
+    // Neither the start nor the end of a breach: no breach log lines for
+    // answers the state did not give.
+    Probed::remote(verdict, u32::from(!open))
 }
 
 /// What a limit refusing by `failure_mode = "closed"` asks clients to wait:

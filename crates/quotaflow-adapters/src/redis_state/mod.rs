@@ -28,7 +28,7 @@ use redis::Value;
 use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
-use quotaflow_core::algorithms::{Outcome, Spec, Verdict};
+use quotaflow_core::algorithms::{Spec, Verdict};
 use quotaflow_core::rules::{FieldError, InvalidConfig, Rules};
 use quotaflow_core::state::{KeyId, Probe, Probed};
 
@@ -229,15 +229,8 @@ impl RedisState {
         self.link.metrics.redis.deny_cache_hits.inc();
         Some((
             hit.0,
-            Probed {
-                outcome: Outcome {
-                    verdict: hit.1,
-                    state: [0; 3],
-                    expires_at_ms: 0,
-                },
-                // Refused before: not the start of a breach.
-                refused_before: 1,
-            },
+            // Refused before: not the start of a breach.
+            Probed::remote(hit.1, 1),
         ))
     }
 
@@ -470,21 +463,16 @@ fn parse(v: &Value, n: usize, sent_at: Instant) -> Result<Answer, Unavailable> {
     };
     let mut probed = SmallVec::new();
     for chunk in items[1..].chunks_exact(7) {
-        probed.push(Probed {
-            outcome: Outcome {
-                verdict: Verdict {
-                    allowed: int(&chunk[0])? == 1,
-                    limit: int(&chunk[1])?,
-                    remaining: int(&chunk[2])?,
-                    reset_ms: int(&chunk[3])?,
-                    retry_after_ms: int(&chunk[4])?,
-                    clock_ms: int(&chunk[5])?,
-                },
-                state: [0; 3],
-                expires_at_ms: 0,
-            },
-            refused_before: u32::try_from(int(&chunk[6])?).unwrap_or(u32::MAX),
-        });
+        let verdict = Verdict {
+            allowed: int(&chunk[0])? == 1,
+            limit: int(&chunk[1])?,
+            remaining: int(&chunk[2])?,
+            reset_ms: int(&chunk[3])?,
+            retry_after_ms: int(&chunk[4])?,
+            clock_ms: int(&chunk[5])?,
+        };
+        let refused_before = u32::try_from(int(&chunk[6])?).unwrap_or(u32::MAX);
+        probed.push(Probed::remote(verdict, refused_before));
     }
     Ok(Answer { probed, sent_at })
 }

@@ -25,7 +25,7 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use crate::algorithms::{Algorithm, Outcome, State};
+use crate::algorithms::{Algorithm, Outcome, State, Verdict};
 
 /// The identity of one state key: a 128-bit keyed hash of the key's text
 /// (limit, algorithm and dimension values).
@@ -88,6 +88,21 @@ pub struct Probed {
     /// Consecutive refusals of this key before this request, so callers can
     /// tell the start of a breach (0 then refused) from its end (n then allowed).
     pub refused_before: u32,
+}
+
+impl Probed {
+    /// The outcome of a probe decided elsewhere (a shared backend, or a
+    /// limit's failure mode): a verdict with no state for this store to keep.
+    pub fn remote(verdict: Verdict, refused_before: u32) -> Self {
+        Self {
+            outcome: Outcome {
+                verdict,
+                state: [0; 3],
+                expires_at_ms: 0,
+            },
+            refused_before,
+        }
+    }
 }
 
 /// One key's stored state, as checkpoints carry it.
