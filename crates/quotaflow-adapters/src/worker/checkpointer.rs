@@ -301,6 +301,8 @@ fn save(
         Ok(()) => {
             m.checkpoint_duration
                 .observe(started.elapsed().as_secs_f64());
+            m.checkpoint_last_success
+                .set((crate::clock::now_ms() / 1000) as i64);
             tracing::debug!(
                 event = "checkpoint",
                 partition,
