@@ -189,6 +189,57 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
     assert_one_decision_per_event(&f, &sent);
 }
 
+/// After a crash the next owner replays what the dead one decided since its
+/// last checkpoint: consumers see those outputs twice (same ids), and
+/// `quotaflow_outputs_republished_total` counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_published_again_after_a_crash_are_counted() {
+    let f = Fixture::new("republished", 1).await;
+    // No checkpoint is due during the run: everything is replayed.
+    let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"1h\"\n");
+    let first = Server::start(Some(&config), &[]);
+    let t0 = base();
+    let mut sent = Vec::new();
+    for n in 0..120 {
+        sent.push(
+            f.send(event(&format!("u{}", n % 7), t0 + n as i64, n), t0)
+                .await,
+        );
+    }
+    read_until(&f.decisions, Duration::from_secs(30), |r| r.len() >= 120);
+    // Progress is marked every 250 ms.
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(first); // SIGKILL: no final checkpoint
+    let second = Server::start(Some(&config), &[]);
+    let records = read_until(&f.decisions, Duration::from_secs(60), |r| r.len() >= 240);
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| r.header("quotaflow.id").unwrap_or_default().to_owned())
+        .collect();
+    let distinct = ids.iter().collect::<BTreeSet<_>>().len();
+    assert_eq!((ids.len(), distinct), (240, 120), "every decision twice");
+    wait_for("the republished count", Duration::from_secs(10), || {
+        metric(
+            &second,
+            "quotaflow_outputs_republished_total{kind=\"decision\"}",
+        ) == 120.0
+    });
+    assert_eq!(
+        metric(
+            &second,
+            "quotaflow_outputs_republished_total{kind=\"alert\"}"
+        ),
+        0.0
+    );
+    assert!(
+        second
+            .logs()
+            .iter()
+            .any(|l| l.contains("replaying_decided_events")),
+        "the replay is logged"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_zombie_cannot_overwrite_the_new_owners_checkpoint() {
     let f = Fixture::new("zombie", 1).await;
