@@ -1,7 +1,6 @@
 //! `POST /check` and the forward-auth form of the same check.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request as HttpRequest, State};
@@ -10,15 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
-use smallvec::SmallVec;
-
-use super::{client_ip, headers, problem, AppState, RedisMode};
-use quotaflow_adapters::clock::now_ms;
-use quotaflow_adapters::redis_state::Unavailable;
-use quotaflow_core::algorithms::Verdict;
-use quotaflow_core::limiter::{Decision, Matched};
-use quotaflow_core::rules::{FailureMode, Request, Rules};
-use quotaflow_core::state::Probed;
+use super::decide::{self, Answer};
+use super::{client_ip, headers, problem, AppState};
+use quotaflow_core::rules::Request;
 
 /// `POST /check`: a JSON body of vocabulary fields.
 pub(super) async fn check(State(app): State<AppState>, body: Bytes) -> Response {
@@ -117,111 +110,14 @@ fn identity_from(
     })
 }
 
-async fn decide(app: &AppState, endpoint: &str, mut req: Request, deny: StatusCode) -> Response {
-    if let Err(e) = req.validate() {
-        return bad_request(app, endpoint, e.to_string());
-    }
-    let started = Instant::now();
-    app.limiter.canonicalize_path(&mut req);
-    if let Some(mode) = &app.redis_mode {
-        return decide_in_redis(app, mode, endpoint, &req, deny, started).await;
-    }
-    app.limiter.check_then(&req, now_ms(), |rules, d| {
-        app.metrics.record(endpoint, rules, d, started.elapsed());
-        respond(rules, d, deny)
-    })
-}
-
-/// The Redis state mode: the group's state decides, within the budget;
-/// past it (or with Redis down) each limit's failure mode does, and the
-/// answer says so (`Quotaflow-Degraded`).
-async fn decide_in_redis(
-    app: &AppState,
-    mode: &RedisMode,
-    endpoint: &str,
-    req: &Request,
-    deny: StatusCode,
-    started: Instant,
-) -> Response {
-    let rules = app.limiter.rules();
-    let m = app.limiter.matched(&rules, req);
-    let answer = |d: &Decision| {
-        app.metrics.record(endpoint, &rules, d, started.elapsed());
-        respond(&rules, d, deny)
-    };
-    if m.whitelisted || m.probes.is_empty() {
-        return answer(&m.decision(rules.version, &[]));
-    }
-    let rs = &mode.state;
-    if let Some((i, probed)) = rs.denied(rules.version, &m.probes, req.cost) {
-        // Refused by one limit: the others are neither consulted nor charged.
-        let one = Matched {
-            whitelisted: false,
-            limits: smallvec::smallvec![m.limits[i]],
-            probes: smallvec::smallvec![m.probes[i]],
-        };
-        return answer(&one.decision(rules.version, &[probed]));
-    }
-    let result = match rs.submit(&m.probes, req.cost) {
-        Err(why) => Err(why),
-        Ok(pending) => match tokio::time::timeout(rs.budget(), pending).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Unavailable::Unreachable),
-            Err(_) => Err(Unavailable::Timeout),
-        },
-    };
-    match result {
-        Ok(a) => {
-            rs.remember(rules.version, &m.probes, req.cost, &a);
-            answer(&m.decision(rules.version, &a.probed))
-        }
-        Err(why) => {
-            app.metrics
-                .redis
-                .degraded
-                .with_label_values(&[why.reason()])
-                .inc();
-            let probed: SmallVec<[Probed; 4]> = m
-                .limits
-                .iter()
-                .map(|&i| by_failure_mode(&rules, i, mode.failure_mode))
-                .collect();
-            let mut response = answer(&m.decision(rules.version, &probed));
-            for name in headers::REMAINING {
-                response.headers_mut().remove(name);
-            }
-            response.headers_mut().insert(
-                headers::DEGRADED,
-                axum::http::HeaderValue::from_static(why.reason()),
-            );
-            response
-        }
+/// Decide `req` and answer over HTTP: `deny` on refusal, the rate-limit
+/// headers, and `Quotaflow-Degraded` when the failure modes decided.
+async fn decide(app: &AppState, endpoint: &str, req: Request, deny: StatusCode) -> Response {
+    match decide::decide(app, endpoint, req, |a| respond(a, deny)).await {
+        Ok(response) => response,
+        Err(e) => bad_request(app, endpoint, e.to_string()),
     }
 }
-
-/// A limit's answer without its state: its failure mode's.
-fn by_failure_mode(rules: &Rules, limit: usize, default: FailureMode) -> Probed {
-    let (mode, quota) = rules.limits.get(limit).map_or((default, 0), |l| {
-        (l.failure_mode.unwrap_or(default), l.shape.quota)
-    });
-    let open = mode == FailureMode::Open;
-    let verdict = Verdict {
-        allowed: open,
-        limit: quota,
-        // Unknown: nothing promised either way.
-        remaining: 0,
-        reset_ms: 0,
-        retry_after_ms: if open { 0 } else { CLOSED_RETRY_MS },
-        clock_ms: 0,
-    };
-    // Neither the start nor the end of a breach: no breach log lines for
-    // answers the state did not give.
-    Probed::remote(verdict, u32::from(!open))
-}
-
-/// What a limit refusing by `failure_mode = "closed"` asks clients to wait:
-/// a guess at how long the backend takes to come back.
-const CLOSED_RETRY_MS: u64 = 1_000;
 
 /// One limit's part in a `/check` answer.
 #[derive(Serialize)]
@@ -260,7 +156,8 @@ struct Exceeded<'a> {
 
 // Typed bodies serialised straight to bytes: building them through
 // `serde_json::Value` cost ~10% of the server's CPU per request.
-fn respond(rules: &Rules, d: &Decision, deny: StatusCode) -> Response {
+fn respond(a: Answer<'_>, deny: StatusCode) -> Response {
+    let (rules, d) = (a.rules, a.decision);
     let limits: Vec<LimitView<'_>> = d
         .outcomes
         .iter()
@@ -317,7 +214,7 @@ fn respond(rules: &Rules, d: &Decision, deny: StatusCode) -> Response {
         body.unwrap_or_default(),
     )
         .into_response();
-    headers::write(rules, d, response.headers_mut());
+    headers::write_answer(&a, response.headers_mut());
     response
 }
 

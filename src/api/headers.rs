@@ -49,6 +49,19 @@ pub const REMAINING: [&str; 4] = [
     "x-ratelimit-reset",
 ];
 
+/// Add the rate-limit headers of an answer to `headers`, as every transport
+/// states them: on a degraded answer, without the remaining quota (not
+/// known) and with `Quotaflow-Degraded`.
+pub fn write_answer(a: &super::decide::Answer<'_>, headers: &mut HeaderMap) {
+    write(a.rules, a.decision, headers);
+    if let Some(why) = a.degraded {
+        for name in REMAINING {
+            headers.remove(name);
+        }
+        headers.insert(HeaderName::from_static(DEGRADED), HeaderValue::from_static(why));
+    }
+}
+
 /// Add every rate-limit header for `decision` to `headers`.
 pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
     let mut policy = String::new();

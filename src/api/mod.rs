@@ -4,6 +4,7 @@
 mod admin;
 mod check;
 pub mod client_ip;
+pub mod decide;
 mod events;
 pub mod headers;
 pub mod tokens;
