@@ -19,6 +19,10 @@ services_env=$(scripts/services.sh up)
 eval "$services_env"
 export KAFKA_BOOTSTRAP_SERVERS REDIS_URL
 
+echo "==> gRPC client tools (scripts/grpc-tools.sh: grpcurl for tests/grpc.rs)"
+tools_env=$(scripts/grpc-tools.sh grpcurl)
+eval "$tools_env"
+
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

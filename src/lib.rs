@@ -8,7 +8,8 @@
 //!   embedded bus, partition workers and their ownership coordinator,
 //!   Prometheus metrics;
 //! - this package — [`api`] (the axum sidecar: `/check`, `/forward-auth`,
-//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`http_server`]
+//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`grpc`] (the Envoy rate limit
+//!   service over gRPC, with health and reflection), [`http_server`]
 //!   (the accept loop: timeouts, connection cap, bounded drain), [`settings`]
 //!   (the settings file and environment), [`server`] (wiring and
 //!   `quotaflow serve`), [`simulate`] (traffic for the embedded pipeline or
@@ -17,6 +18,7 @@
 //!   `scripts/bench-stream.sh`.
 
 pub mod api;
+pub mod grpc;
 pub mod http_server;
 pub mod logging;
 pub mod server;

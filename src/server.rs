@@ -244,6 +244,31 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    // One shutdown for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|&stop| stop).await;
+        }
+    };
+    // Bound (and announced) before `listening`, so a client that saw the
+    // HTTP listener finds the gRPC one too.
+    let grpc = match crate::grpc::bind(&settings).await? {
+        None => None,
+        Some(l) => {
+            let (app, settings, stop) = (state.clone(), settings.clone(), stopped());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let task =
+                tokio::spawn(async move { crate::grpc::serve(l, app, &settings, stop, tx).await });
+            rx.await.context("the gRPC server did not start")?;
+            Some(task)
+        }
+    };
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
     if !state.admin_tokens.any() && !addr.ip().is_loopback() {
         tracing::warn!(
@@ -270,7 +295,16 @@ pub async fn serve(
         shutdown_grace: settings.server.shutdown_grace,
     };
     let metrics = state.metrics.clone();
-    http_server::serve(listener, api::router(state), limits, metrics, shutdown).await;
+    http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
+    if let Some(task) = grpc {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(event = "grpc_failed", error = %format!("{e:#}"), "the gRPC server failed")
+            }
+            Err(e) => tracing::error!(event = "grpc_failed", error = %e, "the gRPC server failed"),
+        }
+    }
     sweeper.abort();
     tokio::task::spawn_blocking(move || pipeline.stop())
         .await

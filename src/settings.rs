@@ -39,6 +39,8 @@ pub struct Settings {
     #[serde(default)]
     pub decisions: DecisionSettings,
     #[serde(default)]
+    pub grpc: GrpcSettings,
+    #[serde(default)]
     pub limits: Vec<LimitDoc>,
     #[serde(default)]
     pub whitelist: WhitelistDoc,
@@ -273,6 +275,48 @@ pub struct DecisionSettings {
     pub every_event: bool,
 }
 
+/// The Envoy Rate Limit Service over gRPC (`src/grpc`, docs/envoy.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSettings {
+    /// Address of the gRPC listener; empty (the default) means none.
+    #[serde(deserialize_with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+    /// The RLS `domain` requests must name; empty accepts any domain.
+    pub domain: String,
+    /// Descriptor entry keys, besides the built-in ones, and what each
+    /// means: a dimension (`user_id`, `api_key`, `client_ip`, `method`,
+    /// `path`) or `ignore` (accepted and not used).
+    pub descriptor_keys: std::collections::BTreeMap<String, DescriptorKey>,
+}
+
+/// What a descriptor entry key stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DescriptorKey {
+    UserId,
+    ApiKey,
+    ClientIp,
+    Method,
+    Path,
+    /// An entry the gateway sends that no limit keys on (`generic_key`).
+    Ignore,
+}
+
+/// `""` as `None`, anything else as a socket address.
+fn optional_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an address such as 127.0.0.1:8081 (or empty: no listener)"
+        ))
+    })
+}
+
 /// A settings file or environment that could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -407,6 +451,32 @@ mod tests {
         assert!(err.contains("security.fingerprint_key"), "{err}");
         s.security.fingerprint_key = "k".into();
         assert!(s.check_mode().is_ok());
+    }
+
+    #[test]
+    fn grpc_is_off_by_default_and_takes_an_address_and_key_aliases() {
+        let s = Settings::load_with_env(None, false).unwrap();
+        assert!(s.grpc.listen.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "[grpc]\nlisten = \"127.0.0.1:8081\"\ndomain = \"edge\"\n\
+             [grpc.descriptor_keys]\nx-user = \"user_id\"\ngeneric_key = \"ignore\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(Some(&path), false).unwrap();
+        assert_eq!(
+            s.grpc.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 8081)))
+        );
+        assert_eq!(s.grpc.descriptor_keys["x-user"], DescriptorKey::UserId);
+        assert_eq!(s.grpc.descriptor_keys["generic_key"], DescriptorKey::Ignore);
+        std::fs::write(&path, "[grpc]\nlisten = \"localhost\"\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), false).unwrap_err();
+        assert!(err.to_string().contains("is not an address"), "{err}");
+        std::fs::write(&path, "[grpc.descriptor_keys]\nx = \"cost\"\n").unwrap();
+        assert!(Settings::load_with_env(Some(&path), false).is_err());
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl Generator {
 
     pub fn next(&mut self, now_ms: i64) -> Generated {
         self.n += 1;
-        if self.plan.poison_every > 0 && self.n % u64::from(self.plan.poison_every) == 0 {
+        if self.plan.poison_every > 0 && self.n.is_multiple_of(u64::from(self.plan.poison_every)) {
             let len = self.rng.random_range(0..64);
             return Generated::Poison((0..len).map(|_| self.rng.random()).collect());
         }

@@ -85,11 +85,7 @@ fn identity_from(
     let proxy_set = |name: &str| if trusted { text(name) } else { Ok(None) };
     let rest = path.strip_prefix("/forward-auth").filter(|r| !r.is_empty());
     let uri = proxy_set(&id.uri_header)?.or_else(|| rest.map(str::to_owned));
-    // A URI that is all query or fragment (`?x=1`) asks for the root.
-    let path = uri.map(|u| match u.split(['?', '#']).next().unwrap_or_default() {
-        "" => "/".to_owned(),
-        p => p.to_owned(),
-    });
+    let path = uri.as_deref().map(path_of_uri);
     let method = proxy_set(&id.method_header)?.unwrap_or_else(|| method.to_owned());
     let cost = match proxy_set(&id.cost_header)? {
         None => 1,
@@ -108,6 +104,15 @@ fn identity_from(
         path,
         cost,
     })
+}
+
+/// The path of a request URI as a proxy passes it on: without query and
+/// fragment; one that is all query or fragment (`?x=1`) asks for the root.
+pub(crate) fn path_of_uri(uri: &str) -> String {
+    match uri.split(['?', '#']).next().unwrap_or_default() {
+        "" => "/".to_owned(),
+        p => p.to_owned(),
+    }
 }
 
 /// Decide `req` and answer over HTTP: `deny` on refusal, the rate-limit

@@ -58,7 +58,10 @@ pub fn write_answer(a: &super::decide::Answer<'_>, headers: &mut HeaderMap) {
         for name in REMAINING {
             headers.remove(name);
         }
-        headers.insert(HeaderName::from_static(DEGRADED), HeaderValue::from_static(why));
+        headers.insert(
+            HeaderName::from_static(DEGRADED),
+            HeaderValue::from_static(why),
+        );
     }
 }
 

@@ -2,7 +2,7 @@
 //! proxies, the rate-limit config API, metrics and health.
 
 mod admin;
-mod check;
+pub(crate) mod check;
 pub mod client_ip;
 pub mod decide;
 mod events;
@@ -156,7 +156,7 @@ async fn errors_as_problems(response: Response) -> Response {
 }
 
 /// Why the instance is not ready, or `None` when it is.
-fn not_ready(app: &AppState) -> Option<&'static str> {
+pub(crate) fn not_ready(app: &AppState) -> Option<&'static str> {
     if app
         .redis_mode
         .as_ref()

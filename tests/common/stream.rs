@@ -198,7 +198,7 @@ pub fn event(user: &str, ts: i64, n: usize) -> RequestEvent {
         api_key: None,
         client_ip: Some(format!("203.0.113.{}", n % 200 + 1)),
         method: Some("GET".into()),
-        path: Some(if n % 3 == 0 { "/a" } else { "/b" }.into()),
+        path: Some(if n.is_multiple_of(3) { "/a" } else { "/b" }.into()),
         cost: 1,
         gateway_id: Some("gw-test".into()),
     }
