@@ -305,6 +305,17 @@ async fn descriptors_are_each_a_check_with_their_own_status() {
         [r.statuses[0].limit_remaining, r.statuses[2].limit_remaining],
         [1, 2]
     );
+    // Without its query string, the same path: one left of 3, now none.
+    let r2 = should(
+        &mut g,
+        request(
+            "edge",
+            vec![descriptor(&[("user_id", "frank"), ("path", "/orders/5")])],
+            1,
+        ),
+    )
+    .await;
+    assert_eq!(r2.statuses[0].limit_remaining, 0, "{r2:?}");
     // The headers are those of the descriptor that binds: the refused one.
     let h = headers_of(&r);
     assert_eq!(
