@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .include_file("protos.rs")
+        .codec_path("crate::grpc::codec::SmallCodec")
         .compile_fds(fds)?;
     Ok(())
 }

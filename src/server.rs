@@ -263,9 +263,13 @@ pub async fn serve(
         Some(l) => {
             let (app, settings, stop) = (state.clone(), settings.clone(), stopped());
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let task =
-                tokio::spawn(async move { crate::grpc::serve(l, app, &settings, stop, tx).await });
-            rx.await.context("the gRPC server did not start")?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = crate::grpc::serve(l, app, &settings, stop, tx).await {
+                    tracing::error!(event = "grpc_failed", error = %format!("{e:#}"), "the gRPC server stopped");
+                }
+            });
+            rx.await
+                .context("the gRPC server did not start (grpc_failed says why)")?;
             Some(task)
         }
     };
@@ -297,13 +301,8 @@ pub async fn serve(
     let metrics = state.metrics.clone();
     http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
     if let Some(task) = grpc {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(event = "grpc_failed", error = %format!("{e:#}"), "the gRPC server failed")
-            }
-            Err(e) => tracing::error!(event = "grpc_failed", error = %e, "the gRPC server failed"),
-        }
+        // Calls in flight finish first; a failure was logged by the task.
+        let _ = task.await;
     }
     sweeper.abort();
     tokio::task::spawn_blocking(move || pipeline.stop())

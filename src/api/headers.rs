@@ -53,20 +53,32 @@ pub const REMAINING: [&str; 4] = [
 /// states them: on a degraded answer, without the remaining quota (not
 /// known) and with `Quotaflow-Degraded`.
 pub fn write_answer(a: &super::decide::Answer<'_>, headers: &mut HeaderMap) {
-    write(a.rules, a.decision, headers);
-    if let Some(why) = a.degraded {
-        for name in REMAINING {
-            headers.remove(name);
+    each_answer_header(a, |name, value| put(headers, name, value));
+}
+
+/// The headers of [`write_answer`], one `(name, value)` at a time, for a
+/// transport without a `HeaderMap` (gRPC's `response_headers_to_add`).
+pub fn each_answer_header(a: &super::decide::Answer<'_>, mut f: impl FnMut(&'static str, String)) {
+    match a.degraded {
+        None => each(a.rules, a.decision, f),
+        Some(why) => {
+            each(a.rules, a.decision, |name, value| {
+                if !REMAINING.contains(&name) {
+                    f(name, value);
+                }
+            });
+            f(DEGRADED, why.to_owned());
         }
-        headers.insert(
-            HeaderName::from_static(DEGRADED),
-            HeaderValue::from_static(why),
-        );
     }
 }
 
 /// Add every rate-limit header for `decision` to `headers`.
 pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
+    each(rules, decision, |name, value| put(headers, name, value));
+}
+
+/// Every rate-limit header for `decision`, in order.
+fn each(rules: &Rules, decision: &Decision, mut put: impl FnMut(&'static str, String)) {
     let mut policy = String::new();
     let binding = decision.binding().map(|o| o.limit);
     let enforced = || decision.outcomes.iter().filter(|o| !o.shadow);
@@ -93,31 +105,22 @@ pub fn write(rules: &Rules, decision: &Decision, headers: &mut HeaderMap) {
         }
     }
     if !policy.is_empty() {
-        put(headers, "ratelimit-policy", policy);
+        put("ratelimit-policy", policy);
     }
     if let Some(o) = decision.binding() {
         if let Some(limit) = rules.limits.get(o.limit) {
             let reset = secs(o.verdict.reset_ms);
             put(
-                headers,
                 "ratelimit",
                 format!("\"{}\";r={};t={}", limit.name, o.verdict.remaining, reset),
             );
-            put(headers, "x-ratelimit-limit", o.verdict.limit.to_string());
-            put(
-                headers,
-                "x-ratelimit-remaining",
-                o.verdict.remaining.to_string(),
-            );
-            put(headers, "x-ratelimit-reset", reset.to_string());
+            put("x-ratelimit-limit", o.verdict.limit.to_string());
+            put("x-ratelimit-remaining", o.verdict.remaining.to_string());
+            put("x-ratelimit-reset", reset.to_string());
         }
     }
     if !decision.allowed {
-        put(
-            headers,
-            "retry-after",
-            retry_after_secs(decision).to_string(),
-        );
+        put("retry-after", retry_after_secs(decision).to_string());
     }
 }
 

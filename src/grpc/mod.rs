@@ -2,6 +2,7 @@
 //! (`[grpc] listen`), with gRPC health checking and reflection beside it.
 //! Checks are decided by the same function as `/check` (docs/envoy.md).
 
+pub mod codec;
 pub mod proto;
 pub mod rls;
 
@@ -86,8 +87,9 @@ pub async fn serve(
         "Envoy rate limit service (gRPC) on {addr}"
     );
     let _ = announced.send(());
+    // No per-call deadline layer (a timer per call): a check is bounded by
+    // the state backend's budget, not by the transport.
     let result = tonic::transport::Server::builder()
-        .timeout(settings.server.request_timeout)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -7,7 +7,6 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use axum::http::HeaderMap;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 use super::proto::envoy::config::core::v3::HeaderValue;
@@ -206,7 +205,7 @@ struct Described {
     status: DescriptorStatus,
     allowed: bool,
     rank: (bool, u64, Reverse<u64>, u64),
-    headers: HeaderMap,
+    headers: Vec<HeaderValue>,
     degraded: Option<&'static str>,
 }
 
@@ -234,8 +233,14 @@ fn describe(a: Answer<'_>) -> Described {
             v.reset_ms,
         );
     }
-    let mut headers = HeaderMap::new();
-    headers::write_answer(&a, &mut headers);
+    let mut headers = Vec::with_capacity(6);
+    headers::each_answer_header(&a, |key, value| {
+        headers.push(HeaderValue {
+            key: key.to_owned(),
+            value,
+            raw_value: Vec::new(),
+        })
+    });
     Described {
         status,
         allowed: d.allowed,
@@ -281,18 +286,6 @@ pub fn current_limit(name: &str, shape: PolicyShape) -> RateLimit {
     }
 }
 
-fn header_values(h: &HeaderMap) -> Vec<HeaderValue> {
-    h.iter()
-        .filter_map(|(k, v)| {
-            Some(HeaderValue {
-                key: k.as_str().to_owned(),
-                value: v.to_str().ok()?.to_owned(),
-                raw_value: Vec::new(),
-            })
-        })
-        .collect()
-}
-
 #[tonic::async_trait]
 impl RateLimitService for Rls {
     async fn should_rate_limit(
@@ -326,8 +319,8 @@ impl RateLimitService for Rls {
                 binding = Some(d);
             }
         }
-        if let Some(b) = &binding {
-            response.response_headers_to_add = header_values(&b.headers);
+        if let Some(b) = binding {
+            response.response_headers_to_add = b.headers;
         }
         let mut reply = GrpcResponse::new(response);
         if let Some(why) = degraded {

@@ -1,5 +1,6 @@
 // loadgen: a small open-loop HTTP/1.1 load generator for
-// scripts/bench-http.sh, standard library only.
+// scripts/bench-http.sh, standard library only; with -proto grpc it calls
+// Envoy's rate limit service over HTTP/2 instead (grpc.go).
 //
 // Why not vegeta: on the 2-core bench machine vegeta's client costs more CPU
 // per request than the server under test, and it could not even send 12,700
@@ -56,6 +57,8 @@ func main() {
 	jsonOut := flag.String("json", "", "also write the summary as JSON to this file")
 	bodyKind := flag.String("body", "quotaflow", "request body: quotaflow (POST /check JSON) or envoy "+
 		"(envoyproxy/ratelimit's /json form, domain \"bench\", descriptor user_id)")
+	proto := flag.String("proto", "http1", "http1 (POST -path with -body) or grpc (Envoy's "+
+		"ShouldRateLimit over cleartext HTTP/2, domain \"bench\", descriptor user_id; -path and -body unused)")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(*addr)
@@ -72,7 +75,15 @@ func main() {
 	if *bodyKind != "quotaflow" && *bodyKind != "envoy" {
 		fail("-body must be quotaflow or envoy, got %q", *bodyKind)
 	}
-	reqs := buildRequests(*addr, *path, *users, *hotEvery, *bodyKind)
+	var reqs [][]byte
+	switch *proto {
+	case "http1":
+		reqs = buildRequests(*addr, *path, *users, *hotEvery, *bodyKind)
+	case "grpc":
+		reqs = grpcBodies(*users, *hotEvery)
+	default:
+		fail("-proto must be http1 or grpc, got %q", *proto)
+	}
 	jobs := make(chan time.Time, 1<<16)
 	var next atomic.Uint64 // index into reqs, shared by all connections
 	results := make([]result, *conns)
@@ -86,8 +97,7 @@ func main() {
 			defer wg.Done()
 			r.statuses = map[int]int{}
 			r.errors = map[string]int{}
-			var conn net.Conn
-			var rd *bufio.Reader
+			var conn caller
 			for {
 				var due time.Time
 				if *rate > 0 {
@@ -102,18 +112,17 @@ func main() {
 					}
 				}
 				if conn == nil {
-					c, err := net.DialTimeout("tcp", *addr, *timeout)
+					c, err := dial(*proto, *addr, *timeout)
 					if err != nil {
 						r.errors["dial: "+err.Error()]++
 						time.Sleep(10 * time.Millisecond)
 						continue
 					}
-					conn, rd = c, bufio.NewReaderSize(c, 16<<10)
+					conn = c
 				}
 				req := reqs[next.Add(1)%uint64(len(reqs))]
 				sentAt := time.Now()
-				_ = conn.SetDeadline(sentAt.Add(*timeout))
-				status, err := roundTrip(conn, rd, req)
+				status, err := conn.call(req, sentAt.Add(*timeout))
 				if err != nil {
 					r.errors[err.Error()]++
 					conn.Close()
@@ -195,6 +204,40 @@ func buildRequests(addr, path string, users, hotEvery int, kind string) [][]byte
 			path, addr, len(body), body))
 	}
 	return out
+}
+
+// caller sends one pre-serialised request and reads its answer.
+type caller interface {
+	call(req []byte, deadline time.Time) (int, error)
+	Close() error
+}
+
+type http1conn struct {
+	c  net.Conn
+	rd *bufio.Reader
+}
+
+func (h *http1conn) call(req []byte, deadline time.Time) (int, error) {
+	_ = h.c.SetDeadline(deadline)
+	return roundTrip(h.c, h.rd, req)
+}
+
+func (h *http1conn) Close() error { return h.c.Close() }
+
+func (h *h2conn) call(req []byte, deadline time.Time) (int, error) {
+	_ = h.c.SetDeadline(deadline)
+	return h.roundTrip(req)
+}
+
+func dial(proto, addr string, timeout time.Duration) (caller, error) {
+	if proto == "grpc" {
+		return dialGrpc(addr, timeout)
+	}
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return nil, err
+	}
+	return &http1conn{c: c, rd: bufio.NewReaderSize(c, 16<<10)}, nil
 }
 
 // roundTrip writes one request and reads one response with a
