@@ -57,10 +57,12 @@ impl Mapping {
             "method" => Some(Dimension::Method),
             "path" => Some(Dimension::Path),
             "none" => None,
-            other => return Err(ImportError::Mapping(format!(
+            other => {
+                return Err(ImportError::Mapping(format!(
                 "--map `{spec}`: unknown dimension `{other}`; expected one of user_id, api_key, \
                      client_ip, method, path, none"
-            ))),
+            )))
+            }
         };
         if key.is_empty() {
             return Err(ImportError::Mapping(format!(
