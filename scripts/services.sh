@@ -22,6 +22,7 @@
 # `up` prints only these lines on stdout (all progress goes to stderr),
 #   export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
 #   export REDIS_URL=redis://127.0.0.1:6379
+#   export ENVOY_RATELIMIT_BIN=...   (envoyproxy/ratelimit, scripts/tools.sh)
 # once both answer: Redis to PING, Kafka to a full client round trip (create
 # topic `quotaflow-ready`, produce to it, read it back in consumer group
 # `quotaflow-ready`; see services/KafkaReady.java). A caller takes them in with
@@ -67,6 +68,8 @@
 set -euo pipefail
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/tools.sh
+. "$SCRIPTS_DIR/tools.sh"
 readonly SVC_DIR=$SCRIPTS_DIR/services
 readonly HOST=127.0.0.1
 
@@ -701,6 +704,10 @@ cmd_up() {
   # Not a service, but what the test command needs beside them.
   install_schemathesis
   echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
+  # envoyproxy/ratelimit, for tests/import_envoy.rs (scripts/tools.sh).
+  local envoy_bin
+  envoy_bin=$(tool_envoy_ratelimit) || die "could not install envoy ratelimit (scripts/tools.sh)"
+  echo "export ENVOY_RATELIMIT_BIN=$envoy_bin"
   if ((WANT_KAFKA)); then echo "export KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT"; fi
   if ((WANT_REDIS)); then echo "export REDIS_URL=redis://$HOST:$REDIS_PORT"; fi
 }
