@@ -546,7 +546,7 @@ fn check_captures(
                     (
                         Taken::Exact(v),
                         Some(d @ (Dimension::UserId | Dimension::ApiKey | Dimension::ClientIp)),
-                    ) if d != Dimension::ClientIp || v.parse::<std::net::IpAddr>().is_ok() => {
+                    ) if whitelistable(d, v) => {
                         allow
                             .entry((d.as_str(), v.clone()))
                             .or_insert_with(|| (d, BTreeSet::new(), twin.at.clone()))
@@ -590,6 +590,16 @@ fn check_captures(
                 );
             }
         }
+    }
+}
+
+/// A value the whitelist takes as written: an address for client_ip, and
+/// no API key that would read as a fingerprint (`fp:...`).
+fn whitelistable(d: Dimension, v: &str) -> bool {
+    match d {
+        Dimension::ClientIp => v.parse::<std::net::IpAddr>().is_ok(),
+        Dimension::ApiKey => !v.starts_with("fp:"),
+        _ => true,
     }
 }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use quotaflow_core::fingerprint::Fingerprinter;
-use quotaflow_core::rules::{Dimension, Rules, RulesDoc};
+use quotaflow_core::rules::{Dimension, Rules, RulesDoc, MAX_LIMITS};
 
 pub use yaml::{Domain, ImportError, Loc, Node, RateLimit, Unit};
 
@@ -46,7 +46,7 @@ impl Mapping {
     /// Adds `KEY=DIMENSION` (`KEY=none` unmaps a default key).
     pub fn add(&mut self, spec: &str) -> Result<(), ImportError> {
         let Some((key, dim)) = spec.rsplit_once('=') else {
-            return Err(ImportError::Mapping(format!(
+            return Err(ImportError::Refused(format!(
                 "--map `{spec}`: expected KEY=DIMENSION"
             )));
         };
@@ -58,14 +58,14 @@ impl Mapping {
             "path" => Some(Dimension::Path),
             "none" => None,
             other => {
-                return Err(ImportError::Mapping(format!(
+                return Err(ImportError::Refused(format!(
                 "--map `{spec}`: unknown dimension `{other}`; expected one of user_id, api_key, \
                      client_ip, method, path, none"
             )))
             }
         };
         if key.is_empty() {
-            return Err(ImportError::Mapping(format!(
+            return Err(ImportError::Refused(format!(
                 "--map `{spec}`: the descriptor key is empty"
             )));
         }
@@ -161,6 +161,13 @@ pub fn import(files: &[(String, String)], mapping: &Mapping) -> Result<Import, I
         domains.push(domain);
     }
     let converted = convert::convert(&domains, mapping, report);
+    if converted.doc.limits.len() > MAX_LIMITS {
+        return Err(ImportError::Refused(format!(
+            "{} limits: a quotaflow config holds at most {MAX_LIMITS} (every request is matched \
+             against all of them)",
+            converted.doc.limits.len()
+        )));
+    }
     // The output must be a config quotaflow accepts; anything else is a bug here.
     Rules::compile(converted.doc.clone(), 1, &Fingerprinter::random())
         .map_err(|e| ImportError::Internal(e.to_string()))?;

@@ -30,8 +30,9 @@ pub enum ImportError {
     },
     #[error("{at}: {message}")]
     Invalid { at: Loc, message: String },
+    /// A bad `--map`, or more limits than one config holds.
     #[error("{0}")]
-    Mapping(String),
+    Refused(String),
     /// The converted document failed quotaflow's own validation: a bug of
     /// the importer, reported rather than printed as a config.
     #[error("internal error: the converted config is invalid: {0}")]
@@ -527,7 +528,11 @@ fn scalar_text(source: &str, node: &MarkedYaml<'_>) -> Option<String> {
         YamlData::Value(Scalar::Null) => Some(String::new()),
         YamlData::Value(_) | YamlData::Representation(..) => {
             let (from, to) = (node.span.start.index(), node.span.end.index());
-            let text: String = source.chars().skip(from).take(to - from).collect();
+            let text: String = source
+                .chars()
+                .skip(from)
+                .take(to.saturating_sub(from))
+                .collect();
             Some(text.trim().to_owned())
         }
         _ => None,
