@@ -51,8 +51,8 @@
 # Kafka comes from Maven Central (scripts/services/pom.xml: the broker, the
 # command-line tools and a log4j2 backend), fetched once by
 # `mvn dependency:copy-dependencies`; it needs java (17+) and mvn. Redis is
-# Debian's redis-server (and promtool, from Debian's prometheus package, for
-# the alert rules' tests), installed with apt-get when missing. Neither service is run
+# Debian's redis-server (and Debian's prometheus package, whose promtool and
+# server the rules' tests run), installed with apt-get when missing. Neither service is run
 # through systemd or an init script: both are started directly and tracked by
 # pid files under $QUOTAFLOW_CACHE/run/.
 #
@@ -306,18 +306,20 @@ redis_installed() {
   command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1
 }
 
-# promtool (Debian's prometheus package) checks and unit-tests the alert
-# rules in deploy/prometheus; installed with Redis, in the same apt run.
-promtool_installed() {
-  command -v promtool >/dev/null 2>&1
+# Debian's prometheus package: promtool checks and unit-tests the rules in
+# deploy/prometheus, and tests/prometheus_live.rs runs its server against
+# the binary. Installed with Redis, in the same apt run; both binaries are
+# checked, so a promtool from elsewhere still gets the server installed.
+prometheus_installed() {
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1
 }
 
 install_redis() {
-  redis_installed && promtool_installed && return 0
+  redis_installed && prometheus_installed && return 0
   command -v apt-get >/dev/null 2>&1 || die "redis-server is not installed and apt-get is not available to install it"
   local apt_log=$CACHE/logs/redis-install.log rc=0 packages=()
   redis_installed || packages+=(redis-server)
-  promtool_installed || packages+=(prometheus)
+  prometheus_installed || packages+=(prometheus)
   mkdir -p "$CACHE/logs"
   log "installing ${packages[*]} with apt-get (once; log: $apt_log)"
   {
@@ -326,11 +328,11 @@ install_redis() {
       as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
         install -y --no-install-recommends "${packages[@]}"
   } </dev/null >"$apt_log" 2>&1 || rc=$?
-  if ((rc != 0)) || ! redis_installed || ! promtool_installed; then
+  if ((rc != 0)) || ! redis_installed || ! prometheus_installed; then
     show_tail "$apt_log"
     die "could not install ${packages[*]} with apt-get (exit $rc); see $apt_log"
   fi
-  # Only promtool is wanted from the prometheus package: stop a server its
+  # The tests run their own Prometheus servers: stop the one the package's
   # init script may have started.
   local prom_pid
   if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
@@ -685,7 +687,7 @@ cmd_up() {
   lock
   local redis_job=""
   # Fresh machine: apt (Redis) and Maven (Kafka) downloads run side by side.
-  if ((WANT_REDIS)) && ! { redis_installed && promtool_installed; }; then
+  if ((WANT_REDIS)) && ! { redis_installed && prometheus_installed; }; then
     install_redis &
     redis_job=$!
   fi
