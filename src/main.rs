@@ -64,6 +64,10 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Print every metric this binary exports (name, type, help, labels)
+    /// as JSON: labelled metrics appear on /metrics only once they have a
+    /// sample; this lists them all.
+    Metrics,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,22 @@ fn main() -> ExitCode {
     }) {
         Command::Serve { config, listen } => serve(config, listen),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Metrics => match quotaflow_adapters::metrics::Metrics::new() {
+            Ok(m) => match serde_json::to_string_pretty(m.catalog()) {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("quotaflow metrics: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("quotaflow metrics: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Simulate {
             config,
             kafka,

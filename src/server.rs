@@ -58,6 +58,9 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
     };
     let limiter = Arc::new(limiter);
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    metrics
+        .keys_max
+        .set(i64::try_from(settings.state.max_keys).unwrap_or(i64::MAX));
     let redis_mode = match settings.state.backend {
         Backend::Memory => None,
         Backend::Redis => {

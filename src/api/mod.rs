@@ -154,21 +154,25 @@ async fn errors_as_problems(response: Response) -> Response {
     problem
 }
 
-async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Response {
+/// Why the instance is not ready, or `None` when it is.
+fn not_ready(app: &AppState) -> Option<&'static str> {
     if app
         .redis_mode
         .as_ref()
         .is_some_and(|s| !s.state.is_available())
     {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "state backend (Redis) not answering\n",
-        )
-            .into_response()
+        Some("state backend (Redis) not answering\n")
     } else if app.ready.load(std::sync::atomic::Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n").into_response()
+        None
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+        Some("starting\n")
+    }
+}
+
+async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Response {
+    match not_ready(&app) {
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+        None => (StatusCode::OK, "ready\n").into_response(),
     }
 }
 
@@ -176,12 +180,13 @@ async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> R
     app.metrics
         .keys_tracked
         .set(app.limiter.store().len() as i64);
+    app.metrics.ready.set(i64::from(not_ready(&app).is_none()));
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(),
+        app.metrics.render(quotaflow_adapters::clock::now_ms()),
     )
         .into_response()
 }

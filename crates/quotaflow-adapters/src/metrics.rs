@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -45,6 +46,71 @@ pub struct Metrics {
     pub stream: StreamMetrics,
     /// The Redis state backend's metrics.
     pub redis: RedisMetrics,
+    /// 1 while `/readyz` answers 200; set when `/metrics` is scraped.
+    pub ready: IntGauge,
+    /// The key cap (`state.max_keys`), for an alert before it is reached.
+    pub keys_max: IntGauge,
+    /// Seconds the longest ongoing breach episode of one key has lasted;
+    /// set when `/metrics` is scraped (an abuse signal without a per-key label).
+    breach_longest: IntGauge,
+    catalog: Vec<MetricInfo>,
+}
+
+/// One exported metric: what `quotaflow metrics` prints, so docs and
+/// dashboards are checked against the binary rather than against a list
+/// kept by hand (a labelled metric is absent from `/metrics` until its
+/// first sample).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MetricInfo {
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub help: String,
+    pub labels: Vec<String>,
+}
+
+/// Registers metrics and notes each one in the catalog.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    catalog: Vec<MetricInfo>,
+}
+
+impl Registrar<'_> {
+    fn add<C: Collector + Clone + Kind + 'static>(
+        &mut self,
+        c: &C,
+    ) -> Result<(), prometheus::Error> {
+        for d in c.desc() {
+            self.catalog.push(MetricInfo {
+                name: format!("quotaflow_{}", d.fq_name),
+                kind: C::KIND,
+                help: d.help.clone(),
+                labels: d.variable_labels.clone(),
+            });
+        }
+        self.registry.register(Box::new(c.clone()))
+    }
+}
+
+/// The Prometheus type of a collector.
+trait Kind {
+    const KIND: &'static str;
+}
+impl Kind for IntCounter {
+    const KIND: &'static str = "counter";
+}
+impl Kind for IntCounterVec {
+    const KIND: &'static str = "counter";
+}
+impl Kind for IntGauge {
+    const KIND: &'static str = "gauge";
+}
+impl Kind for IntGaugeVec {
+    const KIND: &'static str = "gauge";
+}
+impl Kind for Histogram {
+    const KIND: &'static str = "histogram";
 }
 
 /// Metrics of the Redis state backend (`[state] backend = "redis"`).
@@ -65,7 +131,7 @@ pub struct RedisMetrics {
 }
 
 impl RedisMetrics {
-    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+    fn new(reg: &mut Registrar) -> Result<Self, prometheus::Error> {
         let m = Self {
             round_trip: Histogram::with_opts(
                 HistogramOpts::new(
@@ -103,12 +169,12 @@ impl RedisMetrics {
                 "Checks refused from the local deny cache: a key Redis refused until a known time.",
             )?,
         };
-        registry.register(Box::new(m.round_trip.clone()))?;
-        registry.register(Box::new(m.batch_size.clone()))?;
-        registry.register(Box::new(m.script_errors.clone()))?;
-        registry.register(Box::new(m.breaker_open.clone()))?;
-        registry.register(Box::new(m.degraded.clone()))?;
-        registry.register(Box::new(m.deny_cache_hits.clone()))?;
+        reg.add(&m.round_trip)?;
+        reg.add(&m.batch_size)?;
+        reg.add(&m.script_errors)?;
+        reg.add(&m.breaker_open)?;
+        reg.add(&m.degraded)?;
+        reg.add(&m.deny_cache_hits)?;
         Ok(m)
     }
 }
@@ -131,10 +197,15 @@ pub struct StreamMetrics {
     /// Partitions whose worker stopped on its own and that this instance
     /// took over again, by why it stopped (fenced, checkpoints_stopped).
     pub partitions_retaken: IntCounterVec,
+    /// Unix seconds of this instance's last successful checkpoint.
+    pub checkpoint_last_success: IntGauge,
+    /// Outputs published again by a restore that replayed events another
+    /// owner had already decided (consumers drop them by `quotaflow.id`).
+    pub outputs_republished: IntCounterVec,
 }
 
 impl StreamMetrics {
-    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+    fn new(reg: &mut Registrar) -> Result<Self, prometheus::Error> {
         let m = Self {
             events_consumed: IntCounterVec::new(
                 Opts::new(
@@ -225,25 +296,41 @@ impl StreamMetrics {
                 ),
                 &["reason"],
             )?,
+            checkpoint_last_success: IntGauge::new(
+                "checkpoint_last_success_timestamp_seconds",
+                "Unix time of this instance's last successful partition checkpoint (0 before the first; checkpoints are taken only when a partition has new events).",
+            )?,
+            outputs_republished: IntCounterVec::new(
+                Opts::new(
+                    "outputs_republished_total",
+                    "Outputs published again after a restore replayed events a previous owner had already decided, by kind (decision, alert, dead_letter); consumers drop them by their quotaflow.id header.",
+                ),
+                &["kind"],
+            )?,
         };
-        registry.register(Box::new(m.events_consumed.clone()))?;
-        registry.register(Box::new(m.dead_letters.clone()))?;
-        registry.register(Box::new(m.partition_lag.clone()))?;
-        registry.register(Box::new(m.offsets_skipped.clone()))?;
-        registry.register(Box::new(m.partitions_owned.clone()))?;
-        registry.register(Box::new(m.decisions.clone()))?;
-        registry.register(Box::new(m.alerts.clone()))?;
-        registry.register(Box::new(m.checkpoint_duration.clone()))?;
-        registry.register(Box::new(m.checkpoint_failures.clone()))?;
-        registry.register(Box::new(m.restore_duration.clone()))?;
-        registry.register(Box::new(m.rebalances.clone()))?;
+        reg.add(&m.events_consumed)?;
+        reg.add(&m.dead_letters)?;
+        reg.add(&m.partition_lag)?;
+        reg.add(&m.offsets_skipped)?;
+        reg.add(&m.partitions_owned)?;
+        reg.add(&m.decisions)?;
+        reg.add(&m.alerts)?;
+        reg.add(&m.checkpoint_duration)?;
+        reg.add(&m.checkpoint_failures)?;
+        reg.add(&m.restore_duration)?;
+        reg.add(&m.rebalances)?;
         // Exported at 0 from the start, so that the first one is an
         // increase Prometheus can see.
         for why in ["fenced", "checkpoints_stopped"] {
             m.partitions_retaken.with_label_values(&[why]);
         }
-        registry.register(Box::new(m.checkpoint_reseeds.clone()))?;
-        registry.register(Box::new(m.partitions_retaken.clone()))?;
+        reg.add(&m.checkpoint_reseeds)?;
+        reg.add(&m.partitions_retaken)?;
+        for kind in ["decision", "alert", "dead_letter"] {
+            m.outputs_republished.with_label_values(&[kind]);
+        }
+        reg.add(&m.checkpoint_last_success)?;
+        reg.add(&m.outputs_republished)?;
         Ok(m)
     }
 }
@@ -259,6 +346,10 @@ pub enum ConfigUpdate {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("quotaflow".into()), None)?;
+        let mut reg = Registrar {
+            registry: &registry,
+            catalog: Vec::new(),
+        };
         let checks = IntCounterVec::new(
             Opts::new(
                 "checks_total",
@@ -289,7 +380,7 @@ impl Metrics {
             "keys_over_capacity_total",
             "New keys that found the key store full (state.max_keys): decided but not stored, or refused (state.when_full).",
         )?;
-        registry.register(Box::new(keys_over_cap.clone()))?;
+        reg.add(&keys_over_cap)?;
         let config_version = IntGauge::new(
             "config_version",
             "Version of the running rate-limit config.",
@@ -336,22 +427,36 @@ impl Metrics {
             "breach_logs_suppressed_total",
             "Breaches not logged because 100,000 breach episodes were open at once (they are still counted in checks and limit_decisions).",
         )?;
-        registry.register(Box::new(breach_logs_suppressed.clone()))?;
-        registry.register(Box::new(http_connections_open.clone()))?;
-        registry.register(Box::new(http_connections_refused.clone()))?;
-        registry.register(Box::new(http_accept_errors.clone()))?;
-        registry.register(Box::new(checks.clone()))?;
-        registry.register(Box::new(limit_decisions.clone()))?;
-        registry.register(Box::new(check_duration.clone()))?;
-        registry.register(Box::new(keys_tracked.clone()))?;
-        registry.register(Box::new(keys_expired.clone()))?;
-        registry.register(Box::new(config_version.clone()))?;
-        registry.register(Box::new(config_updates.clone()))?;
-        registry.register(Box::new(breaches.clone()))?;
-        registry.register(Box::new(suspicious.clone()))?;
-        registry.register(Box::new(invalid_requests.clone()))?;
-        let stream = StreamMetrics::new(&registry)?;
-        let redis = RedisMetrics::new(&registry)?;
+        reg.add(&breach_logs_suppressed)?;
+        reg.add(&http_connections_open)?;
+        reg.add(&http_connections_refused)?;
+        reg.add(&http_accept_errors)?;
+        reg.add(&checks)?;
+        reg.add(&limit_decisions)?;
+        reg.add(&check_duration)?;
+        reg.add(&keys_tracked)?;
+        reg.add(&keys_expired)?;
+        reg.add(&config_version)?;
+        reg.add(&config_updates)?;
+        reg.add(&breaches)?;
+        reg.add(&suspicious)?;
+        reg.add(&invalid_requests)?;
+        let stream = StreamMetrics::new(&mut reg)?;
+        let redis = RedisMetrics::new(&mut reg)?;
+        let ready = IntGauge::new("ready", "1 while /readyz answers 200 (set at each scrape).")?;
+        let keys_max = IntGauge::new(
+            "keys_max",
+            "Keys the store holds at most (state.max_keys); compare with keys_tracked.",
+        )?;
+        let breach_longest = IntGauge::new(
+            "breach_longest_seconds",
+            "How long the longest ongoing breach episode of one key (sync checks) has lasted, in seconds (set at each scrape).",
+        )?;
+        reg.add(&ready)?;
+        reg.add(&keys_max)?;
+        reg.add(&breach_longest)?;
+        let mut catalog = reg.catalog;
+        catalog.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self {
             stream,
             redis,
@@ -372,11 +477,23 @@ impl Metrics {
             http_accept_errors,
             episodes: Episodes::default(),
             breach_logs_suppressed,
+            ready,
+            keys_max,
+            breach_longest,
+            catalog,
         })
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// Every metric this binary exports, labelled or not.
+    pub fn catalog(&self) -> &[MetricInfo] {
+        &self.catalog
+    }
+
+    /// The Prometheus text exposition of every metric; `now_ms` (wall
+    /// clock) dates the gauges computed at scrape time.
+    pub fn render(&self, now_ms: u64) -> String {
+        self.breach_longest
+            .set((self.episodes.longest_ms(now_ms) / 1000) as i64);
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -550,6 +667,7 @@ fn bucket(key: KeyId) -> usize {
 
 #[derive(Debug, Clone, Copy)]
 struct OpenEpisode {
+    started_ms: u64,
     last_refusal_ms: u64,
     refused: u64,
     calm_ms: u64,
@@ -562,6 +680,22 @@ const MAX_EPISODES: usize = 100_000;
 const STALE_EPISODE_MS: u64 = 10 * 60 * 1000;
 
 impl Episodes {
+    /// The age of the longest episode still refusing at `now_ms`: one whose
+    /// last refusal is within its calm spell.
+    fn longest_ms(&self, now_ms: u64) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                let open = shard.lock();
+                open.values()
+                    .filter(|e| now_ms.saturating_sub(e.last_refusal_ms) < e.calm_ms)
+                    .map(|e| now_ms.saturating_sub(e.started_ms))
+                    .max()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     fn observe(&self, o: &LimitOutcome, limit: &Limit, whitelisted: bool) -> Episode {
         if whitelisted {
             return Episode::Quiet;
@@ -607,6 +741,7 @@ impl Episodes {
         open.insert(
             o.key,
             OpenEpisode {
+                started_ms: now,
                 last_refusal_ms: now,
                 refused: 1,
                 calm_ms,
@@ -625,6 +760,25 @@ mod tests {
     use quotaflow_core::rules::{Request, RulesDoc};
 
     #[test]
+    fn the_catalog_lists_every_exported_metric() {
+        let m = Metrics::new().unwrap();
+        let text = m.render(0);
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let listed: std::collections::BTreeSet<&str> =
+            m.catalog().iter().map(|i| i.name.as_str()).collect();
+        // Labelled metrics without a sample are not exported yet: the
+        // catalog is a superset, and lists each metric once.
+        assert!(exported.is_subset(&listed), "{exported:?} vs {listed:?}");
+        assert_eq!(listed.len(), m.catalog().len());
+        assert!(listed.contains("quotaflow_limit_decisions_total"));
+        assert!(!exported.contains("quotaflow_limit_decisions_total"));
+    }
+
+    #[test]
     fn decisions_become_counters_without_request_data() {
         let doc = RulesDoc::from_json(
             br#"{"limits": [{"name": "k", "key": ["api_key"], "algorithm": "fixed_window", "limit": 1, "window": "1m"}]}"#,
@@ -641,7 +795,7 @@ mod tests {
                 m.record("check", rules, d, Duration::from_micros(3))
             });
         }
-        let text = m.render();
+        let text = m.render(0);
         assert!(
             text.contains(r#"quotaflow_checks_total{endpoint="check",verdict="refused"} 2"#),
             "{text}"
@@ -672,11 +826,11 @@ mod tests {
                 m.record("check", rules, d, Duration::ZERO)
             });
         }
-        assert!(m.render().contains(r#"limit="gone""#));
+        assert!(m.render(0).contains(r#"limit="gone""#));
         let old = limiter.rules();
         limiter.replace_rules(doc(&["kept"])).unwrap();
         m.forget_removed_limits(&old, &limiter.rules());
-        let text = m.render();
+        let text = m.render(0);
         assert!(!text.contains(r#"limit="gone""#), "{text}");
         assert!(
             text.contains(r#"quotaflow_limit_decisions_total{limit="kept",verdict="allowed"} 1"#)
@@ -714,6 +868,12 @@ mod tests {
         );
         let breaches = m.breaches.with_label_values(&["tb", "false"]);
         assert_eq!(breaches.get(), 1, "one episode while held at the limit");
+        // The episode began at the second request and is still refusing.
+        let longest = m.episodes.longest_ms(now);
+        assert!((9_000..=10_000).contains(&longest), "{longest}");
+        assert!(m.render(now).contains("quotaflow_breach_longest_seconds 9"));
+        // Past its calm spell the episode no longer counts as ongoing.
+        assert_eq!(m.episodes.longest_ms(now + 5_000), 0);
         // Quiet for longer than the calm spell (the bucket's 1 s), then allowed.
         now += 5_000;
         let ended = limiter.check_then(&req, now, |rules, d| {
