@@ -184,125 +184,31 @@ fn tokenize(expr: &str) -> Result<Vec<Tok>, String> {
     Ok(out)
 }
 
-const AGGREGATORS: &[&str] = &[
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "group",
-    "stddev",
-    "stdvar",
-    "count",
-    "count_values",
-    "bottomk",
-    "topk",
-    "quantile",
-    "limitk",
-    "limit_ratio",
-];
+const AGGREGATORS: &str = "\
+    sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk \
+    limit_ratio";
 
-const FUNCTIONS: &[&str] = &[
-    "abs",
-    "absent",
-    "absent_over_time",
-    "acos",
-    "acosh",
-    "asin",
-    "asinh",
-    "atan",
-    "atanh",
-    "avg_over_time",
-    "ceil",
-    "changes",
-    "clamp",
-    "clamp_max",
-    "clamp_min",
-    "cos",
-    "cosh",
-    "count_over_time",
-    "day_of_month",
-    "day_of_week",
-    "day_of_year",
-    "days_in_month",
-    "deg",
-    "delta",
-    "deriv",
-    "double_exponential_smoothing",
-    "exp",
-    "floor",
-    "histogram_avg",
-    "histogram_count",
-    "histogram_fraction",
-    "histogram_quantile",
-    "histogram_stddev",
-    "histogram_stdvar",
-    "histogram_sum",
-    "holt_winters",
-    "hour",
-    "idelta",
-    "increase",
-    "irate",
-    "label_join",
-    "label_replace",
-    "last_over_time",
-    "ln",
-    "log10",
-    "log2",
-    "mad_over_time",
-    "max_over_time",
-    "min_over_time",
-    "minute",
-    "month",
-    "pi",
-    "predict_linear",
-    "present_over_time",
-    "quantile_over_time",
-    "rad",
-    "rate",
-    "resets",
-    "round",
-    "scalar",
-    "sgn",
-    "sin",
-    "sinh",
-    "sort",
-    "sort_by_label",
-    "sort_by_label_desc",
-    "sort_desc",
-    "sqrt",
-    "stddev_over_time",
-    "stdvar_over_time",
-    "sum_over_time",
-    "tan",
-    "tanh",
-    "time",
-    "timestamp",
-    "vector",
-    "year",
-    "start",
-    "end",
-];
+const FUNCTIONS: &str = "\
+    abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes \
+    clamp clamp_max clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year \
+    days_in_month deg delta deriv double_exponential_smoothing exp floor histogram_avg \
+    histogram_count histogram_fraction histogram_quantile histogram_stddev histogram_stdvar \
+    histogram_sum holt_winters hour idelta increase irate label_join label_replace \
+    last_over_time ln log10 log2 mad_over_time max_over_time min_over_time minute month pi \
+    predict_linear present_over_time quantile_over_time rad rate resets round scalar sgn sin \
+    sinh sort sort_by_label sort_by_label_desc sort_desc sqrt stddev_over_time \
+    stdvar_over_time sum_over_time tan tanh time timestamp vector year start end";
 
 /// Words that are neither metrics nor functions.
-const KEYWORDS: &[&str] = &[
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "offset",
-    "and",
-    "or",
-    "unless",
-    "atan2",
-    "inf",
-    "nan",
-];
+const KEYWORDS: &str = "\
+    by without on ignoring group_left group_right bool offset and or unless atan2 inf nan";
 
 /// Functions that make labels of their string arguments.
-const LABEL_MAKERS: &[&str] = &["label_replace", "label_join", "count_values"];
+const LABEL_MAKERS: &str = "label_replace label_join count_values";
+
+fn is_one_of(list: &str, word: &str) -> bool {
+    list.split_whitespace().any(|w| w == word)
+}
 
 /// A metric as a query names it, resolved against the catalog.
 #[derive(Debug)]
@@ -432,7 +338,7 @@ fn check_promql(expr: &str, cat: &Catalog, values: &Values) -> Vec<String> {
             Tok::Ident(w) => {
                 let lower = w.to_ascii_lowercase();
                 let next_open = toks.get(i + 1) == Some(&Tok::Open('('));
-                if KEYWORDS.contains(&lower.as_str()) {
+                if is_one_of(KEYWORDS, &lower) {
                     if next_open && lower != "bool" && lower != "atan2" {
                         match ident_list(&toks, i + 1) {
                             Ok((labels, close)) => {
@@ -442,7 +348,7 @@ fn check_promql(expr: &str, cat: &Catalog, values: &Values) -> Vec<String> {
                             Err(e) => problems.push(e),
                         }
                     }
-                } else if AGGREGATORS.contains(&w.as_str()) || FUNCTIONS.contains(&w.as_str()) {
+                } else if is_one_of(AGGREGATORS, w) || is_one_of(FUNCTIONS, w) {
                     // `sum by (x) (...)`: an aggregation, not a metric.
                 } else if next_open {
                     problems.push(format!("unknown function `{w}`"));
@@ -511,11 +417,12 @@ fn check_promql(expr: &str, cat: &Catalog, values: &Values) -> Vec<String> {
     for (kind, labels, at) in &clauses {
         // The series a clause groups: an aggregation's argument; for
         // vector matching (on, ignoring, group_*), the whole expression.
+        // Labels an inner aggregation drops are not tracked.
         let span = if kind == "by" || kind == "without" {
             let after_aggregator = at
                 .checked_sub(1)
                 .and_then(|p| match &toks[p] {
-                    Tok::Ident(a) if AGGREGATORS.contains(&a.as_str()) => Some(()),
+                    Tok::Ident(a) if is_one_of(AGGREGATORS, a) => Some(()),
                     _ => None,
                 })
                 .is_some();
@@ -534,11 +441,11 @@ fn check_promql(expr: &str, cat: &Catalog, values: &Values) -> Vec<String> {
             problems.push(format!("cannot tell what `{kind}` groups in `{expr}`"));
             continue;
         };
-        let inside: Vec<&Ref> = refs.iter().filter(|r| r.at > from && r.at < to).collect();
+        let inside: Vec<&Ref> = refs.iter().filter(|r| r.at >= from && r.at < to).collect();
         // label_replace and friends make labels a catalog cannot know.
         let made: BTreeSet<String> = if toks[from..to]
             .iter()
-            .any(|t| matches!(t, Tok::Ident(f) if LABEL_MAKERS.contains(&f.as_str())))
+            .any(|t| matches!(t, Tok::Ident(f) if is_one_of(LABEL_MAKERS, f)))
         {
             toks[from..to]
                 .iter()
@@ -572,7 +479,7 @@ fn check_promql(expr: &str, cat: &Catalog, values: &Values) -> Vec<String> {
     problems
 }
 
-/// Every non-row panel of a dashboard, rows' nested panels included.
+/// Every panel of a dashboard: rows, and the panels nested in collapsed rows.
 fn panels(dash: &Value) -> Vec<&Value> {
     let mut out = Vec::new();
     for p in dash["panels"].as_array().into_iter().flatten() {
@@ -1055,6 +962,10 @@ fn scan_log_calls() -> (Vec<LogCall>, Vec<String>) {
     let mut calls = Vec::new();
     let mut problems = Vec::new();
     let mut event_fields = 0;
+    let macros: Vec<(String, Vec<char>)> = ["trace", "debug", "info", "warn", "error"]
+        .iter()
+        .map(|l| (l.to_string(), format!("{l}!(").chars().collect()))
+        .collect();
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read source");
         event_fields += text.matches("event = \"").count();
@@ -1066,16 +977,10 @@ fn scan_log_calls() -> (Vec<LogCall>, Vec<String>) {
             .to_string();
         let mut i = 0;
         while i < src.len() {
-            let Some((level, open)) =
-                ["trace", "debug", "info", "warn", "error"]
-                    .iter()
-                    .find_map(|l| {
-                        let pat: Vec<char> = format!("{l}!(").chars().collect();
-                        let hit = src[i..].starts_with(&pat)
-                            && (i == 0 || !(src[i - 1].is_alphanumeric() || src[i - 1] == '_'));
-                        hit.then(|| (l.to_string(), i + pat.len() - 1))
-                    })
-            else {
+            let word_start = i == 0 || !(src[i - 1].is_alphanumeric() || src[i - 1] == '_');
+            let Some((level, open)) = macros.iter().find_map(|(l, pat)| {
+                (word_start && src[i..].starts_with(pat)).then(|| (l.clone(), i + pat.len() - 1))
+            }) else {
                 i += 1;
                 continue;
             };
