@@ -661,12 +661,16 @@ fn assert_final_states_match_the_oracle(f: &Fixture, sent: &[Sent], users: usize
 /// replays repeat ids, never change them.
 fn assert_one_decision_per_event(f: &Fixture, sent: &[Sent]) {
     // One decision per event (every_event); replays repeat ids, never change them.
-    let records = read_until(&f.decisions, Duration::from_secs(30), |r| {
-        r.iter()
-            .map(|x| x.header("quotaflow.id").unwrap_or_default().to_owned())
-            .collect::<BTreeSet<_>>()
-            .len()
-            >= sent.len()
+    // The distinct count is taken only once enough records are in: taken
+    // at every record it made the read quadratic, and a busy machine ran
+    // out of time before the replayed decisions (the last ones) were read.
+    let records = read_until(&f.decisions, Duration::from_secs(60), |r| {
+        r.len() >= sent.len()
+            && r.iter()
+                .map(|x| x.header("quotaflow.id").unwrap_or_default())
+                .collect::<BTreeSet<_>>()
+                .len()
+                >= sent.len()
     });
     let mut by_id: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for r in &records {
@@ -686,7 +690,18 @@ fn assert_one_decision_per_event(f: &Fixture, sent: &[Sent]) {
         .iter()
         .map(|s| format!("{}:{}:{}:decision:0", f.requests, s.partition, s.offset))
         .collect();
-    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), want);
+    let got: BTreeSet<String> = by_id.keys().cloned().collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    let extra: Vec<_> = got.difference(&want).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} decisions missing (first {:?}), {} unexpected (first {:?}), {} records read",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        extra.len(),
+        extra.iter().take(5).collect::<Vec<_>>(),
+        records.len()
+    );
 }
 
 /// Redis dies mid-stream and comes back empty (no persistence) while three
