@@ -308,7 +308,7 @@ impl StreamMetrics {
             outputs_republished: IntCounterVec::new(
                 Opts::new(
                     "outputs_republished_total",
-                    "Outputs published again after a restore replayed events a previous owner had already decided, by kind (decision, alert); consumers drop them by their quotaflow.id header.",
+                    "Outputs published again after a restore replayed events a previous owner had already decided, by kind (decision, alert, dead_letter); consumers drop them by their quotaflow.id header.",
                 ),
                 &["kind"],
             )?,
@@ -331,7 +331,7 @@ impl StreamMetrics {
         }
         reg.add(&m.checkpoint_reseeds)?;
         reg.add(&m.partitions_retaken)?;
-        for kind in ["decision", "alert"] {
+        for kind in ["decision", "alert", "dead_letter"] {
             m.outputs_republished.with_label_values(&[kind]);
         }
         reg.add(&m.checkpoint_last_success)?;

@@ -205,7 +205,8 @@ impl Worker {
         });
         let store = Arc::new(KeyedStore::new(ctx.processing.shards));
         let epoch = Arc::new(AtomicU64::new(epoch));
-        let checkpointer = Checkpointer::spawn(ctx.clone(), partition, epoch.clone())?;
+        let checkpointer =
+            Checkpointer::spawn(ctx.clone(), partition, epoch.clone(), progress.clone())?;
         let (theirs, st) = (progress.clone(), store.clone());
         let owned = ctx.metrics.stream.partitions_owned.clone();
         // Counted here, and uncounted as the worker's thread ends.
@@ -374,6 +375,22 @@ fn run<S: Source>(
     // earliest offset left), also for a partition never checkpointed, or
     // whose checkpoint the store lost.
     let mut resume_at = Some(proc.next_offset());
+    // Events up to a previous owner's progress mark were decided, and
+    // their outputs published, before it went: their outputs now are
+    // published again (consumers drop them by `quotaflow.id`).
+    let replay_until = match ctx.checkpoints.store.progress(partition) {
+        Ok(Some(mark)) if mark > proc.next_offset() => {
+            tracing::info!(
+                event = "replaying_decided_events",
+                partition,
+                from = proc.next_offset(),
+                to = mark,
+                "a previous owner decided these events after its last checkpoint; their outputs are published again"
+            );
+            mark
+        }
+        _ => i64::MIN,
+    };
     let mut out = Vec::new();
     // Every record is decoded into this one event, reusing its strings.
     let mut decoded = RequestEvent::default();
@@ -415,7 +432,7 @@ fn run<S: Source>(
             progress.position.store(r.offset + 1, Ordering::Relaxed);
             consumed.inc();
             if !out.is_empty() {
-                count_outputs(&ctx.metrics, &out);
+                count_outputs(&ctx.metrics, &out, r.offset < replay_until);
                 publish(&ctx, partition, &out, &delivery);
                 out.clear();
             }
@@ -504,9 +521,17 @@ fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<D
     }
 }
 
-fn count_outputs(metrics: &Metrics, out: &[Output]) {
+fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
     let m = &metrics.stream;
     for o in out {
+        if republished {
+            let kind = match o {
+                Output::Decision(_) => "decision",
+                Output::Alert(_) => "alert",
+                Output::DeadLetter { .. } => "dead_letter",
+            };
+            m.outputs_republished.with_label_values(&[kind]).inc();
+        }
         match o {
             Output::Decision(d) => {
                 let action = match d.action {

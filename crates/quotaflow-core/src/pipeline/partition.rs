@@ -680,6 +680,49 @@ mod tests {
         assert_eq!(p.next_offset(), 9);
     }
 
+    /// An event with only `method` and `path` counts against endpoint and
+    /// global limits as a `/check` would; only one with none of the five
+    /// request fields is a dead letter (docs/stream.md, "Dead letters").
+    #[test]
+    fn an_event_without_identity_counts_and_one_without_any_field_is_a_dead_letter() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_path", "key": ["path"], "algorithm": "fixed_window", "limit": 1, "window": "10s"}]}"#,
+        )
+        .unwrap();
+        let l = Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap();
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let anonymous = RequestEvent {
+            user_id: None,
+            api_key: None,
+            client_ip: None,
+            ..event("-", 1_000)
+        };
+        let rec = |offset| InputRecord {
+            offset,
+            broker_ts_ms: Some(1_000),
+            key: None,
+            payload: b"",
+        };
+        let mut out = Vec::new();
+        p.process(&l, rec(0), Ok(&anonymous), &mut out);
+        p.process(&l, rec(1), Ok(&anonymous), &mut out);
+        let Some(Output::Decision(block)) = out.first() else {
+            panic!("the second anonymous event is refused by its path: {out:?}")
+        };
+        assert_eq!(block.key, "per_path/path=/x");
+        out.clear();
+        let empty = RequestEvent {
+            method: None,
+            path: None,
+            ..anonymous
+        };
+        p.process(&l, rec(2), Ok(&empty), &mut out);
+        assert!(
+            matches!(&out[..], [Output::DeadLetter { source_offset: 2, reason, .. }] if reason.contains("at least one of")),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn alerts_aggregate_per_key_and_window_with_offenders() {
         let l = limiter();
