@@ -341,7 +341,7 @@ impl StreamMetrics {
 }
 
 impl StreamMetrics {
-    /// The lag gauge per partition, as last set (Kafka mode, every 5 s).
+    /// The lag gauge per partition, as last set (Kafka mode, every second).
     pub fn lags(&self) -> BTreeMap<i32, i64> {
         samples(&self.partition_lag)
             .into_iter()

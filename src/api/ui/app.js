@@ -152,7 +152,7 @@ function render(s) {
   const st = s.stream;
   $("stream-note").textContent = {
     embedded: "Embedded bus (POST /events). Output keys are shown as fingerprints.",
-    kafka: "Kafka consumer group; decisions and alerts are on their topics. Lag is refreshed every 5 s.",
+    kafka: "Kafka consumer group; decisions and alerts are on their topics.",
     none: "Not running.",
   }[st.mode] || "";
   fill("partitions", st.partitions.map((p) => row(
