@@ -270,7 +270,7 @@ impl StreamMetrics {
             checkpoint_failures: IntCounterVec::new(
                 Opts::new(
                     "checkpoint_failures_total",
-                    "Checkpoints not written, by reason (fenced, unavailable, flush, corrupt).",
+                    "Checkpoints not written, by reason (fenced, unavailable, flush, backwards, corrupt).",
                 ),
                 &["reason"],
             )?,
@@ -424,7 +424,7 @@ impl Metrics {
         let invalid_requests = IntCounterVec::new(
             Opts::new(
                 "invalid_requests_total",
-                "Check requests refused as malformed (400), by endpoint.",
+                "Requests refused as malformed (400), by endpoint (check, forward_auth, events).",
             ),
             &["endpoint"],
         )?;
