@@ -22,6 +22,8 @@
 # `up` prints only these lines on stdout (all progress goes to stderr),
 #   export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
 #   export REDIS_URL=redis://127.0.0.1:6379
+# (and SCHEMATHESIS, CHROMIUM, NODEJS: the tools tests/openapi.rs and
+# tests/ui.rs run)
 # once both answer: Redis to PING, Kafka to a full client round trip (create
 # topic `quotaflow-ready`, produce to it, read it back in consumer group
 # `quotaflow-ready`; see services/KafkaReady.java). A caller takes them in with
@@ -52,7 +54,8 @@
 # command-line tools and a log4j2 backend), fetched once by
 # `mvn dependency:copy-dependencies`; it needs java (17+) and mvn. Redis is
 # Debian's redis-server (and Debian's prometheus package, whose promtool and
-# server the rules' tests run), installed with apt-get when missing. Neither service is run
+# server the rules' tests run), installed with apt-get when missing; so are
+# Chromium and Node, for the live page's browser test. Neither service is run
 # through systemd or an init script: both are started directly and tracked by
 # pid files under $QUOTAFLOW_CACHE/run/.
 #
@@ -222,6 +225,33 @@ install_schemathesis() {
     rm -rf "$SCHEMATHESIS_VENV"
     die "could not install schemathesis (see $log_file)"
   }
+}
+
+# Headless Chromium and Node drive the live page (GET /ui) in tests/ui.rs
+# through tests/ui/driver.mjs, which needs no npm package (the DevTools
+# protocol over a pipe). Both from Debian, installed once when missing.
+browser_installed() {
+  command -v chromium >/dev/null 2>&1 && command -v node >/dev/null 2>&1
+}
+
+install_browser() {
+  browser_installed && return 0
+  command -v apt-get >/dev/null 2>&1 || die "chromium or node is missing and apt-get is not available to install them"
+  local apt_log=$CACHE/logs/browser-install.log rc=0 packages=()
+  command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+  command -v node >/dev/null 2>&1 || packages+=(nodejs)
+  mkdir -p "$CACHE/logs"
+  log "installing ${packages[*]} with apt-get (once; log: $apt_log)"
+  {
+    as_root apt-get -o DPkg::Lock::Timeout=300 update &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
+        install -y --no-install-recommends "${packages[@]}"
+  } </dev/null >"$apt_log" 2>&1 || rc=$?
+  if ((rc != 0)) || ! browser_installed; then
+    show_tail "$apt_log"
+    die "could not install ${packages[*]} with apt-get (exit $rc); see $apt_log"
+  fi
+  log "installed: $(chromium --version 2>/dev/null | head -n1), node $(node --version)"
 }
 
 need_java() {
@@ -700,9 +730,12 @@ cmd_up() {
   if ((WANT_KAFKA)); then need_java; fi
   if ((WANT_REDIS)); then redis_up; fi
   if ((WANT_KAFKA)); then kafka_up; fi
-  # Not a service, but what the test command needs beside them.
+  # Not services, but what the test command needs beside them.
   install_schemathesis
+  install_browser
   echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
+  echo "export CHROMIUM=$(command -v chromium)"
+  echo "export NODEJS=$(command -v node)"
   if ((WANT_KAFKA)); then echo "export KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT"; fi
   if ((WANT_REDIS)); then echo "export REDIS_URL=redis://$HOST:$REDIS_PORT"; fi
 }
