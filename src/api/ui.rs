@@ -151,9 +151,9 @@ fn snapshot(app: &AppState, now: u64) -> Value {
     })
 }
 
-/// Partition ownership and lag, and the embedded pipeline's latest outputs
-/// with their keys fingerprinted (the outputs name user ids and addresses
-/// in clear; in Kafka mode they are on the topics, not here).
+/// Partition ownership and lag, and the latest BLOCK/UNBLOCK decisions and
+/// alerts this instance published, with their keys fingerprinted (the
+/// outputs name user ids and addresses in clear).
 fn stream(app: &AppState, fp: &Fingerprinter) -> Value {
     let Some(coordinator) = &app.coordinator else {
         return json!({"mode": "none", "partitions": [], "decisions": null, "alerts": null});
@@ -179,15 +179,10 @@ fn stream(app: &AppState, fp: &Fingerprinter) -> Value {
             })
         })
         .collect();
-    let Some(embedded) = &app.embedded else {
-        return json!({"mode": "kafka", "partitions": partitions, "decisions": null, "alerts": null});
-    };
-    let decisions: Vec<Value> = embedded
-        .sink
-        .decisions
-        .lock()
+    let recent = &app.metrics.stream.recent;
+    let decisions: Vec<Value> = recent
+        .decisions()
         .iter()
-        .rev()
         .take(ROWS)
         .map(|d| {
             json!({
@@ -200,12 +195,9 @@ fn stream(app: &AppState, fp: &Fingerprinter) -> Value {
             })
         })
         .collect();
-    let alerts: Vec<Value> = embedded
-        .sink
-        .alerts
-        .lock()
+    let alerts: Vec<Value> = recent
+        .alerts()
         .iter()
-        .rev()
         .take(ROWS)
         .map(|a| {
             json!({
@@ -218,5 +210,10 @@ fn stream(app: &AppState, fp: &Fingerprinter) -> Value {
             })
         })
         .collect();
-    json!({"mode": "embedded", "partitions": partitions, "decisions": decisions, "alerts": alerts})
+    let mode = if app.embedded.is_some() {
+        "embedded"
+    } else {
+        "kafka"
+    };
+    json!({"mode": mode, "partitions": partitions, "decisions": decisions, "alerts": alerts})
 }

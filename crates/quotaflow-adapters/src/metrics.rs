@@ -16,6 +16,8 @@ use prometheus::{
 };
 
 use quotaflow_core::limiter::{BreachEvent, Decision, LimitOutcome};
+use quotaflow_core::pipeline::records::{Action, BreachAlert, DecisionRecord};
+use quotaflow_core::pipeline::Output;
 use quotaflow_core::rules::{Limit, Rules};
 use quotaflow_core::state::KeyId;
 
@@ -207,6 +209,49 @@ pub struct StreamMetrics {
     /// Outputs published again by a restore that replayed events another
     /// owner had already decided (consumers drop them by `quotaflow.id`).
     pub outputs_republished: IntCounterVec,
+    /// The latest block/unblock decisions and alerts, for the live page.
+    pub recent: RecentOutputs,
+}
+
+/// Rows kept of each kind in [`RecentOutputs`].
+const RECENT_OUTPUTS: usize = 32;
+
+/// The latest BLOCK/UNBLOCK decisions and breach alerts this instance
+/// published, in both stream modes: a bounded ring written only when a key
+/// changes state or an alert closes, never per allowed event.
+#[derive(Default)]
+pub struct RecentOutputs {
+    decisions: parking_lot::Mutex<VecDeque<DecisionRecord>>,
+    alerts: parking_lot::Mutex<VecDeque<BreachAlert>>,
+}
+
+impl RecentOutputs {
+    pub fn note(&self, output: &Output) {
+        fn push<T: Clone>(ring: &parking_lot::Mutex<VecDeque<T>>, item: &T) {
+            let mut ring = ring.lock();
+            if ring.len() == RECENT_OUTPUTS {
+                ring.pop_front();
+            }
+            ring.push_back(item.clone());
+        }
+        match output {
+            Output::Decision(d) if matches!(d.action, Action::Block | Action::Unblock) => {
+                push(&self.decisions, d)
+            }
+            Output::Alert(a) => push(&self.alerts, a),
+            _ => {}
+        }
+    }
+
+    /// Newest first.
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.decisions.lock().iter().rev().cloned().collect()
+    }
+
+    /// Newest first.
+    pub fn alerts(&self) -> Vec<BreachAlert> {
+        self.alerts.lock().iter().rev().cloned().collect()
+    }
 }
 
 impl StreamMetrics {
@@ -305,6 +350,7 @@ impl StreamMetrics {
                 "checkpoint_last_success_timestamp_seconds",
                 "Unix time of this instance's last successful partition checkpoint (0 before the first; checkpoints are taken only when a partition has new events).",
             )?,
+            recent: RecentOutputs::default(),
             outputs_republished: IntCounterVec::new(
                 Opts::new(
                     "outputs_republished_total",
