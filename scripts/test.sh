@@ -18,6 +18,7 @@ echo "==> starting Kafka and Redis (scripts/services.sh up)"
 services_env=$(scripts/services.sh up)
 eval "$services_env"
 export KAFKA_BOOTSTRAP_SERVERS REDIS_URL
+eval "$(scripts/tools.sh)" # kubeconform, kustomize, compose/Dockerfile checkers for tests/deploy.rs
 
 echo "==> cargo test"
 log=$(mktemp)
