@@ -483,6 +483,13 @@ fn kubernetes_config_starts_in_kafka_mode_within_its_memory_request() {
     let server = Server::start(Some(&file), &env);
     wait_stream_ready(&server, 4);
     let baseline = rss_bytes(server.pid());
+    // Every limit counted once for the group: keyed by the partition key.
+    let unaligned: Vec<String> = server
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("limit_not_partition_aligned"))
+        .collect();
+    assert!(unaligned.is_empty(), "{unaligned:?}");
 
     // deployment.yaml's figures: request >= baseline + max_keys x 113 B.
     let docs = yaml("-", Some(&kustomize_build()));
