@@ -51,7 +51,7 @@ die() {
 trap 'die "failed at line $LINENO"' ERR
 
 # Never let `go` fetch a toolchain of its own: only modules come from the proxy.
-export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
+export GOTOOLCHAIN=local GOFLAGS="${GOFLAGS:-} -buildvcs=false"
 
 stamp_is() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ] && [ -x "$BIN/$1" ]; }
 

@@ -76,13 +76,24 @@ fn with_stdin(cmd: &mut Command, input: &str) -> Output {
     child.wait_with_output().expect("wait")
 }
 
-/// Every YAML document of `yaml` (a file path or, with `-`, `input`).
-fn yaml(path: &str, input: Option<&str>) -> Vec<Value> {
-    let out = match input {
-        Some(i) => with_stdin(Command::new("yaml2json").arg("-"), i),
-        None => run(Command::new("yaml2json").arg(path)),
-    };
-    assert!(out.status.success(), "yaml2json {path}:\n{}", text(&out));
+/// Every YAML document of a file, as JSON.
+fn yaml_file(path: &Path) -> Vec<Value> {
+    yaml_docs(
+        &run(Command::new("yaml2json").arg(path)),
+        &path.display().to_string(),
+    )
+}
+
+/// Every YAML document of `text`, as JSON.
+fn yaml_text(text: &str) -> Vec<Value> {
+    yaml_docs(
+        &with_stdin(Command::new("yaml2json").arg("-"), text),
+        "stdin",
+    )
+}
+
+fn yaml_docs(out: &Output, what: &str) -> Vec<Value> {
+    assert!(out.status.success(), "yaml2json {what}:\n{}", text(out));
     match serde_json::from_slice(&out.stdout).expect("yaml2json prints JSON") {
         Value::Array(docs) => docs,
         other => panic!("yaml2json printed {other}"),
@@ -240,7 +251,7 @@ spec:
 
 #[test]
 fn kubernetes_deployment_is_probed_hardened_and_wired() {
-    let docs = yaml("-", Some(&kustomize_build()));
+    let docs = yaml_text(&kustomize_build());
     let kinds: BTreeSet<&str> = docs.iter().map(|d| str_of(&d["kind"], "kind")).collect();
     let want = [
         "ConfigMap",
@@ -492,7 +503,7 @@ fn kubernetes_config_starts_in_kafka_mode_within_its_memory_request() {
     assert!(unaligned.is_empty(), "{unaligned:?}");
 
     // deployment.yaml's figures: request >= baseline + max_keys x 113 B.
-    let docs = yaml("-", Some(&kustomize_build()));
+    let docs = yaml_text(&kustomize_build());
     let resources =
         &kind(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"];
     let request = quantity(str_of(&resources["requests"]["memory"], "memory request"));
@@ -664,10 +675,7 @@ fn compose_file_follows_the_spec_and_wires_the_stack() {
         command.contains(&"--config.file=/etc/prometheus/prometheus.yml"),
         "{command:?}"
     );
-    let config = &yaml(
-        prom_dir.join("prometheus.yml").to_str().expect("utf-8"),
-        None,
-    )[0];
+    let config = &yaml_file(&prom_dir.join("prometheus.yml"))[0];
     for rules in config["rule_files"].as_array().expect("rule_files") {
         let file = prom_dir.join(str_of(rules, "rule file"));
         assert!(
@@ -700,13 +708,7 @@ fn compose_file_follows_the_spec_and_wires_the_stack() {
     let grafana = &s["grafana"];
     let provisioning = PathBuf::from(bind_source(grafana, "/etc/grafana/provisioning"));
     assert_eq!(provisioning, repo().join("deploy/grafana/provisioning"));
-    let provider = &yaml(
-        provisioning
-            .join("dashboards/quotaflow.yml")
-            .to_str()
-            .expect("utf-8"),
-        None,
-    )[0];
+    let provider = &yaml_file(&provisioning.join("dashboards/quotaflow.yml"))[0];
     let path = str_of(
         &provider["providers"][0]["options"]["path"],
         "provider path",
@@ -715,13 +717,7 @@ fn compose_file_follows_the_spec_and_wires_the_stack() {
         PathBuf::from(bind_source(grafana, path)),
         repo().join("deploy/grafana/dashboards")
     );
-    let datasource = &yaml(
-        provisioning
-            .join("datasources/prometheus.yml")
-            .to_str()
-            .expect("utf-8"),
-        None,
-    )[0];
+    let datasource = &yaml_file(&provisioning.join("datasources/prometheus.yml"))[0];
     let url = str_of(&datasource["datasources"][0]["url"], "datasource url");
     assert_eq!(host_port(url), ("prometheus", 9090));
     assert_eq!(prom["ports"][0]["target"], 9090);
@@ -1025,12 +1021,7 @@ fn prometheus_config_is_valid() {
 #[test]
 fn grafana_provisioning_declares_the_datasource_and_dashboard_provider() {
     let base = repo().join("deploy/grafana/provisioning");
-    let ds = &yaml(
-        base.join("datasources/prometheus.yml")
-            .to_str()
-            .expect("utf-8"),
-        None,
-    )[0];
+    let ds = &yaml_file(&base.join("datasources/prometheus.yml"))[0];
     assert_eq!(ds["apiVersion"], 1);
     let sources = ds["datasources"].as_array().expect("datasources");
     assert_eq!(sources.len(), 1);
@@ -1044,12 +1035,7 @@ fn grafana_provisioning_declares_the_datasource_and_dashboard_provider() {
     );
     assert!(str_of(&d["url"], "url").starts_with("http://"));
 
-    let dash = &yaml(
-        base.join("dashboards/quotaflow.yml")
-            .to_str()
-            .expect("utf-8"),
-        None,
-    )[0];
+    let dash = &yaml_file(&base.join("dashboards/quotaflow.yml"))[0];
     assert_eq!(dash["apiVersion"], 1);
     let p = &dash["providers"][0];
     assert_eq!(p["type"], "file");
