@@ -117,6 +117,8 @@ PY
   echo "$want" >"$SCHEMAS/.complete"
 }
 
+# The Go toolchain's usual place, for a shell whose PATH lacks it.
+command -v go >/dev/null || [ ! -x /usr/local/go/bin/go ] || PATH=/usr/local/go/bin:$PATH
 command -v go >/dev/null || die "go is not installed (the Go toolchain builds the deploy checks)"
 command -v python3 >/dev/null || die "python3 is not installed (pip fetches the Kubernetes schemas)"
 mkdir -p "$BIN" "$STAMPS"
