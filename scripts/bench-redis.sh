@@ -64,7 +64,7 @@
 #                     QUOTAFLOW__REDIS__DENY_CACHE=false
 #   NICE=0            nice level of the servers, Redis and the load tools
 #   SKIP_BUILD=0      1: no cargo build
-#   ENVOY_RATELIMIT_VERSION=<pinned in scripts/tools.sh>   module version
+#   ENVOY_RATELIMIT_VERSION=<pinned in scripts/tools.sh>   module version to build
 #   QUOTAFLOW_CACHE=~/.cache/quotaflow
 # Results and logs: target/bench-redis/ (under CARGO_TARGET_DIR when set).
 #
@@ -87,10 +87,6 @@ NICE="${NICE:-0}"
 BENCH_USERS="${BENCH_USERS:-10000}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 WARMUP=3
-# shellcheck source=scripts/tools.sh
-. scripts/tools.sh
-ENVOY_RATELIMIT_VERSION="${ENVOY_RATELIMIT_VERSION:-$ENVOY_RATELIMIT_PINNED}"
-export ENVOY_RATELIMIT_VERSION
 ENVOY_BIN=""
 ENVOY_GRPC_PORT=$((ENVOY_PORT + 1))
 ENVOY_DEBUG_PORT=$((ENVOY_PORT + 2))
@@ -170,7 +166,9 @@ rm -rf "${OUT:?}"/*.txt "${OUT:?}"/*.json "${OUT:?}"/*.log "${OUT:?}"/*.stderr "
 ENVOY_VERSION="n/a"
 case " $SERVERS " in
   *" envoy "*)
-    ENVOY_BIN="$(tool_envoy_ratelimit)" || die "installing envoy ratelimit failed (scripts/tools.sh)"
+    envoy_env="$(scripts/tools.sh envoy-ratelimit)" || die "installing envoy ratelimit failed (scripts/tools.sh)"
+    eval "$envoy_env"
+    ENVOY_BIN="$ENVOY_RATELIMIT_BIN"
     say "envoy ratelimit: $ENVOY_BIN"
     ENVOY_VERSION="$("$GO" version -m "$ENVOY_BIN" 2>/dev/null |
       awk '$1 == "mod" && $2 == "github.com/envoyproxy/ratelimit" {print $3}')"

@@ -6,8 +6,8 @@
 //! by design.
 //!
 //! envoy ratelimit comes from `ENVOY_RATELIMIT_BIN` (exported by
-//! `scripts/services.sh up`), else from `scripts/tools.sh envoy-ratelimit`,
-//! which builds it once.
+//! `scripts/tools.sh`, which scripts/test.sh evaluates), else from
+//! `scripts/tools.sh envoy-ratelimit`, which builds it once.
 
 mod common;
 
@@ -67,11 +67,14 @@ fn envoy_binary() -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/tools.sh");
-    assert!(
-        out.status.success(),
-        "scripts/tools.sh envoy-ratelimit failed: cannot run envoyproxy/ratelimit"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export ENVOY_RATELIMIT_BIN="));
+    match path {
+        Some(p) if out.status.success() => PathBuf::from(p.trim()),
+        _ => panic!("scripts/tools.sh envoy-ratelimit failed: cannot run envoyproxy/ratelimit"),
+    }
 }
 
 fn free_port() -> u16 {

@@ -532,6 +532,7 @@ fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
             };
             m.outputs_republished.with_label_values(&[kind]).inc();
         }
+        m.recent.note(o);
         match o {
             Output::Decision(d) => {
                 let action = match d.action {
