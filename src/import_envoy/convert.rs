@@ -132,14 +132,10 @@ pub fn convert(domains: &[Domain], mapping: &Mapping, mut report: Report) -> Con
             report.note(
                 &at,
                 format!(
-                    "{}={value} is unlimited in envoy ratelimit where the other limits would count it; \
-                     whitelisted ({} has no other limit)",
+                    "{}={value} is unlimited in envoy ratelimit where {} would count it; whitelisted \
+                     (envoy applies no other non-shadow limit of this config to it)",
                     dim.as_str(),
-                    if names.len() == 1 {
-                        "the config"
-                    } else {
-                        "every limit is one of those; the config"
-                    }
+                    list(&needed_by)
                 ),
             );
             match dim {

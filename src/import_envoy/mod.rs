@@ -220,9 +220,14 @@ impl Import {
             }
         }
         out.push('\n');
-        // Array-of-tables headers are the only lines that start so; strings
-        // never span lines in this output.
-        let mut next = self.origins.iter();
+        // Array-of-tables headers are the only such lines unless a string
+        // spans lines: then no comments rather than misplaced ones.
+        let headers = body.lines().filter(|l| *l == "[[limits]]").count();
+        let mut next = self.origins.iter().take(if headers == self.origins.len() {
+            headers
+        } else {
+            0
+        });
         for line in body.lines() {
             if line == "[[limits]]" {
                 if let Some(o) = next.next() {
