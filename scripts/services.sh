@@ -6,7 +6,10 @@
 # Usage:
 #   scripts/services.sh up [kafka|redis]...   install what is missing, start
 #                                             what is not running, wait until
-#                                             ready, print `export ...` lines
+#                                             ready, print `export ...` lines;
+#                                             with both (no argument) also the
+#                                             test tools: Schemathesis,
+#                                             Chromium and Node
 #   scripts/services.sh down [kafka|redis]... stop (TERM, then KILL); idempotent
 #   scripts/services.sh status                show what runs (exit 3 if not all)
 #   scripts/services.sh clean                 down, then delete the data dirs
@@ -730,12 +733,15 @@ cmd_up() {
   if ((WANT_KAFKA)); then need_java; fi
   if ((WANT_REDIS)); then redis_up; fi
   if ((WANT_KAFKA)); then kafka_up; fi
-  # Not services, but what the test command needs beside them.
-  install_schemathesis
-  install_browser
-  echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
-  echo "export CHROMIUM=$(command -v chromium)"
-  echo "export NODEJS=$(command -v node)"
+  # Not services, but what the test command needs beside them: only for a
+  # full `up` (`up redis` stays a Redis, not a browser download).
+  if ((WANT_KAFKA && WANT_REDIS)); then
+    install_schemathesis
+    install_browser
+    echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
+    echo "export CHROMIUM=$(command -v chromium)"
+    echo "export NODEJS=$(command -v node)"
+  fi
   if ((WANT_KAFKA)); then echo "export KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT"; fi
   if ((WANT_REDIS)); then echo "export REDIS_URL=redis://$HOST:$REDIS_PORT"; fi
 }

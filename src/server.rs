@@ -86,6 +86,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         limiter,
         metrics,
         redis_mode,
+        ui_snapshot: Default::default(),
         // Trimmed there: mounted secrets often end in a newline.
         admin_tokens: Arc::new(AdminTokens::new(
             admin_token.as_deref(),

@@ -210,7 +210,6 @@ async fn load(base: String, user: String, api_key: String, stop: Arc<AtomicBool>
 
 #[test]
 fn the_live_page_shows_config_rates_and_fingerprinted_keys_without_errors() {
-    let started = Instant::now();
     let s = Server::start(Some(CONFIG), &[]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -430,12 +429,6 @@ fn the_live_page_shows_config_rates_and_fingerprinted_keys_without_errors() {
     assert!(
         problems.iter().any(|p| p.starts_with("csp: script-src")),
         "{problems:?}"
-    );
-
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
     );
 }
 

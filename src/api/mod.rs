@@ -57,6 +57,8 @@ pub struct AppState {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The group's shared state and config (`[state] backend = "redis"`).
     pub redis_mode: Option<Arc<RedisMode>>,
+    /// The live page's latest snapshot, served again for a second.
+    pub ui_snapshot: Arc<ui::SnapshotCache>,
 }
 
 /// The Redis state mode's parts, as the handlers use them.
@@ -194,7 +196,8 @@ async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> R
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(quotaflow_adapters::clock::now_ms()),
+        app.metrics
+            .render(app.metrics.episode_now(quotaflow_adapters::clock::now_ms())),
     )
         .into_response()
 }

@@ -80,10 +80,38 @@ pub(super) async fn asset(Path(name): Path<String>) -> Response {
     }
 }
 
+/// How long one snapshot is served: the page polls every second, and a
+/// snapshot scans every open breach episode under the locks refused checks
+/// take, so callers looping on the endpoint must not multiply that work.
+const SNAPSHOT_TTL: std::time::Duration = std::time::Duration::from_millis(900);
+
+/// The latest `/ui/state.json` body and when it was taken.
+#[derive(Default)]
+pub struct SnapshotCache(parking_lot::Mutex<Option<(std::time::Instant, axum::body::Bytes)>>);
+
 /// `GET /ui/state.json`: one snapshot; the page derives rates from two.
 pub(super) async fn state(State(app): State<AppState>) -> Response {
-    let body = snapshot(&app, now_ms());
-    (headers("application/json", "no-store"), body.to_string()).into_response()
+    let fresh = |c: &Option<(std::time::Instant, axum::body::Bytes)>| {
+        c.as_ref()
+            .filter(|(at, _)| at.elapsed() < SNAPSHOT_TTL)
+            .map(|(_, body)| body.clone())
+    };
+    let cached = fresh(&app.ui_snapshot.0.lock());
+    let body = match cached {
+        Some(body) => body,
+        None => {
+            // Off the async workers: the scan takes shard locks in turn.
+            let taken = app.clone();
+            let body = tokio::task::spawn_blocking(move || {
+                axum::body::Bytes::from(snapshot(&taken, now_ms()).to_string())
+            })
+            .await
+            .unwrap_or_else(|_| axum::body::Bytes::from_static(b"{}"));
+            *app.ui_snapshot.0.lock() = Some((std::time::Instant::now(), body.clone()));
+            body
+        }
+    };
+    (headers("application/json", "no-store"), body).into_response()
 }
 
 fn snapshot(app: &AppState, now: u64) -> Value {
@@ -109,9 +137,11 @@ fn snapshot(app: &AppState, now: u64) -> Value {
             })
         })
         .collect();
+    // Episodes are dated by the state's clock (Redis's in the Redis mode).
+    let episode_now = app.metrics.episode_now(now);
     let top: Vec<Value> = app
         .metrics
-        .top_refused(now, ROWS)
+        .top_refused(episode_now, ROWS)
         .into_iter()
         .map(|b| {
             json!({
@@ -119,7 +149,7 @@ fn snapshot(app: &AppState, now: u64) -> Value {
                 "key_fp": b.key.to_string(),
                 "shadow": b.shadow,
                 "refused": b.refused,
-                "age_ms": now.saturating_sub(b.started_ms),
+                "age_ms": episode_now.saturating_sub(b.started_ms),
             })
         })
         .collect();

@@ -228,11 +228,13 @@ pub struct RecentOutputs {
 impl RecentOutputs {
     pub fn note(&self, output: &Output) {
         fn push<T: Clone>(ring: &parking_lot::Mutex<VecDeque<T>>, item: &T) {
+            // Cloned before the lock: every partition worker shares it.
+            let item = item.clone();
             let mut ring = ring.lock();
             if ring.len() == RECENT_OUTPUTS {
                 ring.pop_front();
             }
-            ring.push_back(item.clone());
+            ring.push_back(item);
         }
         match output {
             Output::Decision(d) if matches!(d.action, Action::Block | Action::Unblock) => {
@@ -551,8 +553,9 @@ impl Metrics {
         &self.catalog
     }
 
-    /// The Prometheus text exposition of every metric; `now_ms` (wall
-    /// clock) dates the gauges computed at scrape time.
+    /// The Prometheus text exposition of every metric; `now_ms` (on the
+    /// episodes' clock: [`Metrics::episode_now`]) dates the gauges computed
+    /// at scrape time.
     pub fn render(&self, now_ms: u64) -> String {
         self.breach_longest
             .set((self.episodes.longest_ms(now_ms) / 1000) as i64);
@@ -594,6 +597,17 @@ impl Metrics {
     /// The latest breach starts and ends of the sync path, newest first.
     pub fn recent_breaches(&self) -> Vec<BreachEdge> {
         self.recent_edges.lock().iter().rev().cloned().collect()
+    }
+
+    /// `wall_now_ms` on the clock the episodes are dated by (the state's:
+    /// Redis's in the Redis state mode), for [`Metrics::render`] and
+    /// [`Metrics::top_refused`].
+    pub fn episode_now(&self, wall_now_ms: u64) -> u64 {
+        let offset = self
+            .episodes
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        wall_now_ms.saturating_add_signed(offset)
     }
 
     /// The `n` ongoing breach episodes of the sync path with the most
@@ -814,6 +828,10 @@ struct Episodes {
     /// outcome whose bucket counts none — nearly every check, even while
     /// some keys are in breach — takes no lock at all.
     maybe_open: Box<[std::sync::atomic::AtomicU32]>,
+    /// The state's clock less the wall clock, at the latest refusal: the
+    /// Redis state mode dates verdicts by Redis's clock, so "now" for an
+    /// episode is the wall clock shifted by this ([`Metrics::episode_now`]).
+    clock_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Shards of the episode map.
@@ -826,6 +844,7 @@ impl Default for Episodes {
         Self {
             shards: (0..EPISODE_SHARDS).map(|_| Default::default()).collect(),
             maybe_open: (0..EPISODE_BUCKETS).map(|_| Default::default()).collect(),
+            clock_offset_ms: Default::default(),
         }
     }
 }
@@ -909,6 +928,11 @@ impl Episodes {
         let now = o.verdict.clock_ms;
         if o.verdict.allowed && self.maybe_open[bucket(o.key)].load(Relaxed) == 0 {
             return Episode::Quiet;
+        }
+        if !o.verdict.allowed {
+            let wall = crate::clock::now_ms();
+            let offset = i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(wall).unwrap_or(0);
+            self.clock_offset_ms.store(offset, Relaxed);
         }
         // The key id is a keyed hash: its low bits spread keys evenly.
         let shard = (o.key.0 as usize) % EPISODE_SHARDS;
@@ -1149,6 +1173,10 @@ mod tests {
         let longest = m.episodes.longest_ms(now);
         assert!((9_000..=10_000).contains(&longest), "{longest}");
         assert!(m.render(now).contains("quotaflow_breach_longest_seconds 9"));
+        // The episodes' clock is this test's, not the wall clock: "now" on
+        // it is the wall clock shifted by the offset seen at the refusals.
+        let shifted = m.episode_now(crate::clock::now_ms());
+        assert!(shifted.abs_diff(now - 200) < 1_000, "{shifted} vs {now}");
         // Past its calm spell the episode no longer counts as ongoing.
         assert_eq!(m.episodes.longest_ms(now + 5_000), 0);
         // Quiet for longer than the calm spell (the bucket's 1 s), then allowed.
