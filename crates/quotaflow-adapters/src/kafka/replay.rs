@@ -1,7 +1,7 @@
 //! Reading a time range of the requests topic again, for a backtest: its
-//! own consumer outside any group (partitions assigned, never subscribed),
-//! so it commits nothing, moves no processor's partitions and produces
-//! nothing.
+//! own consumer outside the processors' group (partitions assigned, never
+//! subscribed), so it joins no group, commits nothing, moves no processor's
+//! partitions and produces nothing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -46,7 +46,12 @@ impl TopicReader {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let topic = settings.requests_topic.clone();
+        // librdkafka's consumer wants a group id even to be assigned
+        // partitions; the group never exists on the broker, as this
+        // consumer neither subscribes (joins) nor commits.
+        let group = format!("quotaflow-backtest-{:016x}", rand::random::<u64>());
         let consumer: BaseConsumer = client_config(settings)
+            .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
