@@ -59,6 +59,11 @@ enum Command {
         #[command(flatten)]
         plan: Plan,
     },
+    /// Decide a time range of the recorded requests topic again under a
+    /// candidate config and the running one, and report what the candidate
+    /// would have blocked (docs/backtest.md). Reads only: no commits, no
+    /// outputs, no Redis.
+    Backtest(quotaflow::backtest::Args),
     /// Validate a settings file; print every problem and exit 1 if any.
     CheckConfig {
         /// The file to check.
@@ -78,6 +83,13 @@ fn main() -> ExitCode {
     }) {
         Command::Serve { config, listen } => serve(config, listen),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Backtest(args) => match quotaflow::backtest::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("quotaflow backtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Metrics => match quotaflow_adapters::metrics::Metrics::new() {
             Ok(m) => match serde_json::to_string_pretty(m.catalog()) {
                 Ok(json) => {

@@ -39,6 +39,8 @@ pub struct Settings {
     #[serde(default)]
     pub decisions: DecisionSettings,
     #[serde(default)]
+    pub shadow: ShadowSettings,
+    #[serde(default)]
     pub limits: Vec<LimitDoc>,
     #[serde(default)]
     pub whitelist: WhitelistDoc,
@@ -271,6 +273,76 @@ impl Default for AlertSettings {
 pub struct DecisionSettings {
     /// One ALLOW/DENY record per event, besides BLOCK/UNBLOCK.
     pub every_event: bool,
+}
+
+/// A candidate config decided beside the real one in every partition
+/// worker, its decisions published apart (docs/backtest.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShadowSettings {
+    /// The file of its rules, as [`load_rules`] reads it; none: no shadow.
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// A rate-limit document read from a file or an instance, with the version
+/// it ran as when it says so.
+#[derive(Debug, Clone)]
+pub struct RulesFile {
+    pub doc: RulesDoc,
+    pub version: Option<u64>,
+}
+
+/// The rules in `path`: a settings file (TOML or JSON; its `limits`,
+/// `whitelist` and `path_case_sensitive`, the rest ignored) or the JSON
+/// document `GET /rate_limit/config` returns.
+pub fn load_rules(path: &Path) -> Result<RulesFile, SettingsError> {
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if is_json {
+        let bytes = std::fs::read(path)
+            .map_err(|e| SettingsError(format!("reading {}: {e}", path.display())))?;
+        if let Ok(Some(rules)) = config_document(&bytes) {
+            return Ok(rules);
+        }
+    }
+    let settings = Settings::load_with_env(Some(path), false)?;
+    Ok(RulesFile {
+        doc: settings.rules(),
+        version: None,
+    })
+}
+
+/// The document of `GET /rate_limit/config` (`limits`, `whitelist`,
+/// `path_case_sensitive`, `version`): `Ok(None)` if `bytes` is JSON with
+/// other fields (a settings file), an error if its whitelist was redacted.
+pub fn config_document(bytes: &[u8]) -> Result<Option<RulesFile>, SettingsError> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| SettingsError(format!("not JSON: {e}")))?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(SettingsError("not a JSON object".into()));
+    };
+    if obj.remove("whitelist_redacted") == Some(serde_json::Value::Bool(true)) {
+        return Err(SettingsError(
+            "the config's whitelist was redacted: read it with an admin token \
+             (QUOTAFLOW_ADMIN_TOKEN), or from this machine without one"
+                .into(),
+        ));
+    }
+    let version = match obj.remove("version") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| SettingsError(format!("version {v} is not a version")))?,
+        ),
+    };
+    const FIELDS: [&str; 3] = ["limits", "whitelist", "path_case_sensitive"];
+    if obj.keys().any(|k| !FIELDS.contains(&k.as_str())) {
+        return Ok(None);
+    }
+    let doc: RulesDoc = serde_json::from_value(value)
+        .map_err(|e| SettingsError(format!("not a rate-limit config: {e}")))?;
+    Ok(Some(RulesFile { doc, version }))
 }
 
 /// A settings file or environment that could not be read.
