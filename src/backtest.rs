@@ -388,32 +388,32 @@ fn table(o: &BacktestReport) -> String {
 
     let _ = writeln!(
         s,
-        "{:<24} {:<10} {:<14} {:<20} {:>14} {:>10} {:>8}  first trip",
+        "{:<24} {:<18} {:<14} {:<20} {:>14} {:>10} {:>8}  first trip",
         "limit", "config", "algorithm", "key", "quota/window", "refused", "keys"
     );
     for l in &r.limits {
-        for (side, rep) in [("running", &l.running), ("candidate", &l.candidate)] {
-            let name = if side == "running" || l.running.is_none() {
-                l.name.as_str()
-            } else {
-                ""
-            };
+        for (i, (side, rep)) in [("running", &l.running), ("candidate", &l.candidate)]
+            .into_iter()
+            .enumerate()
+        {
+            let name = if i == 0 { l.name.as_str() } else { "" };
             let _ = match rep {
                 Some(x) => writeln!(
                     s,
-                    "{name:<24} {side:<10} {:<14} {:<20} {:>14} {:>10} {:>8}  {}",
+                    "{name:<24} {:<18} {:<14} {:<20} {:>14} {:>10} {:>8}  {}",
+                    if x.shadow {
+                        format!("{side} (shadow)")
+                    } else {
+                        side.to_owned()
+                    },
                     x.algorithm,
                     key_text(x),
                     format!("{}/{}s", x.quota, x.window_secs),
-                    format!(
-                        "{}{}",
-                        x.refused_requests,
-                        if x.shadow { " (shadow)" } else { "" }
-                    ),
+                    x.refused_requests,
                     x.refused_keys,
                     when(&x.first_trip)
                 ),
-                None => writeln!(s, "{name:<24} {side:<10} (no such limit)"),
+                None => writeln!(s, "{name:<24} {side:<18} (no such limit)"),
             };
         }
     }

@@ -228,10 +228,29 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match Rules::compile(settings.rules(), 1, &Fingerprinter::random()) {
+    let mut ok = check_rules(file, settings.rules());
+    // The shadow config is read at start as well: a broken one stops serve.
+    if let Some(shadow) = &settings.shadow.config {
+        ok &= match quotaflow::settings::load_rules(shadow) {
+            Ok(f) => check_rules(shadow, f.doc),
+            Err(e) => {
+                eprintln!("{}: {e}", shadow.display());
+                false
+            }
+        };
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn check_rules(file: &std::path::Path, doc: quotaflow_core::rules::RulesDoc) -> bool {
+    match Rules::compile(doc, 1, &Fingerprinter::random()) {
         Ok(rules) => {
             println!("{}: ok ({} limits)", file.display(), rules.limits.len());
-            ExitCode::SUCCESS
+            true
         }
         Err(invalid) => {
             for e in &invalid.0 {
@@ -242,7 +261,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 file.display(),
                 invalid.0.len()
             );
-            ExitCode::FAILURE
+            false
         }
     }
 }

@@ -489,4 +489,34 @@ mod tests {
         let err = Settings::load_with_env(Some(&path), false).unwrap_err();
         assert!(err.to_string().contains("listn"), "{err}");
     }
+
+    #[test]
+    fn rules_files_are_settings_files_or_config_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = r#"{"name": "a", "algorithm": "fixed_window", "limit": 1, "window": "1s"}"#;
+        // What GET /rate_limit/config answers, version included.
+        let doc = dir.path().join("doc.json");
+        std::fs::write(&doc, format!(r#"{{"version": 7, "limits": [{limit}]}}"#)).unwrap();
+        let f = load_rules(&doc).unwrap();
+        assert_eq!((f.version, f.doc.limits.len()), (Some(7), 1));
+        // A JSON settings file: other sections, no version.
+        let json = dir.path().join("settings.json");
+        let text = format!(r#"{{"log": {{"level": "warn"}}, "limits": [{limit}]}}"#);
+        std::fs::write(&json, text).unwrap();
+        let f = load_rules(&json).unwrap();
+        assert_eq!((f.version, f.doc.limits.len()), (None, 1));
+        let toml = dir.path().join("settings.toml");
+        std::fs::write(
+            &toml,
+            "[[limits]]\nname = \"a\"\nlimit = 1\nwindow = \"1s\"\nalgorithm = \"fixed_window\"\n",
+        )
+        .unwrap();
+        assert_eq!(load_rules(&toml).unwrap().doc.limits.len(), 1);
+        // A redacted whitelist would silently let through what it lists.
+        let redacted =
+            format!(r#"{{"version": 1, "whitelist_redacted": true, "limits": [{limit}]}}"#);
+        let err = config_document(redacted.as_bytes()).err().unwrap();
+        assert!(err.to_string().contains("redacted"), "{err}");
+        assert!(config_document(br#"{"version": "x", "limits": []}"#).is_err());
+    }
 }
