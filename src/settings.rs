@@ -423,6 +423,25 @@ impl Settings {
                     .into(),
             ));
         }
+        let k = &self.kafka;
+        if self.shadow.config.is_some()
+            && !k.bootstrap_servers.is_empty()
+            && (k.shadow_decisions_topic.is_empty()
+                || [
+                    &k.requests_topic,
+                    &k.decisions_topic,
+                    &k.alerts_topic,
+                    &k.dead_letter_topic,
+                ]
+                .contains(&&k.shadow_decisions_topic))
+        {
+            // Gateways would act on the shadow's blocks.
+            return Err(SettingsError(format!(
+                "kafka.shadow_decisions_topic (\"{}\") must be a topic of its own when \
+                 [shadow] config is set: gateways act on what the decisions topic says",
+                k.shadow_decisions_topic
+            )));
+        }
         if !self.kafka.bootstrap_servers.is_empty() {
             let poll_ms = self
                 .kafka
@@ -478,6 +497,20 @@ mod tests {
         let err = s.check_mode().unwrap_err().to_string();
         assert!(err.contains("security.fingerprint_key"), "{err}");
         s.security.fingerprint_key = "k".into();
+        assert!(s.check_mode().is_ok());
+    }
+
+    #[test]
+    fn a_shadow_config_needs_a_decisions_topic_of_its_own() {
+        let mut s = Settings::load_with_env(None, false).unwrap();
+        s.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        s.security.fingerprint_key = "k".into();
+        s.kafka.shadow_decisions_topic = s.kafka.decisions_topic.clone();
+        assert!(s.check_mode().is_ok(), "no shadow, no constraint");
+        s.shadow.config = Some("candidate.toml".into());
+        let err = s.check_mode().unwrap_err().to_string();
+        assert!(err.contains("shadow_decisions_topic"), "{err}");
+        s.kafka.shadow_decisions_topic = "shadow-decisions".into();
         assert!(s.check_mode().is_ok());
     }
 
