@@ -104,6 +104,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
             deny_status,
         }),
         embedded: None,
+        coordinator: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
@@ -207,6 +208,7 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
     if !kafka_mode {
         let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000));
         let coordinator = coordinator(sink.clone(), Arc::new(MemoryCheckpoints::default()));
+        state.coordinator = Some(coordinator.clone());
         let bus = EmbeddedBus::start(
             coordinator,
             settings.stream.partitions,
@@ -229,6 +231,7 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         .context("configuring Redis checkpoints")?;
         let sink = KafkaSink::new(k, codec.clone())?;
         let coordinator = coordinator(Arc::new(sink), Arc::new(checkpoints));
+        state.coordinator = Some(coordinator.clone());
         Ok(Pipeline::Kafka(KafkaProcessor::start(
             coordinator,
             k,

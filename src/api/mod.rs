@@ -7,6 +7,7 @@ pub mod client_ip;
 mod events;
 pub mod headers;
 pub mod tokens;
+mod ui;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use axum::Router;
 use ipnet::IpNet;
 use serde_json::json;
 
+use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::embedded::Embedded;
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_state::config::SharedConfig;
@@ -47,6 +49,9 @@ pub struct AppState {
     pub identity: Arc<Identity>,
     /// The in-process bus and its outputs (embedded mode only).
     pub embedded: Option<Arc<Embedded>>,
+    /// The stream processor's partition ownership (either mode), for the
+    /// live page.
+    pub coordinator: Option<Arc<Coordinator>>,
     /// Whether the stream processor is up (the embedded bus, or the Kafka
     /// consumer polling its group).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
@@ -80,6 +85,9 @@ pub fn router(state: AppState) -> Router {
         .route("/stream/alerts", get(events::alerts))
         .route("/stream/dead-letters", get(events::dead_letters))
         .route("/openapi.json", get(openapi))
+        .route("/ui", get(ui::page))
+        .route("/ui/state.json", get(ui::state))
+        .route("/ui/{asset}", get(ui::asset))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,

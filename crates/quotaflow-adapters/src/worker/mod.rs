@@ -618,6 +618,7 @@ fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
             };
             m.outputs_republished.with_label_values(&[kind]).inc();
         }
+        m.recent.note(o);
         match o {
             Output::Decision(d) => {
                 m.decisions
