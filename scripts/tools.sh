@@ -10,22 +10,28 @@
 #   dockerfile-check  deploy/Dockerfile through BuildKit's parser and the
 #                     `docker build --check` rules (tools/dockerfile-check)
 #   yaml2json         YAML to JSON for the tests' assertions (tools/yaml2json)
+#   envoy-ratelimit   envoyproxy/ratelimit, pinned (go install): tests/import_envoy.rs
+#                     compares its verdicts with an imported config's, and
+#                     scripts/bench-redis.sh benchmarks against it
 #   Kubernetes JSON schemas, from PyPI's kubernetes-validate wheel, made
 #   standalone for kubeconform (it cannot reach the schemas it downloads by
 #   default)
 #
 # Usage: eval "$(scripts/tools.sh)"
+#        eval "$(scripts/tools.sh envoy-ratelimit)"   (that one only)
 #
 # Prints only these lines on stdout (progress goes to stderr):
 #   export PATH="<cache>/tools/bin:$PATH"
 #   export QUOTAFLOW_K8S_SCHEMAS=<cache>/tools/k8s-schemas/kubernetes-validate-<version>
+#   export ENVOY_RATELIMIT_BIN=<cache>/tools/bin/envoy-ratelimit
 # On failure stdout is the single word `false`, so the eval fails too.
 # Idempotent: a tool whose version (or, for the repo's own Go tools, whose
 # sources) did not change is not rebuilt; a second run takes well under a
 # second. Concurrent runs wait for each other (flock).
 #
 # Environment (optional): QUOTAFLOW_CACHE (~/.cache/quotaflow); GOMODCACHE,
-# GOCACHE as usual for Go.
+# GOCACHE as usual for Go; ENVOY_RATELIMIT_VERSION (the module version of
+# github.com/envoyproxy/ratelimit; pinned below).
 set -Eeuo pipefail
 
 KUBECONFORM_VERSION=v0.8.0
@@ -117,6 +123,24 @@ PY
   echo "$want" >"$SCHEMAS/.complete"
 }
 
+# ------------------------------------------------------- envoy ratelimit --
+# The service Envoy's global rate limit filter calls. It publishes no
+# binaries: `go install` of its server command through the Go module proxy.
+# Pinned, since tests/import_envoy.rs asserts its verdicts.
+ENVOY_RATELIMIT_VERSION=${ENVOY_RATELIMIT_VERSION:-v1.4.1-0.20260122083618-3fb702589d36}
+
+envoy_ratelimit() {
+  stamp_is envoy-ratelimit "$ENVOY_RATELIMIT_VERSION" && return 0
+  log "installing envoy ratelimit $ENVOY_RATELIMIT_VERSION (go install, once; a minute or two)"
+  local tmp
+  tmp=$(mktemp -d "$TOOLS/tmp.XXXXXX")
+  GOBIN=$tmp go install "github.com/envoyproxy/ratelimit/src/service_cmd@$ENVOY_RATELIMIT_VERSION" >&2
+  mv -f "$tmp/service_cmd" "$BIN/envoy-ratelimit"
+  rm -rf "$tmp"
+  echo "$ENVOY_RATELIMIT_VERSION" >"$STAMPS/envoy-ratelimit"
+}
+# ---------------------------------------------------------------------------
+
 # The Go toolchain's usual place, for a shell whose PATH lacks it.
 command -v go >/dev/null || [ ! -x /usr/local/go/bin/go ] || PATH=/usr/local/go/bin:$PATH
 command -v go >/dev/null || die "go is not installed (the Go toolchain builds the deploy checks)"
@@ -125,14 +149,23 @@ mkdir -p "$BIN" "$STAMPS"
 exec 9>"$TOOLS/.lock"
 flock -w 900 9 || die "another scripts/tools.sh holds $TOOLS/.lock"
 
+if [ "${1:-}" = envoy-ratelimit ]; then
+  envoy_ratelimit
+  printf 'export ENVOY_RATELIMIT_BIN=%s\n' "$BIN/envoy-ratelimit"
+  exit 0
+fi
+[ $# -eq 0 ] || die "unknown argument '$1' (none, or envoy-ratelimit)"
+
 go_install kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
 go_install kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION"
 go_build_local compose-check
 go_build_local dockerfile-check
 go_build_local yaml2json
 k8s_schemas
+envoy_ratelimit
 
 # $PATH stays literal: it expands in the caller's shell, at the eval.
 # shellcheck disable=SC2016
 printf 'export PATH="%s:$PATH"\n' "$BIN"
 printf 'export QUOTAFLOW_K8S_SCHEMAS=%s\n' "$SCHEMAS"
+printf 'export ENVOY_RATELIMIT_BIN=%s\n' "$BIN/envoy-ratelimit"

@@ -13,13 +13,15 @@
 //!   (the settings file and environment), [`server`] (wiring and
 //!   `quotaflow serve`), [`simulate`] (traffic for the embedded pipeline or
 //!   Kafka), [`backtest`] (a recorded range decided again under a candidate
-//!   config), [`logging`], and `main.rs`, the command line;
+//!   config), [`import_envoy`] (envoy ratelimit configs to quotaflow's),
+//!   [`logging`], and `main.rs`, the command line;
 //! - `tools/stream-bench` — the stream benchmark tool behind
 //!   `scripts/bench-stream.sh`.
 
 pub mod api;
 pub mod backtest;
 pub mod http_server;
+pub mod import_envoy;
 pub mod logging;
 pub mod server;
 pub mod settings;

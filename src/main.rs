@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use anyhow::Context as _;
 use quotaflow::settings::Settings;
 use quotaflow::simulate::{self, Generated, Plan};
-use quotaflow::{logging, server};
+use quotaflow::{import_envoy, logging, server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::rules::Rules;
 
@@ -69,6 +69,25 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Convert envoyproxy/ratelimit config files (one domain each) into a
+    /// quotaflow config on stdout; what it cannot express goes to stderr.
+    /// Exit status 0: everything expressed; 2: some parts not (the config
+    /// holds the rest); 1: unreadable or invalid input (docs/envoy-import.md).
+    ImportEnvoy {
+        /// envoy ratelimit YAML files, or directories of them (their
+        /// `*.yaml` and `*.yml` files).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A descriptor key and the quotaflow dimension carrying its value
+        /// (user_id, api_key, client_ip, method, path; `none` unmaps a
+        /// default key), e.g. `--map x-tenant-user=user_id`; repeatable.
+        #[arg(long = "map", value_name = "KEY=DIMENSION")]
+        map: Vec<String>,
+        /// `toml`: a settings file for `serve --config` and `check-config`;
+        /// `json`: the body of `POST /rate_limit/config`.
+        #[arg(long, default_value = "toml", value_parser = ["toml", "json"])]
+        format: String,
+    },
     /// Print every metric this binary exports (name, type, help, labels)
     /// as JSON: labelled metrics appear on /metrics only once they have a
     /// sample; this lists them all.
@@ -87,6 +106,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("quotaflow backtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ImportEnvoy { files, map, format } => match import_envoy(&files, &map, &format) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("quotaflow import-envoy: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -218,6 +244,62 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the converted config and the report; returns the exit status.
+fn import_envoy(paths: &[PathBuf], map: &[String], format: &str) -> anyhow::Result<u8> {
+    let mut mapping = import_envoy::Mapping::default();
+    for spec in map {
+        mapping.add(spec)?;
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut inner: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("{}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            inner.sort();
+            anyhow::ensure!(
+                !inner.is_empty(),
+                "{}: no *.yaml or *.yml files",
+                path.display()
+            );
+            files.extend(inner);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut sources = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| import_envoy::ImportError::Read {
+            path: f.display().to_string(),
+            source: e,
+        })?;
+        sources.push((f.display().to_string(), text));
+    }
+    let imported = import_envoy::import(&sources, &mapping)?;
+    let out = if format == "json" {
+        imported.to_json()
+    } else {
+        imported.to_toml()?
+    };
+    print!("{out}");
+    for item in &imported.report.items {
+        eprintln!("{item}");
+    }
+    let missing = imported.report.missing().count();
+    eprintln!(
+        "quotaflow import-envoy: {} limit(s); {}",
+        imported.doc.limits.len(),
+        if missing == 0 {
+            "everything expressed".to_owned()
+        } else {
+            format!("{missing} part(s) not expressed (exit status 2)")
+        }
+    );
+    Ok(imported.exit_code())
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {

@@ -1060,6 +1060,10 @@ fn tools_script_prints_only_its_exports() {
     let out = run_ok(&mut Command::new(repo().join("scripts/tools.sh")));
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines.iter().all(|l| l.starts_with("export ")), "{stdout}");
+    assert!(
+        lines[2].starts_with("export ENVOY_RATELIMIT_BIN="),
+        "{stdout}"
+    );
 }
