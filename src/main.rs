@@ -59,6 +59,11 @@ enum Command {
         #[command(flatten)]
         plan: Plan,
     },
+    /// Decide a time range of the recorded requests topic again under a
+    /// candidate config and the running one, and report what the candidate
+    /// would have blocked (docs/backtest.md). Reads only: no commits, no
+    /// outputs, no Redis.
+    Backtest(quotaflow::backtest::Args),
     /// Validate a settings file; print every problem and exit 1 if any.
     CheckConfig {
         /// The file to check.
@@ -97,6 +102,13 @@ fn main() -> ExitCode {
     }) {
         Command::Serve { config, listen } => serve(config, listen),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Backtest(args) => match quotaflow::backtest::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("quotaflow backtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ImportEnvoy { files, map, format } => match import_envoy(&files, &map, &format) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -298,10 +310,29 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match Rules::compile(settings.rules(), 1, &Fingerprinter::random()) {
+    let mut ok = check_rules(file, settings.rules());
+    // The shadow config is read at start as well: a broken one stops serve.
+    if let Some(shadow) = &settings.shadow.config {
+        ok &= match quotaflow::settings::load_rules(shadow) {
+            Ok(f) => check_rules(shadow, f.doc),
+            Err(e) => {
+                eprintln!("{}: {e}", shadow.display());
+                false
+            }
+        };
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn check_rules(file: &std::path::Path, doc: quotaflow_core::rules::RulesDoc) -> bool {
+    match Rules::compile(doc, 1, &Fingerprinter::random()) {
         Ok(rules) => {
             println!("{}: ok ({} limits)", file.display(), rules.limits.len());
-            ExitCode::SUCCESS
+            true
         }
         Err(invalid) => {
             for e in &invalid.0 {
@@ -312,7 +343,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 file.display(),
                 invalid.0.len()
             );
-            ExitCode::FAILURE
+            false
         }
     }
 }

@@ -209,6 +209,10 @@ pub struct StreamMetrics {
     /// Outputs published again by a restore that replayed events another
     /// owner had already decided (consumers drop them by `quotaflow.id`).
     pub outputs_republished: IntCounterVec,
+    /// Decisions of the shadow config (`[shadow] config`), by action.
+    pub shadow_decisions: IntCounterVec,
+    /// Shadow decisions the shadow topic's producer could not take.
+    pub shadow_decisions_dropped: IntCounter,
     /// The latest block/unblock decisions and alerts, for the live page.
     pub recent: RecentOutputs,
 }
@@ -360,6 +364,17 @@ impl StreamMetrics {
                 ),
                 &["kind"],
             )?,
+            shadow_decisions: IntCounterVec::new(
+                Opts::new(
+                    "shadow_decisions_total",
+                    "Decisions the shadow config ([shadow] config) made beside the real one, by action (block, unblock, allow, deny); published to kafka.shadow_decisions_topic in Kafka mode.",
+                ),
+                &["action"],
+            )?,
+            shadow_decisions_dropped: IntCounter::new(
+                "shadow_decisions_dropped_total",
+                "Shadow decisions not published because the shadow topic's producer could not take them (its queue full or the topic unreachable); the real outputs are not affected.",
+            )?,
         };
         reg.add(&m.events_consumed)?;
         reg.add(&m.dead_letters)?;
@@ -384,6 +399,8 @@ impl StreamMetrics {
         }
         reg.add(&m.checkpoint_last_success)?;
         reg.add(&m.outputs_republished)?;
+        reg.add(&m.shadow_decisions)?;
+        reg.add(&m.shadow_decisions_dropped)?;
         Ok(m)
     }
 }
