@@ -13,8 +13,8 @@
 #                    20 requests per second
 #   quotaflow-redis  the same over gRPC in the Redis state mode (one shared
 #                    count in a private Redis), as envoy ratelimit counts
-#   envoy            envoyproxy/ratelimit (installed as scripts/bench-redis.sh
-#                    does), Redis backend, its gRPC port; rule: domain "bench",
+#   envoy            envoyproxy/ratelimit (pinned, scripts/tools.sh
+#                    envoy-ratelimit), Redis backend, its gRPC port; rule: domain "bench",
 #                    descriptor key user_id, 20 per second
 #
 # Each of ROUNDS rounds starts every server afresh and runs:
@@ -32,8 +32,8 @@
 # and of Redis from /proc/PID/stat), and the ratios gRPC/HTTP and
 # quotaflow/envoy.
 #
-# Installs what is missing: ghz and grpcurl (scripts/grpc-tools.sh), jq,
-# curl, redis-server (Debian), envoy ratelimit (go install, cached), builds
+# Installs what is missing: ghz and grpcurl (scripts/tools.sh grpc), jq,
+# curl, redis-server (Debian), envoy ratelimit (scripts/tools.sh), builds
 # scripts/bench/loadgen and `cargo build --release` (SKIP_BUILD=1: use the
 # release binary as it is).
 #
@@ -42,7 +42,7 @@
 #   GHZ_CONCURRENCY=64  GHZ_CONNECTIONS=8   ghz -c and --connections
 #   SERVERS="quotaflow quotaflow-redis envoy"
 #   PORT=18185 GRPC_PORT=18186 ENVOY_PORT=18195 (gRPC +1, debug +2)
-#   REDIS_PORT=16395  NICE=0  SKIP_BUILD=0  ENVOY_RATELIMIT_VERSION=latest
+#   REDIS_PORT=16395  NICE=0  SKIP_BUILD=0
 # Results and logs: target/bench-grpc/ (under CARGO_TARGET_DIR when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,9 +63,6 @@ REDIS_PORT="${REDIS_PORT:-16395}"
 NICE="${NICE:-0}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 WARMUP=3
-ENVOY_RATELIMIT_VERSION="${ENVOY_RATELIMIT_VERSION:-latest}"
-CACHE="${QUOTAFLOW_CACHE:-${HOME:-/root}/.cache/quotaflow}"
-ENVOY_BIN="${CACHE}/envoy-ratelimit/service_cmd"
 ENVOY_GRPC_PORT=$((ENVOY_PORT + 1))
 ENVOY_DEBUG_PORT=$((ENVOY_PORT + 2))
 
@@ -115,21 +112,18 @@ if ! command -v go >/dev/null && [ ! -x /usr/local/go/bin/go ]; then
   apt_install golang-go
 fi
 GO="$(command -v go || echo /usr/local/go/bin/go)"
-tools_env="$(scripts/grpc-tools.sh)" || die "scripts/grpc-tools.sh failed"
+tools_env="$(scripts/tools.sh grpc)" || die "installing grpcurl and ghz failed (scripts/tools.sh grpc)"
 eval "$tools_env"
 
 mkdir -p "$OUT"
 rm -rf "${OUT:?}"/*.txt "${OUT:?}"/*.json "${OUT:?}"/*.log "${OUT:?}"/*.stderr "${OUT:?}"/*.md "${OUT:?}"/*.tsv "${OUT:?}/envoy-runtime" "${OUT:?}/redis"
 
 ENVOY_VERSION="n/a"
+ENVOY_BIN=""
 if has envoy; then
-  if [ ! -x "$ENVOY_BIN" ]; then
-    say "go install github.com/envoyproxy/ratelimit/src/service_cmd@${ENVOY_RATELIMIT_VERSION}"
-    mkdir -p "$(dirname "$ENVOY_BIN")"
-    (cd / && GOBIN="$(dirname "$ENVOY_BIN")" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false \
-      "$GO" install "github.com/envoyproxy/ratelimit/src/service_cmd@${ENVOY_RATELIMIT_VERSION}") ||
-      die "go install of envoy ratelimit failed"
-  fi
+  envoy_env="$(scripts/tools.sh envoy-ratelimit)" || die "installing envoy ratelimit failed (scripts/tools.sh)"
+  eval "$envoy_env"
+  ENVOY_BIN="$ENVOY_RATELIMIT_BIN"
   ENVOY_VERSION="$("$GO" version -m "$ENVOY_BIN" 2>/dev/null |
     awk '$1 == "mod" && $2 == "github.com/envoyproxy/ratelimit" {print $3}')"
   ENVOY_VERSION="${ENVOY_VERSION:-unknown}"

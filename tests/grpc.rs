@@ -1,6 +1,6 @@
 //! The Envoy Rate Limit Service over gRPC against the real binary, with a
 //! tonic client and grpcurl (a real external client, installed by
-//! `scripts/grpc-tools.sh`): the same verdicts as `/check`, health,
+//! `scripts/tools.sh`): the same verdicts as `/check`, health,
 //! reflection, bad input, the Redis state mode and its failure modes.
 
 mod common;
@@ -440,7 +440,7 @@ async fn bad_input_is_invalid_argument_and_counts_nothing() {
     assert!(s.logs().iter().all(|l| !l.contains(secret)));
 }
 
-/// grpcurl from scripts/grpc-tools.sh: on the PATH or in the cache.
+/// grpcurl from scripts/tools.sh: on the PATH or in the cache.
 fn grpcurl() -> PathBuf {
     let cached = std::env::var_os("QUOTAFLOW_CACHE")
         .map(PathBuf::from)
@@ -453,7 +453,7 @@ fn grpcurl() -> PathBuf {
     });
     on_path
         .or(cached.filter(|f| f.is_file()))
-        .expect("grpcurl not found: run `eval \"$(scripts/grpc-tools.sh)\"` (scripts/test.sh does)")
+        .expect("grpcurl not found: run `eval \"$(scripts/tools.sh grpc)\"` (scripts/test.sh runs scripts/tools.sh)")
 }
 
 /// grpcurl's status, stdout and stderr.

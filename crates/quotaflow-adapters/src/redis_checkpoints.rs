@@ -191,10 +191,12 @@ impl RedisCheckpoints {
 }
 
 /// Raise a partition's progress mark, never lower it (a paused former
-/// owner's late mark must not undo a newer one).
+/// owner's late mark must not undo a newer one). It lives an hour past its
+/// last raise: a takeover reads it within minutes, and a mark left from a
+/// deleted and recreated topic must not count its new events as replays.
 const MARK: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'PX', 3600000) end
 return 1
 ";
 

@@ -3,7 +3,7 @@
 //! partitions to the [`Coordinator`] (which restores and starts them, or
 //! drains and checkpoints them) and tells librdkafka the outcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, OnceLock, Weak};
@@ -280,22 +280,26 @@ impl KafkaProcessor {
 const STATISTICS_INTERVAL: &str = "statistics.interval.ms";
 
 /// How often the lag gauge is refreshed (librdkafka's statistics come as
-/// often: `statistics.interval.ms`, set in `consumer_config`).
+/// often: `statistics.interval.ms`, set in `KafkaProcessor::start`).
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// Set every running partition's lag: its high watermark less the worker's
-/// next offset. A partition with no statistics yet asks the broker once,
-/// briefly; its series is not left out.
-fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, ctx: &ConsumerCtx) {
+/// next offset. A partition without statistics yet asks the broker once,
+/// briefly (this runs on the thread that polls the group); a lag still
+/// unknown is left unset, not reported as 0.
+fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, ctx: &ConsumerCtx, asked: &mut HashSet<i32>) {
     let lag = &ctx.coordinator.context().metrics.stream.partition_lag;
     for (p, pos) in ctx.coordinator.positions() {
         let known = ctx.high_watermarks.lock().get(&p).copied();
         let high = match known {
             Some(h) => h,
-            None => match consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(200)) {
-                Ok((_, h)) => h,
-                Err(_) => pos,
-            },
+            None if asked.insert(p) => {
+                match consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(200)) {
+                    Ok((_, h)) => h,
+                    Err(_) => continue,
+                }
+            }
+            None => continue,
         };
         lag.with_label_values(&[&p.to_string()])
             .set(high.saturating_sub(pos).max(0));
@@ -309,6 +313,7 @@ fn consume(
 ) {
     let ctx = consumer.context();
     let mut last_lag = Instant::now();
+    let mut asked_watermarks = HashSet::new();
     let mut last_reap = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         // Records go to the partition queues; this serves group events.
@@ -329,7 +334,7 @@ fn consume(
         }
         if last_lag.elapsed() >= LAG_EVERY {
             last_lag = Instant::now();
-            update_lag(&consumer, ctx);
+            update_lag(&consumer, ctx, &mut asked_watermarks);
         }
     }
     ctx.coordinator.revoke_all();
