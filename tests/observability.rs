@@ -1345,7 +1345,7 @@ fn metrics_doc_matches_the_catalog_both_ways() {
             "| `quotaflow_keys_max` | counter |",
         )
         .replace(
-            "`endpoint` (`check`, `forward_auth`), `verdict`",
+            "`endpoint` (`check`, `forward_auth`, `grpc`: one per descriptor of a `ShouldRateLimit` call), `verdict`",
             "`verdict`",
         )
         + "\n\n| metric | type | labels | unit | meaning | example |\n|---|---|---|---|---|---|\n\
