@@ -305,21 +305,7 @@ pub async fn serve(
     };
     // Bound (and announced) before `listening`, so a client that saw the
     // HTTP listener finds the gRPC one too.
-    let grpc = match crate::grpc::bind(&settings).await? {
-        None => None,
-        Some(l) => {
-            let (app, settings, stop) = (state.clone(), settings.clone(), stopped());
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(async move {
-                if let Err(e) = crate::grpc::serve(l, app, &settings, stop, tx).await {
-                    tracing::error!(event = "grpc_failed", error = %format!("{e:#}"), "the gRPC server stopped");
-                }
-            });
-            rx.await
-                .context("the gRPC server did not start (grpc_failed says why)")?;
-            Some(task)
-        }
-    };
+    let grpc = crate::grpc::start(&settings, &state, &stopped).await?;
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
     if !state.admin_tokens.any() && !addr.ip().is_loopback() {
         tracing::warn!(
@@ -347,9 +333,9 @@ pub async fn serve(
     };
     let metrics = state.metrics.clone();
     http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
-    if let Some(task) = grpc {
-        // Calls in flight finish first; a failure was logged by the task.
-        let _ = task.await;
+    if let Some(g) = grpc {
+        // Calls in flight finish first; a failure was logged by its thread.
+        let _ = tokio::task::spawn_blocking(move || g.join()).await;
     }
     sweeper.abort();
     tokio::task::spawn_blocking(move || pipeline.stop())

@@ -278,7 +278,7 @@ pub struct DecisionSettings {
 }
 
 /// The Envoy Rate Limit Service over gRPC (`src/grpc`, docs/envoy.md).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcSettings {
     /// Address of the gRPC listener; empty (the default) means none.
@@ -286,10 +286,24 @@ pub struct GrpcSettings {
     pub listen: Option<SocketAddr>,
     /// The RLS `domain` requests must name; empty accepts any domain.
     pub domain: String,
+    /// Threads serving gRPC, each a single-threaded runtime owning the
+    /// connections it accepts (`grpc::Running`); 0 is taken as 1.
+    pub threads: usize,
     /// Descriptor entry keys, besides the built-in ones, and what each
     /// means: a dimension (`user_id`, `api_key`, `client_ip`, `method`,
     /// `path`) or `ignore` (accepted and not used).
     pub descriptor_keys: std::collections::BTreeMap<String, DescriptorKey>,
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            domain: String::new(),
+            threads: 1,
+            descriptor_keys: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 /// What a descriptor entry key stands for.

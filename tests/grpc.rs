@@ -573,12 +573,13 @@ fn redis_config(prefix: &str, url: &str, limits: &str) -> String {
 async fn in_the_redis_state_mode_two_instances_answer_from_one_count() {
     let config = redis_config(&unique("qftest-grpc"), &redis(), PER_USER_5);
     let a = Server::start(Some(&config), &[GRPC_ON]);
-    let b = Server::start(Some(&config), &[GRPC_ON]);
-    let mut clients = [rls(&a).await, rls(&b).await];
+    // Three gRPC threads, each accepting some of the connections below.
+    let b = Server::start(Some(&config), &[GRPC_ON, ("QUOTAFLOW__GRPC__THREADS", "3")]);
+    let mut clients = [rls(&a).await, rls(&b).await, rls(&b).await, rls(&b).await];
     let mut seen = Vec::new();
     for i in 0..7 {
         let r = should(
-            &mut clients[i % 2],
+            &mut clients[i % 4],
             request("any", vec![descriptor(&[("user_id", "shared")])], 1),
         )
         .await;
