@@ -562,16 +562,19 @@ limit = 5
 window = "1h"
 "#;
 
-fn redis_config(prefix: &str, url: &str, limits: &str) -> String {
+/// A Redis state mode config; `budget` as tests/redis_mode.rs: long for a
+/// test about exactness (a busy machine must not turn answers into
+/// failure-mode ones), the default for one about the failure modes.
+fn redis_config(prefix: &str, url: &str, limits: &str, budget: &str) -> String {
     format!(
         "[log]\nformat = \"json\"\n[state]\nbackend = \"redis\"\n[redis]\nurl = \"{url}\"\n\
-         key_prefix = \"{prefix}\"\n[security]\nfingerprint_key = \"grpc-test\"\n{limits}"
+         key_prefix = \"{prefix}\"\nbudget = \"{budget}\"\n[security]\nfingerprint_key = \"grpc-test\"\n{limits}"
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_the_redis_state_mode_two_instances_answer_from_one_count() {
-    let config = redis_config(&unique("qftest-grpc"), &redis(), PER_USER_5);
+    let config = redis_config(&unique("qftest-grpc"), &redis(), PER_USER_5, "2s");
     let a = Server::start(Some(&config), &[GRPC_ON]);
     // Three gRPC threads, each accepting some of the connections below.
     let b = Server::start(Some(&config), &[GRPC_ON, ("QUOTAFLOW__GRPC__THREADS", "3")]);
@@ -635,15 +638,29 @@ async fn a_paused_redis_is_answered_over_grpc_by_failure_mode_and_says_so() {
             &unique("qftest-grpc-stop"),
             &redis.url(),
             OPEN_AND_CLOSED,
+            "50ms",
         )),
         &[GRPC_ON],
     );
     let mut g = rls(&s).await;
     let ask =
         |path: &'static str| request("", vec![descriptor(&[("user_id", "u"), ("path", path)])], 1);
-    let exact = g.should_rate_limit(ask("/open")).await.expect("rls");
-    assert!(exact.metadata().get("quotaflow-degraded").is_none());
-    assert_eq!(exact.get_ref().statuses[0].limit_remaining, 999_999);
+    // Exact while Redis answers (a busy machine may stretch a first answer
+    // past the 50 ms budget: a few tries).
+    let mut exact = None;
+    for _ in 0..10 {
+        let r = g.should_rate_limit(ask("/open")).await.expect("rls");
+        if r.metadata().get("quotaflow-degraded").is_none() {
+            exact = Some(r.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let exact = exact.expect("an exact answer while Redis runs");
+    assert!(
+        (999_989..=999_999).contains(&exact.statuses[0].limit_remaining),
+        "{exact:?}"
+    );
 
     redis.signal("-STOP");
     let open = g.should_rate_limit(ask("/open")).await;
