@@ -22,7 +22,9 @@
 #    loadgen at SYNC_RATE (open loop, latency from each request's due time,
 #    one report per SAMPLE_SECS slice) and simulate at STREAM_RATE, both half
 #    the maximum unless given. Key churn: loadgen's SYNC_USERS users are a
-#    window moving SYNC_CHURN users a second (users never come back);
+#    window moving SYNC_CHURN users a second (users never come back), and
+#    1 check in 20 is from a hot user, replaced SYNC_HOT_CHURN times a second
+#    (it breaches, then goes idle with its breach open);
 #    simulate draws from STREAM_USERS users, far more than it reaches within
 #    a key's lifetime, so nearly every event finds its keys expired and
 #    creates them anew. soak.toml's windows are 10 s at most and it sweeps
@@ -39,7 +41,7 @@
 #   SOAK_SECS=600  SAMPLE_SECS=10  MAX_SECS=20
 #   WARMUP_SECS    not judged at the start (default: SOAK_SECS/6, at most 60)
 #   SYNC_RATE=<req/s> STREAM_RATE=<events/s>  both: skip step 2
-#   SYNC_USERS=10000  SYNC_CHURN=500  CONNECTIONS=32
+#   SYNC_USERS=10000  SYNC_CHURN=500  SYNC_HOT_CHURN=1  CONNECTIONS=32
 #   STREAM_USERS=1000000  STREAM_HOT_USERS=3  PARTITIONS=4
 #   NICE=0         nice level of quotaflow and the load tools
 #   SKIP_BUILD=1   use the release binary as it is
@@ -54,6 +56,7 @@ SAMPLE_SECS="${SAMPLE_SECS:-10}"
 MAX_SECS="${MAX_SECS:-20}"
 SYNC_USERS="${SYNC_USERS:-10000}"
 SYNC_CHURN="${SYNC_CHURN:-500}"
+SYNC_HOT_CHURN="${SYNC_HOT_CHURN:-1}"
 CONNECTIONS="${CONNECTIONS:-32}"
 STREAM_USERS="${STREAM_USERS:-1000000}"
 STREAM_HOT_USERS="${STREAM_HOT_USERS:-3}"
@@ -72,7 +75,7 @@ die() {
   exit 1
 }
 
-case "$SOAK_SECS$SAMPLE_SECS$MAX_SECS$SYNC_USERS$SYNC_CHURN$CONNECTIONS$STREAM_USERS$STREAM_HOT_USERS$PARTITIONS${SYNC_RATE:-0}${STREAM_RATE:-0}${WARMUP_SECS:-0}" in
+case "$SOAK_SECS$SAMPLE_SECS$MAX_SECS$SYNC_USERS$SYNC_CHURN$SYNC_HOT_CHURN$CONNECTIONS$STREAM_USERS$STREAM_HOT_USERS$PARTITIONS${SYNC_RATE:-0}${STREAM_RATE:-0}${WARMUP_SECS:-0}" in
   *[!0-9]*) die "SOAK_SECS, SAMPLE_SECS, MAX_SECS, WARMUP_SECS, *_USERS, SYNC_CHURN, CONNECTIONS, PARTITIONS and the rates must be integers" ;;
 esac
 case "$NICE" in
@@ -240,7 +243,8 @@ simulate() {
 }
 
 loadgen() {
-  exec nice -n "$NICE" "$LOADGEN" -addr "$QF_ADDR" -conns "$CONNECTIONS" -users "$SYNC_USERS" -churn "$SYNC_CHURN" "$@"
+  exec nice -n "$NICE" "$LOADGEN" -addr "$QF_ADDR" -conns "$CONNECTIONS" -users "$SYNC_USERS" \
+    -churn "$SYNC_CHURN" -hot-churn "$SYNC_HOT_CHURN" "$@"
 }
 
 now() { date +%s.%N; }
@@ -343,7 +347,7 @@ jq -n \
   --argjson max_secs "$MAX_SECS" --argjson sync_max "$SYNC_MAX" --argjson stream_max "$STREAM_MAX" \
   --argjson published_max "$PUBLISHED_MAX" --argjson consumed_max "$CONSUMED_MAX" \
   --argjson sync_rate "$SYNC_RATE" --argjson stream_rate "$STREAM_RATE" \
-  --argjson sync_users "$SYNC_USERS" --argjson sync_churn "$SYNC_CHURN" \
+  --argjson sync_users "$SYNC_USERS" --argjson sync_churn "$SYNC_CHURN" --argjson sync_hot_churn "$SYNC_HOT_CHURN" \
   --argjson stream_users "$STREAM_USERS" --argjson stream_hot_users "$STREAM_HOT_USERS" \
   --argjson loadgen_rc "$SYNC_RC" --argjson simulate_rc "$SIM_RC" --argjson alive "$ALIVE" --argjson stopped_clean "$((1 - QF_RC))" \
   --argjson error_lines "$(grep -c '"level":"ERROR"' "$QF_LOG" || true)" \

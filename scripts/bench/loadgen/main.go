@@ -14,7 +14,9 @@
 //
 // Churn (-churn N, for scripts/soak.sh): the -users ordinary users are a
 // window that moves N users a second through an unbounded population, so
-// users go idle for good and their keys must expire on the server.
+// users go idle for good and their keys must expire on the server; with
+// -hot-churn M the hot user is replaced M times a second, so keys in breach
+// churn too.
 //
 // Slices (-interval D -slices FILE): also one JSON line per D of due time
 // (p50/p99/max, statuses, errors), written at the end, for a soak's
@@ -85,6 +87,8 @@ func main() {
 		"(envoyproxy/ratelimit's /json form, domain \"bench\", descriptor user_id)")
 	churn := flag.Float64("churn", 0, "users per second by which the window of -users ordinary users moves on "+
 		"(0: the same -users users throughout)")
+	hotChurn := flag.Float64("hot-churn", 0, "with -churn: a new hot user this many times a second "+
+		"(0: one hot user throughout)")
 	interval := flag.Duration("interval", 0, "with -slices: report every interval of due time")
 	slicesOut := flag.String("slices", "", "write one JSON line per -interval to this file at the end")
 	flag.Parse()
@@ -97,8 +101,11 @@ func main() {
 		fail("-addr must be a loopback address, got %q", host)
 	}
 	// Up to a day (a soak): every answer keeps 24 bytes until the end.
-	if *duration <= 0 || *duration > 24*time.Hour || *conns < 1 || *conns > 4096 || *rate < 0 || *churn < 0 {
-		fail("need 0 < -duration <= 24h, 1 <= -conns <= 4096, -rate >= 0, -churn >= 0")
+	if *duration <= 0 || *duration > 24*time.Hour || *conns < 1 || *conns > 4096 || *rate < 0 || *churn < 0 || *hotChurn < 0 {
+		fail("need 0 < -duration <= 24h, 1 <= -conns <= 4096, -rate >= 0, -churn >= 0, -hot-churn >= 0")
+	}
+	if *hotChurn > 0 && *churn == 0 {
+		fail("-hot-churn needs -churn")
 	}
 	if (*interval > 0) != (*slicesOut != "") {
 		fail("-interval and -slices go together")
@@ -158,8 +165,9 @@ func main() {
 				i := next.Add(1)
 				var req []byte
 				if *churn > 0 {
-					base := uint64(*churn * due.Sub(start).Seconds())
-					buf = churnRequest(buf[:0], *addr, *path, *bodyKind, i, *users, *hotEvery, base)
+					t := due.Sub(start).Seconds()
+					buf = churnRequest(buf[:0], *addr, *path, *bodyKind, i, *users, *hotEvery,
+						uint64(*churn*t), int64(*hotChurn*t))
 					req = buf
 				} else {
 					req = reqs[i%uint64(len(reqs))]
@@ -244,10 +252,11 @@ func atLeast(a, b int) int {
 }
 
 // churnRequest appends request i of a moving population to buf: the
-// ordinary user base + i%users (the window starts at base), or the hot user
-// on every hotEvery-th request, as buildRequests does.
-func churnRequest(buf []byte, addr, path, kind string, i uint64, users, hotEvery int, base uint64) []byte {
-	user := "hot-user"
+// ordinary user base + i%users (the window starts at base), or on every
+// hotEvery-th request the hot user number hot (a hot user that breaches its
+// limits, then goes idle for good when the next one takes over).
+func churnRequest(buf []byte, addr, path, kind string, i uint64, users, hotEvery int, base uint64, hot int64) []byte {
+	user := "hot-user-" + strconv.FormatInt(hot, 10)
 	if hotEvery <= 0 || i%uint64(hotEvery) != uint64(hotEvery-1) {
 		user = "user-" + strconv.FormatUint(base+i%uint64(users), 10)
 	}

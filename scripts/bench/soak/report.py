@@ -136,7 +136,7 @@ def main(out):
         per_item = RSS_SLACK * ref_rss * 2**20 / work if work else 0
         check("memory flat", tail_rss <= limit,
               f"RSS max {tail_rss:.1f} MiB in the last {T - rss_from:.0f} s vs {ref_rss:.1f} MiB in the reference minute "
-              f"(+{100 * (tail_rss / ref_rss - 1):.1f}%, limit +{100 * RSS_SLACK:.0f}% = {limit:.1f} MiB; "
+              f"({100 * (tail_rss / ref_rss - 1):+.1f}%, limit +{100 * RSS_SLACK:.0f}% = {limit:.1f} MiB; "
               f"that margin is {per_item:.2f} B per check or event after the reference)")
         # Errors.
         codes = sync.get("status_codes", {})
@@ -207,7 +207,7 @@ def main(out):
                     f"quotaflow consumed {run['consumed_max']:,}/s)")
     head += [
         f"  sync: {run['sync_rate']:,} checks/s asked, {achieved:,.0f}/s answered; users: a window of "
-        f"{run['sync_users']:,} moving {run['sync_churn']:,}/s; status {json.dumps(sync.get('status_codes', {}))}; "
+        f"{run['sync_users']:,} moving {run['sync_churn']:,}/s, a new hot user {run['sync_hot_churn']:g}/s; status {json.dumps(sync.get('status_codes', {}))}; "
         f"whole run p50 {sync.get('p50_ms', 0):.2f} ms, p99 {sync.get('p99_ms', 0):.2f} ms, max {sync.get('max_ms', 0):.1f} ms",
         f"  stream: {run['stream_rate']:,} events/s asked, {published / T if T else 0:,.0f}/s published "
         f"({published:,}), {consumed:,} consumed by the last sample; {run['stream_users']:,} users, "
