@@ -92,6 +92,7 @@ fi
 if [[ -n ${SYNC_RATE:-}${STREAM_RATE:-} && (-z ${SYNC_RATE:-} || -z ${STREAM_RATE:-}) ]]; then
   die "give both SYNC_RATE and STREAM_RATE, or neither (then they are measured)"
 fi
+[[ ${SYNC_RATE:-1} != 0 && ${STREAM_RATE:-1} != 0 ]] || die "SYNC_RATE and STREAM_RATE must be above 0"
 
 # shellcheck source=scripts/bench/lib.sh
 . scripts/bench/lib.sh
