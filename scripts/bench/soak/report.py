@@ -125,6 +125,30 @@ def main(out):
         checks.append((name, ok, figures))
 
     complete = len(rows) == T // S
+    # Errors.
+    codes = sync.get("status_codes", {})
+    lg_errors = sum(sync.get("errors", {}).values())
+    final = rows[-1] if rows else {"dead_letters_total": 0, "checkpoint_failures_total": 0}
+    parts = {
+        "loadgen errors": lg_errors,
+        "answers not 200/429": not_ok(codes),
+        "dead letters": final["dead_letters_total"],
+        "checkpoint failures": final["checkpoint_failures_total"],
+        "ERROR log lines": run["error_lines"],
+        "panics": run["panics"],
+    }
+    bad = {k: v for k, v in parts.items() if v}
+    exits = []
+    if run["loadgen_rc"]:
+        exits.append(f"loadgen exited {run['loadgen_rc']}")
+    if run["simulate_rc"]:
+        exits.append(f"simulate exited {run['simulate_rc']}")
+    if not run["alive"] or not complete:
+        exits.append("quotaflow died during the soak")
+    if not run["stopped_clean"]:
+        exits.append("quotaflow did not log a clean stop")
+    check("no errors", not bad and not exits,
+          ", ".join(f"{k} {v}" for k, v in parts.items()) + (("; " + "; ".join(exits)) if exits else ""))
     if not (ref and tail and last):
         check("enough samples", False, f"{len(rows)} samples of {T // S}")
     else:
@@ -138,30 +162,6 @@ def main(out):
               f"RSS max {tail_rss:.1f} MiB in the last {T - rss_from:.0f} s vs {ref_rss:.1f} MiB in the reference minute "
               f"({100 * (tail_rss / ref_rss - 1):+.1f}%, limit +{100 * RSS_SLACK:.0f}% = {limit:.1f} MiB; "
               f"that margin is {per_item:.2f} B per check or event after the reference)")
-        # Errors.
-        codes = sync.get("status_codes", {})
-        lg_errors = sum(sync.get("errors", {}).values())
-        final = rows[-1]
-        parts = {
-            "loadgen errors": lg_errors,
-            "answers not 200/429": not_ok(codes),
-            "dead letters": final["dead_letters_total"],
-            "checkpoint failures": final["checkpoint_failures_total"],
-            "ERROR log lines": run["error_lines"],
-            "panics": run["panics"],
-        }
-        bad = {k: v for k, v in parts.items() if v}
-        exits = []
-        if run["loadgen_rc"]:
-            exits.append(f"loadgen exited {run['loadgen_rc']}")
-        if run["simulate_rc"]:
-            exits.append(f"simulate exited {run['simulate_rc']}")
-        if not run["alive"] or not complete:
-            exits.append("quotaflow died during the soak")
-        if not run["stopped_clean"]:
-            exits.append("quotaflow did not log a clean stop")
-        check("no errors", not bad and not exits,
-              ", ".join(f"{k} {v}" for k, v in parts.items()) + (("; " + "; ".join(exits)) if exits else ""))
         # Lag.
         ref_lag = statistics.median(r["stream_lag"] for r in ref)
         last_lag = statistics.median(r["stream_lag"] for r in last)
