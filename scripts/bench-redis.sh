@@ -13,8 +13,8 @@
 #                      QUOTAFLOW__REDIS__CONNECTIONS=$CONNECTIONS: one EVALSHA
 #                      round trip per check, one Redis connection per load
 #                      connection (the baseline without pipelining)
-#   C  envoy           envoyproxy/ratelimit (go install'ed once into
-#                      $QUOTAFLOW_CACHE/envoy-ratelimit), Redis backend, its
+#   C  envoy           envoyproxy/ratelimit (go install'ed once by
+#                      scripts/tools.sh), Redis backend, its
 #                      HTTP /json endpoint
 # with one limit, the same in meaning for both products: per user, a fixed
 # window of 20 requests per second (scripts/bench/redis.toml; for envoy a
@@ -23,7 +23,8 @@
 #
 # Steps:
 # 1. installs what is missing: wrk, jq, curl, redis-server (Debian), envoy
-#    ratelimit (`go install github.com/envoyproxy/ratelimit/src/service_cmd@$ENVOY_RATELIMIT_VERSION`,
+#    ratelimit (scripts/tools.sh: `go install
+#    github.com/envoyproxy/ratelimit/src/service_cmd@$ENVOY_RATELIMIT_VERSION`,
 #    skipped when the binary exists); builds scripts/bench/loadgen and, when
 #    a quotaflow server is selected, `cargo build --release` (SKIP_BUILD=1:
 #    use target/release/quotaflow as it is);
@@ -63,7 +64,7 @@
 #                     QUOTAFLOW__REDIS__DENY_CACHE=false
 #   NICE=0            nice level of the servers, Redis and the load tools
 #   SKIP_BUILD=0      1: no cargo build
-#   ENVOY_RATELIMIT_VERSION=latest   module version for the first install
+#   ENVOY_RATELIMIT_VERSION=<pinned in scripts/tools.sh>   module version to build
 #   QUOTAFLOW_CACHE=~/.cache/quotaflow
 # Results and logs: target/bench-redis/ (under CARGO_TARGET_DIR when set).
 #
@@ -86,10 +87,7 @@ NICE="${NICE:-0}"
 BENCH_USERS="${BENCH_USERS:-10000}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 WARMUP=3
-ENVOY_RATELIMIT_VERSION="${ENVOY_RATELIMIT_VERSION:-latest}"
-CACHE="${QUOTAFLOW_CACHE:-${HOME:-/root}/.cache/quotaflow}"
-ENVOY_GOBIN="${CACHE}/envoy-ratelimit"
-ENVOY_BIN="${ENVOY_GOBIN}/service_cmd"
+ENVOY_BIN=""
 ENVOY_GRPC_PORT=$((ENVOY_PORT + 1))
 ENVOY_DEBUG_PORT=$((ENVOY_PORT + 2))
 
@@ -168,18 +166,10 @@ rm -rf "${OUT:?}"/*.txt "${OUT:?}"/*.json "${OUT:?}"/*.log "${OUT:?}"/*.stderr "
 ENVOY_VERSION="n/a"
 case " $SERVERS " in
   *" envoy "*)
-    if [ -x "$ENVOY_BIN" ]; then
-      say "envoy ratelimit: $ENVOY_BIN (installed; delete it to reinstall)"
-    else
-      say "go install github.com/envoyproxy/ratelimit/src/service_cmd@${ENVOY_RATELIMIT_VERSION} (GOBIN=$ENVOY_GOBIN; takes a minute or so)"
-      mkdir -p "$ENVOY_GOBIN"
-      t0=$(date +%s)
-      # Outside the repo, so the loadgen module's go.mod is not in the way.
-      (cd / && GOBIN="$ENVOY_GOBIN" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false \
-        "$GO" install "github.com/envoyproxy/ratelimit/src/service_cmd@${ENVOY_RATELIMIT_VERSION}") ||
-        die "go install of envoy ratelimit failed (its go.mod may need a newer Go than $("$GO" env GOVERSION))"
-      say "installed in $(($(date +%s) - t0)) s"
-    fi
+    envoy_env="$(scripts/tools.sh envoy-ratelimit)" || die "installing envoy ratelimit failed (scripts/tools.sh)"
+    eval "$envoy_env"
+    ENVOY_BIN="$ENVOY_RATELIMIT_BIN"
+    say "envoy ratelimit: $ENVOY_BIN"
     ENVOY_VERSION="$("$GO" version -m "$ENVOY_BIN" 2>/dev/null |
       awk '$1 == "mod" && $2 == "github.com/envoyproxy/ratelimit" {print $3}')"
     ENVOY_VERSION="${ENVOY_VERSION:-unknown}"

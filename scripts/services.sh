@@ -6,7 +6,10 @@
 # Usage:
 #   scripts/services.sh up [kafka|redis]...   install what is missing, start
 #                                             what is not running, wait until
-#                                             ready, print `export ...` lines
+#                                             ready, print `export ...` lines;
+#                                             with both (no argument) also the
+#                                             test tools: Schemathesis,
+#                                             Chromium and Node
 #   scripts/services.sh down [kafka|redis]... stop (TERM, then KILL); idempotent
 #   scripts/services.sh status                show what runs (exit 3 if not all)
 #   scripts/services.sh clean                 down, then delete the data dirs
@@ -22,6 +25,8 @@
 # `up` prints only these lines on stdout (all progress goes to stderr),
 #   export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
 #   export REDIS_URL=redis://127.0.0.1:6379
+# (and SCHEMATHESIS, CHROMIUM, NODEJS: the tools tests/openapi.rs and
+# tests/ui.rs run)
 # once both answer: Redis to PING, Kafka to a full client round trip (create
 # topic `quotaflow-ready`, produce to it, read it back in consumer group
 # `quotaflow-ready`; see services/KafkaReady.java). A caller takes them in with
@@ -51,8 +56,9 @@
 # Kafka comes from Maven Central (scripts/services/pom.xml: the broker, the
 # command-line tools and a log4j2 backend), fetched once by
 # `mvn dependency:copy-dependencies`; it needs java (17+) and mvn. Redis is
-# Debian's redis-server (and promtool, from Debian's prometheus package, for
-# the alert rules' tests), installed with apt-get when missing. Neither service is run
+# Debian's redis-server (and Debian's prometheus package, whose promtool and
+# server the rules' tests run), installed with apt-get when missing; so are
+# Chromium and Node, for the live page's browser test. Neither service is run
 # through systemd or an init script: both are started directly and tracked by
 # pid files under $QUOTAFLOW_CACHE/run/.
 #
@@ -224,6 +230,33 @@ install_schemathesis() {
   }
 }
 
+# Headless Chromium and Node drive the live page (GET /ui) in tests/ui.rs
+# through tests/ui/driver.mjs, which needs no npm package (the DevTools
+# protocol over a pipe). Both from Debian, installed once when missing.
+browser_installed() {
+  command -v chromium >/dev/null 2>&1 && command -v node >/dev/null 2>&1
+}
+
+install_browser() {
+  browser_installed && return 0
+  command -v apt-get >/dev/null 2>&1 || die "chromium or node is missing and apt-get is not available to install them"
+  local apt_log=$CACHE/logs/browser-install.log rc=0 packages=()
+  command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+  command -v node >/dev/null 2>&1 || packages+=(nodejs)
+  mkdir -p "$CACHE/logs"
+  log "installing ${packages[*]} with apt-get (once; log: $apt_log)"
+  {
+    as_root apt-get -o DPkg::Lock::Timeout=300 update &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
+        install -y --no-install-recommends "${packages[@]}"
+  } </dev/null >"$apt_log" 2>&1 || rc=$?
+  if ((rc != 0)) || ! browser_installed; then
+    show_tail "$apt_log"
+    die "could not install ${packages[*]} with apt-get (exit $rc); see $apt_log"
+  fi
+  log "installed: $(chromium --version 2>/dev/null | head -n1), node $(node --version)"
+}
+
 need_java() {
   command -v java >/dev/null 2>&1 || die "java not found on PATH (Kafka needs Java 17 or newer)"
   local v major
@@ -306,18 +339,20 @@ redis_installed() {
   command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1
 }
 
-# promtool (Debian's prometheus package) checks and unit-tests the alert
-# rules in deploy/prometheus; installed with Redis, in the same apt run.
-promtool_installed() {
-  command -v promtool >/dev/null 2>&1
+# Debian's prometheus package: promtool checks and unit-tests the rules in
+# deploy/prometheus, and tests/prometheus_live.rs runs its server against
+# the binary. Installed with Redis, in the same apt run; both binaries are
+# checked, so a promtool from elsewhere still gets the server installed.
+prometheus_installed() {
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1
 }
 
 install_redis() {
-  redis_installed && promtool_installed && return 0
+  redis_installed && prometheus_installed && return 0
   command -v apt-get >/dev/null 2>&1 || die "redis-server is not installed and apt-get is not available to install it"
   local apt_log=$CACHE/logs/redis-install.log rc=0 packages=()
   redis_installed || packages+=(redis-server)
-  promtool_installed || packages+=(prometheus)
+  prometheus_installed || packages+=(prometheus)
   mkdir -p "$CACHE/logs"
   log "installing ${packages[*]} with apt-get (once; log: $apt_log)"
   {
@@ -326,11 +361,11 @@ install_redis() {
       as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
         install -y --no-install-recommends "${packages[@]}"
   } </dev/null >"$apt_log" 2>&1 || rc=$?
-  if ((rc != 0)) || ! redis_installed || ! promtool_installed; then
+  if ((rc != 0)) || ! redis_installed || ! prometheus_installed; then
     show_tail "$apt_log"
     die "could not install ${packages[*]} with apt-get (exit $rc); see $apt_log"
   fi
-  # Only promtool is wanted from the prometheus package: stop a server its
+  # The tests run their own Prometheus servers: stop the one the package's
   # init script may have started.
   local prom_pid
   if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
@@ -685,7 +720,7 @@ cmd_up() {
   lock
   local redis_job=""
   # Fresh machine: apt (Redis) and Maven (Kafka) downloads run side by side.
-  if ((WANT_REDIS)) && ! { redis_installed && promtool_installed; }; then
+  if ((WANT_REDIS)) && ! { redis_installed && prometheus_installed; }; then
     install_redis &
     redis_job=$!
   fi
@@ -698,9 +733,15 @@ cmd_up() {
   if ((WANT_KAFKA)); then need_java; fi
   if ((WANT_REDIS)); then redis_up; fi
   if ((WANT_KAFKA)); then kafka_up; fi
-  # Not a service, but what the test command needs beside them.
-  install_schemathesis
-  echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
+  # Not services, but what the test command needs beside them: only for a
+  # full `up` (`up redis` stays a Redis, not a browser download).
+  if ((WANT_KAFKA && WANT_REDIS)); then
+    install_schemathesis
+    install_browser
+    echo "export SCHEMATHESIS=$SCHEMATHESIS_VENV/bin/st"
+    echo "export CHROMIUM=$(command -v chromium)"
+    echo "export NODEJS=$(command -v node)"
+  fi
   if ((WANT_KAFKA)); then echo "export KAFKA_BOOTSTRAP_SERVERS=$HOST:$KAFKA_PORT"; fi
   if ((WANT_REDIS)); then echo "export REDIS_URL=redis://$HOST:$REDIS_PORT"; fi
 }

@@ -18,6 +18,10 @@ echo "==> starting Kafka and Redis (scripts/services.sh up)"
 services_env=$(scripts/services.sh up)
 eval "$services_env"
 export KAFKA_BOOTSTRAP_SERVERS REDIS_URL
+# kubeconform, kustomize, compose/Dockerfile checkers for tests/deploy.rs
+# (assigned first, so that a failing install stops the run).
+tools_env=$(scripts/tools.sh)
+eval "$tools_env"
 
 echo "==> cargo test"
 log=$(mktemp)

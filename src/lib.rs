@@ -12,12 +12,16 @@
 //!   (the accept loop: timeouts, connection cap, bounded drain), [`settings`]
 //!   (the settings file and environment), [`server`] (wiring and
 //!   `quotaflow serve`), [`simulate`] (traffic for the embedded pipeline or
-//!   Kafka), [`logging`], and `main.rs`, the command line;
+//!   Kafka), [`backtest`] (a recorded range decided again under a candidate
+//!   config), [`import_envoy`] (envoy ratelimit configs to quotaflow's),
+//!   [`logging`], and `main.rs`, the command line;
 //! - `tools/stream-bench` — the stream benchmark tool behind
 //!   `scripts/bench-stream.sh`.
 
 pub mod api;
+pub mod backtest;
 pub mod http_server;
+pub mod import_envoy;
 pub mod logging;
 pub mod server;
 pub mod settings;

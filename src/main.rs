@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use anyhow::Context as _;
 use quotaflow::settings::Settings;
 use quotaflow::simulate::{self, Generated, Plan};
-use quotaflow::{logging, server};
+use quotaflow::{import_envoy, logging, server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::rules::Rules;
 
@@ -59,10 +59,34 @@ enum Command {
         #[command(flatten)]
         plan: Plan,
     },
+    /// Decide a time range of the recorded requests topic again under a
+    /// candidate config and the running one, and report what the candidate
+    /// would have blocked (docs/backtest.md). Reads only: no commits, no
+    /// outputs, no Redis.
+    Backtest(quotaflow::backtest::Args),
     /// Validate a settings file; print every problem and exit 1 if any.
     CheckConfig {
         /// The file to check.
         file: PathBuf,
+    },
+    /// Convert envoyproxy/ratelimit config files (one domain each) into a
+    /// quotaflow config on stdout; what it cannot express goes to stderr.
+    /// Exit status 0: everything expressed; 2: some parts not (the config
+    /// holds the rest); 1: unreadable or invalid input (docs/envoy-import.md).
+    ImportEnvoy {
+        /// envoy ratelimit YAML files, or directories of them (their
+        /// `*.yaml` and `*.yml` files).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A descriptor key and the quotaflow dimension carrying its value
+        /// (user_id, api_key, client_ip, method, path; `none` unmaps a
+        /// default key), e.g. `--map x-tenant-user=user_id`; repeatable.
+        #[arg(long = "map", value_name = "KEY=DIMENSION")]
+        map: Vec<String>,
+        /// `toml`: a settings file for `serve --config` and `check-config`;
+        /// `json`: the body of `POST /rate_limit/config`.
+        #[arg(long, default_value = "toml", value_parser = ["toml", "json"])]
+        format: String,
     },
     /// Print every metric this binary exports (name, type, help, labels)
     /// as JSON: labelled metrics appear on /metrics only once they have a
@@ -78,6 +102,20 @@ fn main() -> ExitCode {
     }) {
         Command::Serve { config, listen } => serve(config, listen),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Backtest(args) => match quotaflow::backtest::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("quotaflow backtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ImportEnvoy { files, map, format } => match import_envoy(&files, &map, &format) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("quotaflow import-envoy: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Metrics => match quotaflow_adapters::metrics::Metrics::new() {
             Ok(m) => match serde_json::to_string_pretty(m.catalog()) {
                 Ok(json) => {
@@ -208,6 +246,62 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     }
 }
 
+/// Prints the converted config and the report; returns the exit status.
+fn import_envoy(paths: &[PathBuf], map: &[String], format: &str) -> anyhow::Result<u8> {
+    let mut mapping = import_envoy::Mapping::default();
+    for spec in map {
+        mapping.add(spec)?;
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut inner: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("{}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            inner.sort();
+            anyhow::ensure!(
+                !inner.is_empty(),
+                "{}: no *.yaml or *.yml files",
+                path.display()
+            );
+            files.extend(inner);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut sources = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| import_envoy::ImportError::Read {
+            path: f.display().to_string(),
+            source: e,
+        })?;
+        sources.push((f.display().to_string(), text));
+    }
+    let imported = import_envoy::import(&sources, &mapping)?;
+    let out = if format == "json" {
+        imported.to_json()
+    } else {
+        imported.to_toml()?
+    };
+    print!("{out}");
+    for item in &imported.report.items {
+        eprintln!("{item}");
+    }
+    let missing = imported.report.missing().count();
+    eprintln!(
+        "quotaflow import-envoy: {} limit(s); {}",
+        imported.doc.limits.len(),
+        if missing == 0 {
+            "everything expressed".to_owned()
+        } else {
+            format!("{missing} part(s) not expressed (exit status 2)")
+        }
+    );
+    Ok(imported.exit_code())
+}
+
 fn check_config(file: &std::path::Path) -> ExitCode {
     let settings = match Settings::load_with_env(Some(file), false) {
         Ok(s) => s,
@@ -216,10 +310,29 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match Rules::compile(settings.rules(), 1, &Fingerprinter::random()) {
+    let mut ok = check_rules(file, settings.rules());
+    // The shadow config is read at start as well: a broken one stops serve.
+    if let Some(shadow) = &settings.shadow.config {
+        ok &= match quotaflow::settings::load_rules(shadow) {
+            Ok(f) => check_rules(shadow, f.doc),
+            Err(e) => {
+                eprintln!("{}: {e}", shadow.display());
+                false
+            }
+        };
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn check_rules(file: &std::path::Path, doc: quotaflow_core::rules::RulesDoc) -> bool {
+    match Rules::compile(doc, 1, &Fingerprinter::random()) {
         Ok(rules) => {
             println!("{}: ok ({} limits)", file.display(), rules.limits.len());
-            ExitCode::SUCCESS
+            true
         }
         Err(invalid) => {
             for e in &invalid.0 {
@@ -230,7 +343,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 file.display(),
                 invalid.0.len()
             );
-            ExitCode::FAILURE
+            false
         }
     }
 }

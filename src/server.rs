@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::tokens::AdminTokens;
 use crate::api::{self, AppState, Identity, RedisMode};
 use crate::http_server;
-use crate::settings::{Backend, EncodingName, Settings};
+use crate::settings::{load_rules, Backend, EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
 use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::embedded::{Embedded, EmbeddedBus, EmbeddedSink};
@@ -20,7 +20,7 @@ use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
 use quotaflow_adapters::redis_state::config::SharedConfig;
 use quotaflow_adapters::redis_state::{self, RedisState};
-use quotaflow_adapters::worker::{Checkpointing, Processing, WorkerContext};
+use quotaflow_adapters::worker::{Checkpointing, Processing, Shadow, WorkerContext};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::limiter::Limiter;
 use quotaflow_core::pipeline::{CheckpointStore, MemoryCheckpoints, OutputSink, ProcessorConfig};
@@ -86,6 +86,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         limiter,
         metrics,
         redis_mode,
+        ui_snapshot: Default::default(),
         // Trimmed there: mounted secrets often end in a newline.
         admin_tokens: Arc::new(AdminTokens::new(
             admin_token.as_deref(),
@@ -104,6 +105,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
             deny_status,
         }),
         embedded: None,
+        coordinator: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
@@ -167,7 +169,13 @@ pub fn processor_config(settings: &Settings, fingerprinter: &Fingerprinter) -> P
 /// `kafka.bootstrap_servers` is set, else on the in-process bus.
 pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Result<Pipeline> {
     let codec = codec(settings)?;
-    let coordinator = |sink: Arc<dyn OutputSink>, store: Arc<dyn CheckpointStore>| {
+    let k = &settings.kafka;
+    let kafka_mode = !k.bootstrap_servers.is_empty();
+    if kafka_mode {
+        settings.check_mode()?;
+    }
+    let mut shadow = shadow(settings, &state.limiter, kafka_mode, &codec)?;
+    let mut coordinator = |sink: Arc<dyn OutputSink>, store: Arc<dyn CheckpointStore>| {
         let ctx = WorkerContext {
             processing: Processing {
                 limiter: state.limiter.clone(),
@@ -181,6 +189,7 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
                 interval: settings.stream.checkpoint_interval,
             },
             metrics: state.metrics.clone(),
+            shadow: shadow.take(),
         };
         Arc::new(Coordinator::new(
             Arc::new(ctx),
@@ -197,10 +206,10 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
             );
         }
     }
-    let k = &settings.kafka;
-    if k.bootstrap_servers.is_empty() {
+    if !kafka_mode {
         let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000));
         let coordinator = coordinator(sink.clone(), Arc::new(MemoryCheckpoints::default()));
+        state.coordinator = Some(coordinator.clone());
         let bus = EmbeddedBus::start(
             coordinator,
             settings.stream.partitions,
@@ -212,7 +221,6 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(Pipeline::Embedded(embedded))
     } else {
-        settings.check_mode()?;
         let r = &settings.redis;
         let checkpoints = RedisCheckpoints::new(
             &r.url,
@@ -224,12 +232,51 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         .context("configuring Redis checkpoints")?;
         let sink = KafkaSink::new(k, codec.clone())?;
         let coordinator = coordinator(Arc::new(sink), Arc::new(checkpoints));
+        state.coordinator = Some(coordinator.clone());
         Ok(Pipeline::Kafka(KafkaProcessor::start(
             coordinator,
             k,
             state.ready.clone(),
         )?))
     }
+}
+
+/// The shadow config of `[shadow] config`, if any: the same fingerprint
+/// key and shards as the real rules, its decisions to
+/// `kafka.shadow_decisions_topic` (counted only, in the embedded mode).
+fn shadow(
+    settings: &Settings,
+    limiter: &Limiter,
+    kafka_mode: bool,
+    codec: &Arc<Codec>,
+) -> anyhow::Result<Option<Shadow>> {
+    let Some(path) = &settings.shadow.config else {
+        return Ok(None);
+    };
+    let file = load_rules(path)
+        .with_context(|| format!("reading the shadow config {}", path.display()))?;
+    let shadow = Limiter::new(
+        file.doc,
+        limiter.fingerprinter().clone(),
+        settings.state.effective_shards(),
+    )
+    .with_context(|| format!("the shadow config {} is invalid", path.display()))?;
+    let sink: Option<Arc<dyn OutputSink>> = if kafka_mode {
+        Some(Arc::new(KafkaSink::shadow(&settings.kafka, codec.clone())?))
+    } else {
+        None
+    };
+    tracing::info!(
+        event = "shadow_config_loaded",
+        file = %path.display(),
+        limits = shadow.rules().limits.len(),
+        topic = kafka_mode.then_some(settings.kafka.shadow_decisions_topic.as_str()),
+        "a shadow config decides every event beside the real one; its decisions go to their own topic and metrics"
+    );
+    Ok(Some(Shadow {
+        limiter: Arc::new(shadow),
+        sink,
+    }))
 }
 
 /// Serve until `shutdown` completes, then drain in-flight requests.

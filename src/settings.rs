@@ -39,6 +39,8 @@ pub struct Settings {
     #[serde(default)]
     pub decisions: DecisionSettings,
     #[serde(default)]
+    pub shadow: ShadowSettings,
+    #[serde(default)]
     pub limits: Vec<LimitDoc>,
     #[serde(default)]
     pub whitelist: WhitelistDoc,
@@ -273,6 +275,76 @@ pub struct DecisionSettings {
     pub every_event: bool,
 }
 
+/// A candidate config decided beside the real one in every partition
+/// worker, its decisions published apart (docs/backtest.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShadowSettings {
+    /// The file of its rules, as [`load_rules`] reads it; none: no shadow.
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// A rate-limit document read from a file or an instance, with the version
+/// it ran as when it says so.
+#[derive(Debug, Clone)]
+pub struct RulesFile {
+    pub doc: RulesDoc,
+    pub version: Option<u64>,
+}
+
+/// The rules in `path`: a settings file (TOML or JSON; its `limits`,
+/// `whitelist` and `path_case_sensitive`, the rest ignored) or the JSON
+/// document `GET /rate_limit/config` returns.
+pub fn load_rules(path: &Path) -> Result<RulesFile, SettingsError> {
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if is_json {
+        let bytes = std::fs::read(path)
+            .map_err(|e| SettingsError(format!("reading {}: {e}", path.display())))?;
+        if let Ok(Some(rules)) = config_document(&bytes) {
+            return Ok(rules);
+        }
+    }
+    let settings = Settings::load_with_env(Some(path), false)?;
+    Ok(RulesFile {
+        doc: settings.rules(),
+        version: None,
+    })
+}
+
+/// The document of `GET /rate_limit/config` (`limits`, `whitelist`,
+/// `path_case_sensitive`, `version`): `Ok(None)` if `bytes` is JSON with
+/// other fields (a settings file), an error if its whitelist was redacted.
+pub fn config_document(bytes: &[u8]) -> Result<Option<RulesFile>, SettingsError> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| SettingsError(format!("not JSON: {e}")))?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(SettingsError("not a JSON object".into()));
+    };
+    if obj.remove("whitelist_redacted") == Some(serde_json::Value::Bool(true)) {
+        return Err(SettingsError(
+            "the config's whitelist was redacted: read it with an admin token \
+             (QUOTAFLOW_ADMIN_TOKEN), or from this machine without one"
+                .into(),
+        ));
+    }
+    let version = match obj.remove("version") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| SettingsError(format!("version {v} is not a version")))?,
+        ),
+    };
+    const FIELDS: [&str; 3] = ["limits", "whitelist", "path_case_sensitive"];
+    if obj.keys().any(|k| !FIELDS.contains(&k.as_str())) {
+        return Ok(None);
+    }
+    let doc: RulesDoc = serde_json::from_value(value)
+        .map_err(|e| SettingsError(format!("not a rate-limit config: {e}")))?;
+    Ok(Some(RulesFile { doc, version }))
+}
+
 /// A settings file or environment that could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -351,6 +423,25 @@ impl Settings {
                     .into(),
             ));
         }
+        let k = &self.kafka;
+        if self.shadow.config.is_some()
+            && !k.bootstrap_servers.is_empty()
+            && (k.shadow_decisions_topic.is_empty()
+                || [
+                    &k.requests_topic,
+                    &k.decisions_topic,
+                    &k.alerts_topic,
+                    &k.dead_letter_topic,
+                ]
+                .contains(&&k.shadow_decisions_topic))
+        {
+            // Gateways would act on the shadow's blocks.
+            return Err(SettingsError(format!(
+                "kafka.shadow_decisions_topic (\"{}\") must be a topic of its own when \
+                 [shadow] config is set: gateways act on what the decisions topic says",
+                k.shadow_decisions_topic
+            )));
+        }
         if !self.kafka.bootstrap_servers.is_empty() {
             let poll_ms = self
                 .kafka
@@ -410,11 +501,55 @@ mod tests {
     }
 
     #[test]
+    fn a_shadow_config_needs_a_decisions_topic_of_its_own() {
+        let mut s = Settings::load_with_env(None, false).unwrap();
+        s.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        s.security.fingerprint_key = "k".into();
+        s.kafka.shadow_decisions_topic = s.kafka.decisions_topic.clone();
+        assert!(s.check_mode().is_ok(), "no shadow, no constraint");
+        s.shadow.config = Some("candidate.toml".into());
+        let err = s.check_mode().unwrap_err().to_string();
+        assert!(err.contains("shadow_decisions_topic"), "{err}");
+        s.kafka.shadow_decisions_topic = "shadow-decisions".into();
+        assert!(s.check_mode().is_ok());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1\"\nlistn = 3\n").unwrap();
         let err = Settings::load_with_env(Some(&path), false).unwrap_err();
         assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn rules_files_are_settings_files_or_config_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = r#"{"name": "a", "algorithm": "fixed_window", "limit": 1, "window": "1s"}"#;
+        // What GET /rate_limit/config answers, version included.
+        let doc = dir.path().join("doc.json");
+        std::fs::write(&doc, format!(r#"{{"version": 7, "limits": [{limit}]}}"#)).unwrap();
+        let f = load_rules(&doc).unwrap();
+        assert_eq!((f.version, f.doc.limits.len()), (Some(7), 1));
+        // A JSON settings file: other sections, no version.
+        let json = dir.path().join("settings.json");
+        let text = format!(r#"{{"log": {{"level": "warn"}}, "limits": [{limit}]}}"#);
+        std::fs::write(&json, text).unwrap();
+        let f = load_rules(&json).unwrap();
+        assert_eq!((f.version, f.doc.limits.len()), (None, 1));
+        let toml = dir.path().join("settings.toml");
+        std::fs::write(
+            &toml,
+            "[[limits]]\nname = \"a\"\nlimit = 1\nwindow = \"1s\"\nalgorithm = \"fixed_window\"\n",
+        )
+        .unwrap();
+        assert_eq!(load_rules(&toml).unwrap().doc.limits.len(), 1);
+        // A redacted whitelist would silently let through what it lists.
+        let redacted =
+            format!(r#"{{"version": 1, "whitelist_redacted": true, "limits": [{limit}]}}"#);
+        let err = config_document(redacted.as_bytes()).err().unwrap();
+        assert!(err.to_string().contains("redacted"), "{err}");
+        assert!(config_document(br#"{"version": "x", "limits": []}"#).is_err());
     }
 }

@@ -73,3 +73,27 @@ fn unknown_sections_and_type_errors_are_refused() {
     assert!(!ok);
     assert!(err.contains("sever"), "{err}");
 }
+
+/// The shadow config is checked with the file that names it: serve would
+/// refuse to start on it.
+#[test]
+fn a_broken_shadow_config_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shadow = dir.path().join("shadow.json");
+    std::fs::write(
+        &shadow,
+        r#"{"version": 3, "limits": [{"name": "s", "algorithm": "token_bucket", "capacity": 0, "refill_per_sec": 1}]}"#,
+    )
+    .expect("write");
+    let config = format!(
+        "[shadow]\nconfig = \"{}\"\n\n[[limits]]\nname = \"a\"\nalgorithm = \"fixed_window\"\nlimit = 1\nwindow = \"1s\"\n",
+        shadow.display()
+    );
+    let (ok, out, err) = run(&config);
+    assert!(!ok);
+    assert!(out.contains("c.toml: ok (1 limits)"), "{out}");
+    assert!(
+        err.contains("shadow.json: limits[0].capacity: must be an integer between 1 and"),
+        "{err}"
+    );
+}

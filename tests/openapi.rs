@@ -89,8 +89,11 @@ fn every_route_is_in_the_document() {
         "/stream/alerts",
         "/stream/dead-letters",
         "/openapi.json",
+        "/ui",
+        "/ui/state.json",
+        "/ui/{asset}",
     ] {
         assert!(paths.contains(&route), "{route} is not documented");
     }
-    assert_eq!(paths.len(), 12, "a documented path has no route: {paths:?}");
+    assert_eq!(paths.len(), 15, "a documented path has no route: {paths:?}");
 }

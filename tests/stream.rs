@@ -31,13 +31,17 @@ fn action(d: &DecisionRecord) -> String {
         .unwrap_or_default()
 }
 
-fn metric(server: &Server, name: &str) -> f64 {
-    let text = std::process::Command::new("curl")
+fn scrape(server: &Server) -> String {
+    std::process::Command::new("curl")
         .args(["-s", &server.url("/metrics")])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    text.lines()
+        .unwrap_or_default()
+}
+
+fn metric(server: &Server, name: &str) -> f64 {
+    scrape(server)
+        .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -183,6 +187,57 @@ async fn kill_9_mid_stream_loses_nothing_and_counts_nothing_twice() {
 
     assert_final_states_match_the_oracle(&f, &sent, 120);
     assert_one_decision_per_event(&f, &sent);
+}
+
+/// After a crash the next owner replays what the dead one decided since its
+/// last checkpoint: consumers see those outputs twice (same ids), and
+/// `quotaflow_outputs_republished_total` counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_published_again_after_a_crash_are_counted() {
+    let f = Fixture::new("republished", 1).await;
+    // No checkpoint is due during the run: everything is replayed.
+    let config = f.config(COUNT_ALL, "[stream]\ncheckpoint_interval = \"1h\"\n");
+    let first = Server::start(Some(&config), &[]);
+    let t0 = base();
+    let mut sent = Vec::new();
+    for n in 0..120 {
+        sent.push(
+            f.send(event(&format!("u{}", n % 7), t0 + n as i64, n), t0)
+                .await,
+        );
+    }
+    read_until(&f.decisions, Duration::from_secs(30), |r| r.len() >= 120);
+    // Progress is marked every 250 ms.
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(first); // SIGKILL: no final checkpoint
+    let second = Server::start(Some(&config), &[]);
+    let records = read_until(&f.decisions, Duration::from_secs(60), |r| r.len() >= 240);
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| r.header("quotaflow.id").unwrap_or_default().to_owned())
+        .collect();
+    let distinct = ids.iter().collect::<BTreeSet<_>>().len();
+    assert_eq!((ids.len(), distinct), (240, 120), "every decision twice");
+    wait_for("the republished count", Duration::from_secs(10), || {
+        metric(
+            &second,
+            "quotaflow_outputs_republished_total{kind=\"decision\"}",
+        ) == 120.0
+    });
+    assert_eq!(
+        metric(
+            &second,
+            "quotaflow_outputs_republished_total{kind=\"alert\"}"
+        ),
+        0.0
+    );
+    assert!(
+        second
+            .logs()
+            .iter()
+            .any(|l| l.contains("replaying_decided_events")),
+        "the replay is logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -430,6 +485,51 @@ async fn events_deleted_before_they_were_processed_are_counted_and_logged() {
     assert_skipped(&server, 10, 15, 5);
 }
 
+/// Every partition this instance runs reports its lag, at every scrape:
+/// the gauge comes from librdkafka's statistics, not from a broker call
+/// that could time out behind the consumer's fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_owned_partition_reports_its_lag_at_every_scrape() {
+    let f = Fixture::new("lag-gauge", 6).await;
+    let server = Server::start(Some(&f.config(PER_USER_5_PER_10S, "")), &[]);
+    wait_for("all six partitions", Duration::from_secs(30), || {
+        metric(&server, "quotaflow_partitions_owned") == 6.0
+    });
+    let t0 = base();
+    let mut partitions = BTreeSet::new();
+    for n in 0..300 {
+        let user = format!("u{}", n % 60);
+        partitions.insert(
+            f.send(event(&user, t0 + n as i64, n), t0 + n as i64)
+                .await
+                .partition,
+        );
+    }
+    assert_eq!(partitions.len(), 6, "events reach every partition");
+    wait_for("every event consumed", Duration::from_secs(30), || {
+        metric(&server, "quotaflow_events_consumed_total") == 300.0
+    });
+    let series = |text: &str| -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| l.starts_with("quotaflow_partition_lag{"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    // Caught up: within two statistics intervals every series reads 0.
+    wait_for("lag 0 on every partition", Duration::from_secs(10), || {
+        let s = series(&scrape(&server));
+        s.len() == 6 && s.values().all(|v| *v == 0.0)
+    });
+    for _ in 0..10 {
+        let s = series(&scrape(&server));
+        assert_eq!(s.len(), 6, "a partition's lag went missing: {s:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A shutdown revokes every partition at once: with Redis stalled (paused,
 /// so every call waits for its timeout), the drain still ends within
 /// `stream.drain_timeout`, and each partition whose final checkpoint could
@@ -561,12 +661,16 @@ fn assert_final_states_match_the_oracle(f: &Fixture, sent: &[Sent], users: usize
 /// replays repeat ids, never change them.
 fn assert_one_decision_per_event(f: &Fixture, sent: &[Sent]) {
     // One decision per event (every_event); replays repeat ids, never change them.
-    let records = read_until(&f.decisions, Duration::from_secs(30), |r| {
-        r.iter()
-            .map(|x| x.header("quotaflow.id").unwrap_or_default().to_owned())
-            .collect::<BTreeSet<_>>()
-            .len()
-            >= sent.len()
+    // The distinct count is taken only once enough records are in: taken
+    // at every record it made the read quadratic, and a busy machine ran
+    // out of time before the replayed decisions (the last ones) were read.
+    let records = read_until(&f.decisions, Duration::from_secs(60), |r| {
+        r.len() >= sent.len()
+            && r.iter()
+                .map(|x| x.header("quotaflow.id").unwrap_or_default())
+                .collect::<BTreeSet<_>>()
+                .len()
+                >= sent.len()
     });
     let mut by_id: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for r in &records {
@@ -586,7 +690,18 @@ fn assert_one_decision_per_event(f: &Fixture, sent: &[Sent]) {
         .iter()
         .map(|s| format!("{}:{}:{}:decision:0", f.requests, s.partition, s.offset))
         .collect();
-    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), want);
+    let got: BTreeSet<String> = by_id.keys().cloned().collect();
+    let missing: Vec<_> = want.difference(&got).collect();
+    let extra: Vec<_> = got.difference(&want).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} decisions missing (first {:?}), {} unexpected (first {:?}), {} records read",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        extra.len(),
+        extra.iter().take(5).collect::<Vec<_>>(),
+        records.len()
+    );
 }
 
 /// Redis dies mid-stream and comes back empty (no persistence) while three

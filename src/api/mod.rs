@@ -7,6 +7,7 @@ pub mod client_ip;
 mod events;
 pub mod headers;
 pub mod tokens;
+mod ui;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use axum::Router;
 use ipnet::IpNet;
 use serde_json::json;
 
+use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::embedded::Embedded;
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_state::config::SharedConfig;
@@ -47,11 +49,16 @@ pub struct AppState {
     pub identity: Arc<Identity>,
     /// The in-process bus and its outputs (embedded mode only).
     pub embedded: Option<Arc<Embedded>>,
+    /// The stream processor's partition ownership (either mode), for the
+    /// live page.
+    pub coordinator: Option<Arc<Coordinator>>,
     /// Whether the stream processor is up (the embedded bus, or the Kafka
     /// consumer polling its group).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The group's shared state and config (`[state] backend = "redis"`).
     pub redis_mode: Option<Arc<RedisMode>>,
+    /// The live page's latest snapshot, served again for a second.
+    pub ui_snapshot: Arc<ui::SnapshotCache>,
 }
 
 /// The Redis state mode's parts, as the handlers use them.
@@ -80,6 +87,9 @@ pub fn router(state: AppState) -> Router {
         .route("/stream/alerts", get(events::alerts))
         .route("/stream/dead-letters", get(events::dead_letters))
         .route("/openapi.json", get(openapi))
+        .route("/ui", get(ui::page))
+        .route("/ui/state.json", get(ui::state))
+        .route("/ui/{asset}", get(ui::asset))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
@@ -186,7 +196,8 @@ async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> R
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(quotaflow_adapters::clock::now_ms()),
+        app.metrics
+            .render(app.metrics.episode_now(quotaflow_adapters::clock::now_ms())),
     )
         .into_response()
 }

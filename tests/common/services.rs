@@ -113,6 +113,28 @@ pub async fn create_topics(topics: &[(&str, i32)]) {
     }
 }
 
+/// Each partition's high watermark: what a topic holds (its records'
+/// offsets run below it).
+pub fn end_offsets(topic: &str) -> std::collections::BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .expect("watermark reader");
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    meta.topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            (p, high)
+        })
+        .collect()
+}
+
 /// A record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Read {

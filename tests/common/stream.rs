@@ -24,6 +24,8 @@ pub struct Fixture {
     pub decisions: String,
     pub alerts: String,
     pub dlq: String,
+    /// `kafka.shadow_decisions_topic` (see `[shadow]`).
+    pub shadow: String,
     pub group: String,
     pub prefix: String,
     pub partitions: i32,
@@ -50,6 +52,7 @@ impl Fixture {
             decisions: unique(&format!("{name}-decisions")),
             alerts: unique(&format!("{name}-alerts")),
             dlq: unique(&format!("{name}-dlq")),
+            shadow: unique(&format!("{name}-shadow")),
             group: unique(&format!("{name}-group")),
             prefix: unique(&format!("qftest-{name}")),
             partitions,
@@ -70,6 +73,7 @@ impl Fixture {
             (&f.decisions, 1),
             (&f.alerts, 1),
             (&f.dlq, 1),
+            (&f.shadow, 1),
         ])
         .await;
         f
@@ -92,6 +96,7 @@ requests_topic = "{requests}"
 decisions_topic = "{decisions}"
 alerts_topic = "{alerts}"
 dead_letter_topic = "{dlq}"
+shadow_decisions_topic = "{shadow}"
 session_timeout = "6s"
 
 [redis]
@@ -113,6 +118,7 @@ fingerprint_key = "{fingerprint_key}"
             decisions = self.decisions,
             alerts = self.alerts,
             dlq = self.dlq,
+            shadow = self.shadow,
             prefix = self.prefix,
         )
     }

@@ -75,6 +75,16 @@ impl EmbeddedBus {
         &self.coordinator
     }
 
+    /// The offset the next record of each partition will get: with a
+    /// worker's position, the partition's lag.
+    pub fn end_offsets(&self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter_map(|(p, part)| Some((i32::try_from(p).ok()?, part.lock().next_offset)))
+            .collect()
+    }
+
     /// Append a raw record (any bytes: the worker decodes it, and dead-letters
     /// what it cannot). Returns its partition and offset.
     pub fn publish_raw(&self, key: Option<&[u8]>, payload: Vec<u8>) -> (i32, i64) {

@@ -5,6 +5,8 @@
 //! request data: cardinality stays bounded and no key or API key can leak
 //! into a label.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -14,6 +16,8 @@ use prometheus::{
 };
 
 use quotaflow_core::limiter::{BreachEvent, Decision, LimitOutcome};
+use quotaflow_core::pipeline::records::{Action, BreachAlert, DecisionRecord};
+use quotaflow_core::pipeline::Output;
 use quotaflow_core::rules::{Limit, Rules};
 use quotaflow_core::state::KeyId;
 
@@ -34,6 +38,9 @@ pub struct Metrics {
     invalid_requests: IntCounterVec,
     /// Breach episodes of the sync path, for one log line each way.
     episodes: Episodes,
+    /// The latest breach starts and ends of the sync path, for the live
+    /// page (`/ui`); taken only on an episode's edges, never per check.
+    recent_edges: parking_lot::Mutex<VecDeque<BreachEdge>>,
     /// New breaches not logged because too many episodes were open.
     breach_logs_suppressed: IntCounter,
     /// HTTP connections open now.
@@ -202,6 +209,55 @@ pub struct StreamMetrics {
     /// Outputs published again by a restore that replayed events another
     /// owner had already decided (consumers drop them by `quotaflow.id`).
     pub outputs_republished: IntCounterVec,
+    /// Decisions of the shadow config (`[shadow] config`), by action.
+    pub shadow_decisions: IntCounterVec,
+    /// Shadow decisions the shadow topic's producer could not take.
+    pub shadow_decisions_dropped: IntCounter,
+    /// The latest block/unblock decisions and alerts, for the live page.
+    pub recent: RecentOutputs,
+}
+
+/// Rows kept of each kind in [`RecentOutputs`].
+const RECENT_OUTPUTS: usize = 32;
+
+/// The latest BLOCK/UNBLOCK decisions and breach alerts this instance
+/// published, in both stream modes: a bounded ring written only when a key
+/// changes state or an alert closes, never per allowed event.
+#[derive(Default)]
+pub struct RecentOutputs {
+    decisions: parking_lot::Mutex<VecDeque<DecisionRecord>>,
+    alerts: parking_lot::Mutex<VecDeque<BreachAlert>>,
+}
+
+impl RecentOutputs {
+    pub fn note(&self, output: &Output) {
+        fn push<T: Clone>(ring: &parking_lot::Mutex<VecDeque<T>>, item: &T) {
+            // Cloned before the lock: every partition worker shares it.
+            let item = item.clone();
+            let mut ring = ring.lock();
+            if ring.len() == RECENT_OUTPUTS {
+                ring.pop_front();
+            }
+            ring.push_back(item);
+        }
+        match output {
+            Output::Decision(d) if matches!(d.action, Action::Block | Action::Unblock) => {
+                push(&self.decisions, d)
+            }
+            Output::Alert(a) => push(&self.alerts, a),
+            _ => {}
+        }
+    }
+
+    /// Newest first.
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.decisions.lock().iter().rev().cloned().collect()
+    }
+
+    /// Newest first.
+    pub fn alerts(&self) -> Vec<BreachAlert> {
+        self.alerts.lock().iter().rev().cloned().collect()
+    }
 }
 
 impl StreamMetrics {
@@ -265,7 +321,7 @@ impl StreamMetrics {
             checkpoint_failures: IntCounterVec::new(
                 Opts::new(
                     "checkpoint_failures_total",
-                    "Checkpoints not written, by reason (fenced, unavailable, flush, corrupt).",
+                    "Checkpoints not written, by reason (fenced, unavailable, flush, backwards, corrupt).",
                 ),
                 &["reason"],
             )?,
@@ -300,12 +356,24 @@ impl StreamMetrics {
                 "checkpoint_last_success_timestamp_seconds",
                 "Unix time of this instance's last successful partition checkpoint (0 before the first; checkpoints are taken only when a partition has new events).",
             )?,
+            recent: RecentOutputs::default(),
             outputs_republished: IntCounterVec::new(
                 Opts::new(
                     "outputs_republished_total",
-                    "Outputs published again after a restore replayed events a previous owner had already decided, by kind (decision, alert); consumers drop them by their quotaflow.id header.",
+                    "Outputs published again after a restore replayed events a previous owner had already decided, by kind (decision, alert, dead_letter); consumers drop them by their quotaflow.id header.",
                 ),
                 &["kind"],
+            )?,
+            shadow_decisions: IntCounterVec::new(
+                Opts::new(
+                    "shadow_decisions_total",
+                    "Decisions the shadow config ([shadow] config) made beside the real one, by action (block, unblock, allow, deny); published to kafka.shadow_decisions_topic in Kafka mode.",
+                ),
+                &["action"],
+            )?,
+            shadow_decisions_dropped: IntCounter::new(
+                "shadow_decisions_dropped_total",
+                "Shadow decisions not published because the shadow topic's producer could not take them (its queue full or the topic unreachable); the real outputs are not affected.",
             )?,
         };
         reg.add(&m.events_consumed)?;
@@ -326,12 +394,24 @@ impl StreamMetrics {
         }
         reg.add(&m.checkpoint_reseeds)?;
         reg.add(&m.partitions_retaken)?;
-        for kind in ["decision", "alert"] {
+        for kind in ["decision", "alert", "dead_letter"] {
             m.outputs_republished.with_label_values(&[kind]);
         }
         reg.add(&m.checkpoint_last_success)?;
         reg.add(&m.outputs_republished)?;
+        reg.add(&m.shadow_decisions)?;
+        reg.add(&m.shadow_decisions_dropped)?;
         Ok(m)
+    }
+}
+
+impl StreamMetrics {
+    /// The lag gauge per partition, as last set (Kafka mode, every second).
+    pub fn lags(&self) -> BTreeMap<i32, i64> {
+        samples(&self.partition_lag)
+            .into_iter()
+            .filter_map(|(labels, v)| Some((labels.get("partition")?.parse().ok()?, v as i64)))
+            .collect()
     }
 }
 
@@ -409,7 +489,7 @@ impl Metrics {
         let invalid_requests = IntCounterVec::new(
             Opts::new(
                 "invalid_requests_total",
-                "Check requests refused as malformed (400), by endpoint.",
+                "Requests refused as malformed (400), by endpoint (check, forward_auth, events).",
             ),
             &["endpoint"],
         )?;
@@ -476,6 +556,7 @@ impl Metrics {
             http_connections_refused,
             http_accept_errors,
             episodes: Episodes::default(),
+            recent_edges: parking_lot::Mutex::new(VecDeque::with_capacity(RECENT_EDGES)),
             breach_logs_suppressed,
             ready,
             keys_max,
@@ -489,8 +570,9 @@ impl Metrics {
         &self.catalog
     }
 
-    /// The Prometheus text exposition of every metric; `now_ms` (wall
-    /// clock) dates the gauges computed at scrape time.
+    /// The Prometheus text exposition of every metric; `now_ms` (on the
+    /// episodes' clock: [`Metrics::episode_now`]) dates the gauges computed
+    /// at scrape time.
     pub fn render(&self, now_ms: u64) -> String {
         self.breach_longest
             .set((self.episodes.longest_ms(now_ms) / 1000) as i64);
@@ -511,6 +593,64 @@ impl Metrics {
 
     pub fn invalid_request(&self, endpoint: &str) {
         self.invalid_requests.with_label_values(&[endpoint]).inc();
+    }
+
+    fn push_edge(&self, o: &LimitOutcome, limit: &Limit, started: bool, refused: u64) {
+        let edge = BreachEdge {
+            at_ms: o.verdict.clock_ms,
+            started,
+            limit: Arc::from(limit.name.as_str()),
+            key: o.key,
+            shadow: o.shadow,
+            refused,
+        };
+        let mut recent = self.recent_edges.lock();
+        if recent.len() >= RECENT_EDGES {
+            recent.pop_front();
+        }
+        recent.push_back(edge);
+    }
+
+    /// The latest breach starts and ends of the sync path, newest first.
+    pub fn recent_breaches(&self) -> Vec<BreachEdge> {
+        self.recent_edges.lock().iter().rev().cloned().collect()
+    }
+
+    /// `wall_now_ms` on the clock the episodes are dated by (the state's:
+    /// Redis's in the Redis state mode), for [`Metrics::render`] and
+    /// [`Metrics::top_refused`].
+    pub fn episode_now(&self, wall_now_ms: u64) -> u64 {
+        let offset = self
+            .episodes
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        wall_now_ms.saturating_add_signed(offset)
+    }
+
+    /// The `n` ongoing breach episodes of the sync path with the most
+    /// refusals, most first (those whose last refusal is within their
+    /// calm spell).
+    pub fn top_refused(&self, now_ms: u64, n: usize) -> Vec<OpenBreach> {
+        self.episodes.top(now_ms, n)
+    }
+
+    /// Verdicts per limit since start, read without creating a series for
+    /// a limit that has none (which `with_label_values` would).
+    pub fn limit_counts(&self) -> BTreeMap<String, LimitCounts> {
+        let mut counts: BTreeMap<String, LimitCounts> = BTreeMap::new();
+        for (labels, value) in samples(&self.limit_decisions) {
+            let (Some(limit), Some(verdict)) = (labels.get("limit"), labels.get("verdict")) else {
+                continue;
+            };
+            let c = counts.entry(limit.clone()).or_default();
+            match verdict.as_str() {
+                "allowed" => c.allowed = value as u64,
+                "refused" => c.refused = value as u64,
+                "shadow_refused" => c.shadow_refused = value as u64,
+                _ => {}
+            }
+        }
+        counts
     }
 
     /// Count a decision and log its breach events, one structured event each.
@@ -565,6 +705,7 @@ impl Metrics {
             let dims = dims.join(",");
             match episode {
                 Episode::Started => {
+                    self.push_edge(o, limit, true, 1);
                     self.breaches
                         .with_label_values(&[
                             limit.name.as_str(),
@@ -585,6 +726,7 @@ impl Metrics {
                     );
                 }
                 Episode::Ended { refused } => {
+                    self.push_edge(o, limit, false, refused);
                     tracing::info!(
                         event = "breach_ended",
                         limit = %limit.name,
@@ -617,6 +759,65 @@ impl Metrics {
     }
 }
 
+/// Breach edges kept for the live page.
+const RECENT_EDGES: usize = 32;
+
+/// A breach episode of the sync path starting or ending.
+#[derive(Debug, Clone)]
+pub struct BreachEdge {
+    /// The check's clock (Unix ms).
+    pub at_ms: u64,
+    /// `true` at the first refusal, `false` once the key is allowed again.
+    pub started: bool,
+    pub limit: Arc<str>,
+    /// A keyed hash: shown as a fingerprint, never the key's values.
+    pub key: KeyId,
+    pub shadow: bool,
+    /// Refusals in the episode (1 at its start).
+    pub refused: u64,
+}
+
+/// An ongoing breach episode of the sync path.
+#[derive(Debug, Clone)]
+pub struct OpenBreach {
+    pub limit: Arc<str>,
+    pub key: KeyId,
+    pub shadow: bool,
+    pub refused: u64,
+    pub started_ms: u64,
+}
+
+/// One limit's verdicts since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitCounts {
+    pub allowed: u64,
+    pub refused: u64,
+    pub shadow_refused: u64,
+}
+
+/// The samples of a counter or gauge family, with their labels, without
+/// touching the family's series.
+fn samples(c: &impl Collector) -> Vec<(BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for family in c.collect() {
+        let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+        for m in family.get_metric() {
+            let labels = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                .collect();
+            let value = if counter {
+                m.get_counter().get_value()
+            } else {
+                m.get_gauge().get_value()
+            };
+            out.push((labels, value));
+        }
+    }
+    out
+}
+
 /// What one outcome meant for its key's breach episode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Episode {
@@ -644,6 +845,10 @@ struct Episodes {
     /// outcome whose bucket counts none — nearly every check, even while
     /// some keys are in breach — takes no lock at all.
     maybe_open: Box<[std::sync::atomic::AtomicU32]>,
+    /// The state's clock less the wall clock, at the latest refusal: the
+    /// Redis state mode dates verdicts by Redis's clock, so "now" for an
+    /// episode is the wall clock shifted by this ([`Metrics::episode_now`]).
+    clock_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Shards of the episode map.
@@ -656,6 +861,7 @@ impl Default for Episodes {
         Self {
             shards: (0..EPISODE_SHARDS).map(|_| Default::default()).collect(),
             maybe_open: (0..EPISODE_BUCKETS).map(|_| Default::default()).collect(),
+            clock_offset_ms: Default::default(),
         }
     }
 }
@@ -665,12 +871,15 @@ fn bucket(key: KeyId) -> usize {
     ((key.0 >> 64) as usize) % EPISODE_BUCKETS
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct OpenEpisode {
     started_ms: u64,
     last_refusal_ms: u64,
     refused: u64,
     calm_ms: u64,
+    /// For the live page's top refused keys; allocated once per episode.
+    limit: Arc<str>,
+    shadow: bool,
 }
 
 /// Breach episodes tracked at once.
@@ -696,6 +905,38 @@ impl Episodes {
             .unwrap_or(0)
     }
 
+    /// The `n` episodes still refusing with the most refusals, most first.
+    /// Each shard's lock is held while it is scanned, as for `longest_ms`.
+    fn top(&self, now_ms: u64, n: usize) -> Vec<OpenBreach> {
+        let mut top: Vec<OpenBreach> = Vec::with_capacity(n + 1);
+        if n == 0 {
+            return top;
+        }
+        for shard in self.shards.iter() {
+            let open = shard.lock();
+            for (key, e) in open.iter() {
+                if now_ms.saturating_sub(e.last_refusal_ms) >= e.calm_ms
+                    || (top.len() == n && top.last().is_some_and(|t| t.refused >= e.refused))
+                {
+                    continue;
+                }
+                let at = top.partition_point(|t| t.refused >= e.refused);
+                top.insert(
+                    at,
+                    OpenBreach {
+                        limit: e.limit.clone(),
+                        key: *key,
+                        shadow: e.shadow,
+                        refused: e.refused,
+                        started_ms: e.started_ms,
+                    },
+                );
+                top.truncate(n);
+            }
+        }
+        top
+    }
+
     fn observe(&self, o: &LimitOutcome, limit: &Limit, whitelisted: bool) -> Episode {
         if whitelisted {
             return Episode::Quiet;
@@ -705,20 +946,26 @@ impl Episodes {
         if o.verdict.allowed && self.maybe_open[bucket(o.key)].load(Relaxed) == 0 {
             return Episode::Quiet;
         }
+        if !o.verdict.allowed {
+            let wall = crate::clock::now_ms();
+            let offset = i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(wall).unwrap_or(0);
+            self.clock_offset_ms.store(offset, Relaxed);
+        }
         // The key id is a keyed hash: its low bits spread keys evenly.
         let shard = (o.key.0 as usize) % EPISODE_SHARDS;
         let mut open = self.shards[shard].lock();
         if o.verdict.allowed {
             // An allowed key with no breach: one probe.
-            let Some(e) = open.get(&o.key).copied() else {
+            let Some(e) = open.get(&o.key) else {
                 return Episode::Quiet;
             };
             if now.saturating_sub(e.last_refusal_ms) < e.calm_ms {
                 return Episode::Quiet;
             }
+            let refused = e.refused;
             open.remove(&o.key);
             self.maybe_open[bucket(o.key)].fetch_sub(1, Relaxed);
-            return Episode::Ended { refused: e.refused };
+            return Episode::Ended { refused };
         }
         if let Some(e) = open.get_mut(&o.key) {
             e.last_refusal_ms = e.last_refusal_ms.max(now);
@@ -745,6 +992,8 @@ impl Episodes {
                 last_refusal_ms: now,
                 refused: 1,
                 calm_ms,
+                limit: Arc::from(limit.name.as_str()),
+                shadow: o.shadow,
             },
         );
         self.maybe_open[bucket(o.key)].fetch_add(1, Relaxed);
@@ -837,6 +1086,75 @@ mod tests {
         );
     }
 
+    /// What the live page reads: the ongoing episodes with the most
+    /// refusals, the latest starts and ends (bounded), per-limit counts.
+    #[test]
+    fn top_refused_keys_breach_edges_and_counts_for_the_live_page() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [
+                {"name": "tb", "key": ["user_id"], "capacity": 1, "refill_per_sec": 1},
+                {"name": "idle", "key": ["api_key"], "capacity": 1, "refill_per_sec": 1}]}"#,
+        )
+        .unwrap();
+        let limiter = Limiter::new(doc, Fingerprinter::random(), 1).unwrap();
+        let m = Metrics::new().unwrap();
+        let now = 1_000_000;
+        let mut ids = std::collections::HashMap::new();
+        // 40 users refused 1..=40 times each: more edges than are kept.
+        for i in 0..40u64 {
+            let req = Request {
+                user_id: Some(format!("user-{i}")),
+                ..Request::default()
+            };
+            for _ in 0..=i + 1 {
+                limiter.check_then(&req, now, |rules, d| {
+                    ids.insert(i, d.outcomes[0].key);
+                    m.record("check", rules, d, Duration::ZERO)
+                });
+            }
+        }
+        let top = m.top_refused(now + 10, 3);
+        let got: Vec<(u64, KeyId)> = top.iter().map(|b| (b.refused, b.key)).collect();
+        assert_eq!(got, vec![(40, ids[&39]), (39, ids[&38]), (38, ids[&37])]);
+        assert!(top
+            .iter()
+            .all(|b| &*b.limit == "tb" && !b.shadow && b.started_ms == now));
+        assert!(m.top_refused(now, 0).is_empty());
+        // Past the calm spell (1 s) no episode is ongoing.
+        assert!(m.top_refused(now + 1_000, 10).is_empty());
+
+        let edges = m.recent_breaches();
+        assert_eq!(edges.len(), RECENT_EDGES);
+        assert!(edges[0].started && edges[0].key == ids[&39] && edges[0].refused == 1);
+        // User 0 comes back after the calm spell: its episode ends.
+        let req = Request {
+            user_id: Some("user-0".into()),
+            ..Request::default()
+        };
+        limiter.check_then(&req, now + 5_000, |rules, d| {
+            m.record("check", rules, d, Duration::ZERO)
+        });
+        let last = &m.recent_breaches()[0];
+        assert!(
+            !last.started && last.key == ids[&0] && last.refused == 1,
+            "{last:?}"
+        );
+
+        let counts = m.limit_counts();
+        let refused: u64 = (1..=40).sum();
+        assert_eq!(
+            counts.get("tb"),
+            Some(&LimitCounts {
+                allowed: 41,
+                refused,
+                shadow_refused: 0
+            })
+        );
+        // Reading the counts creates no series for a limit without any.
+        assert!(!counts.contains_key("idle"));
+        assert!(!m.render(now).contains(r#"limit="idle""#));
+    }
+
     /// A key held at its limit (refused, allowed on each refill, refused)
     /// is one breach episode: one start, one end after a calm spell.
     #[test]
@@ -872,6 +1190,10 @@ mod tests {
         let longest = m.episodes.longest_ms(now);
         assert!((9_000..=10_000).contains(&longest), "{longest}");
         assert!(m.render(now).contains("quotaflow_breach_longest_seconds 9"));
+        // The episodes' clock is this test's, not the wall clock: "now" on
+        // it is the wall clock shifted by the offset seen at the refusals.
+        let shifted = m.episode_now(crate::clock::now_ms());
+        assert!(shifted.abs_diff(now - 200) < 1_000, "{shifted} vs {now}");
         // Past its calm spell the episode no longer counts as ongoing.
         assert_eq!(m.episodes.longest_ms(now + 5_000), 0);
         // Quiet for longer than the calm spell (the bucket's 1 s), then allowed.

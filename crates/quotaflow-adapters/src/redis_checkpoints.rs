@@ -102,6 +102,7 @@ pub struct RedisCheckpoints {
     acquire: redis::Script,
     save: redis::Script,
     reseed: redis::Script,
+    mark: redis::Script,
 }
 
 impl RedisCheckpoints {
@@ -123,6 +124,7 @@ impl RedisCheckpoints {
             acquire: redis::Script::new(ACQUIRE),
             save: redis::Script::new(SAVE),
             reseed: redis::Script::new(RESEED),
+            mark: redis::Script::new(MARK),
         })
     }
 
@@ -188,7 +190,33 @@ impl RedisCheckpoints {
     }
 }
 
+/// Raise a partition's progress mark, never lower it (a paused former
+/// owner's late mark must not undo a newer one). It lives an hour past its
+/// last raise: a takeover reads it within minutes, and a mark left from a
+/// deleted and recreated topic must not count its new events as replays.
+const MARK: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'PX', 3600000) end
+return 1
+";
+
 impl CheckpointStore for RedisCheckpoints {
+    fn mark_progress(&self, partition: i32, next_offset: i64) -> Result<(), CheckpointError> {
+        let key = format!("{}:{partition}:progress", self.base);
+        self.with_conn(partition, |c| {
+            self.mark
+                .key(&key)
+                .arg(next_offset)
+                .invoke::<i64>(c)
+                .map(|_| ())
+        })
+    }
+
+    fn progress(&self, partition: i32) -> Result<Option<i64>, CheckpointError> {
+        let key = format!("{}:{partition}:progress", self.base);
+        self.with_conn(partition, |c| redis::cmd("GET").arg(&key).query(c))
+    }
+
     fn acquire(&self, partition: i32) -> Result<(u64, Option<Checkpoint>), CheckpointError> {
         let (epoch_key, cp_key) = self.keys(partition);
         let floor = epoch_floor();

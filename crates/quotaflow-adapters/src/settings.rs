@@ -15,6 +15,8 @@ pub struct KafkaSettings {
     pub decisions_topic: String,
     pub alerts_topic: String,
     pub dead_letter_topic: String,
+    /// Decisions of the shadow config (`[shadow] config`), if any.
+    pub shadow_decisions_topic: String,
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// Extra librdkafka properties for both consumer and producer.
@@ -30,6 +32,7 @@ impl Default for KafkaSettings {
             decisions_topic: "decisions".into(),
             alerts_topic: "breach-alerts".into(),
             dead_letter_topic: "requests-dlq".into(),
+            shadow_decisions_topic: "shadow-decisions".into(),
             session_timeout: Duration::from_secs(10),
             properties: Default::default(),
         }

@@ -99,6 +99,7 @@ pub fn ctx_with(
         sink,
         checkpoints: Checkpointing { store, interval },
         metrics: Arc::new(Metrics::new().unwrap()),
+        shadow: None,
     })
 }
 

@@ -192,6 +192,7 @@ impl Codec {
         let cap = apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
         if cap > MAX_ALLOCATION_BYTES {
             tracing::warn!(
+                event = "avro_allocation_cap_preset",
                 cap,
                 wanted = MAX_ALLOCATION_BYTES,
                 "apache-avro allocation cap was set elsewhere before the codec; garbage input may allocate up to the cap"

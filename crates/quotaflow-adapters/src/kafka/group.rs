@@ -3,6 +3,7 @@
 //! partitions to the [`Coordinator`] (which restores and starts them, or
 //! drains and checkpoints them) and tells librdkafka the outcome.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, OnceLock, Weak};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
@@ -72,9 +74,26 @@ struct ConsumerCtx {
     /// partition queue needs an `Arc` of it, and the rebalance callback is
     /// handed only a reference.
     consumer: OnceLock<Weak<BaseConsumer<ConsumerCtx>>>,
+    /// Each partition's high watermark, from librdkafka's statistics (its
+    /// fetch responses): the lag gauge reads it without a broker call.
+    high_watermarks: parking_lot::Mutex<HashMap<i32, i64>>,
 }
 
-impl ClientContext for ConsumerCtx {}
+impl ClientContext for ConsumerCtx {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut high = self.high_watermarks.lock();
+        for (&p, s) in &topic.partitions {
+            // The partition -1 is librdkafka's "unassigned" bucket; -1 is an
+            // offset not known yet.
+            if p >= 0 && s.hi_offset >= 0 {
+                high.insert(p, s.hi_offset);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for ConsumerCtx {
     fn rebalance(
@@ -218,9 +237,14 @@ impl KafkaProcessor {
             topic: settings.requests_topic.clone(),
             session_timeout: settings.session_timeout,
             consumer: OnceLock::new(),
+            high_watermarks: Default::default(),
         };
+        let mut config = consumer_config(settings);
+        if !settings.properties.contains_key(STATISTICS_INTERVAL) {
+            config.set(STATISTICS_INTERVAL, LAG_EVERY.as_millis().to_string());
+        }
         let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
-            consumer_config(settings)
+            config
                 .create_with_context(ctx)
                 .context("creating the Kafka consumer")?,
         );
@@ -253,6 +277,35 @@ impl KafkaProcessor {
     }
 }
 
+const STATISTICS_INTERVAL: &str = "statistics.interval.ms";
+
+/// How often the lag gauge is refreshed (librdkafka's statistics come as
+/// often: `statistics.interval.ms`, set in `KafkaProcessor::start`).
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+/// Set every running partition's lag: its high watermark less the worker's
+/// next offset. A partition without statistics yet asks the broker once,
+/// briefly (this runs on the thread that polls the group); a lag still
+/// unknown is left unset, not reported as 0.
+fn update_lag(consumer: &BaseConsumer<ConsumerCtx>, ctx: &ConsumerCtx, asked: &mut HashSet<i32>) {
+    let lag = &ctx.coordinator.context().metrics.stream.partition_lag;
+    for (p, pos) in ctx.coordinator.positions() {
+        let known = ctx.high_watermarks.lock().get(&p).copied();
+        let high = match known {
+            Some(h) => h,
+            None if asked.insert(p) => {
+                match consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(200)) {
+                    Ok((_, h)) => h,
+                    Err(_) => continue,
+                }
+            }
+            None => continue,
+        };
+        lag.with_label_values(&[&p.to_string()])
+            .set(high.saturating_sub(pos).max(0));
+    }
+}
+
 fn consume(
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
     stop: Arc<AtomicBool>,
@@ -260,6 +313,7 @@ fn consume(
 ) {
     let ctx = consumer.context();
     let mut last_lag = Instant::now();
+    let mut asked_watermarks = HashSet::new();
     let mut last_reap = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         // Records go to the partition queues; this serves group events.
@@ -278,17 +332,9 @@ fn consume(
             last_reap = Instant::now();
             retake_stopped(&consumer, ctx);
         }
-        if last_lag.elapsed() >= Duration::from_secs(5) {
+        if last_lag.elapsed() >= LAG_EVERY {
             last_lag = Instant::now();
-            let lag = &ctx.coordinator.context().metrics.stream.partition_lag;
-            for (p, pos) in ctx.coordinator.positions() {
-                if let Ok((_, high)) =
-                    consumer.fetch_watermarks(&ctx.topic, p, Duration::from_millis(500))
-                {
-                    lag.with_label_values(&[&p.to_string()])
-                        .set((high - pos).max(0));
-                }
-            }
+            update_lag(&consumer, ctx, &mut asked_watermarks);
         }
     }
     ctx.coordinator.revoke_all();

@@ -8,9 +8,12 @@
 //!   worker. Partitions are assigned at their checkpoint's offset: offsets
 //!   live in Redis with the state, never in Kafka's group offsets.
 //! - [`sink`]: the output producer.
+//! - [`replay`]: a time range of the requests topic read again, outside
+//!   the group, for a backtest.
 
 pub mod group;
 mod partition_queue;
+pub mod replay;
 pub mod sink;
 
 pub use group::KafkaProcessor;

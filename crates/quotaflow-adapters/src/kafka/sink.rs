@@ -15,7 +15,10 @@ use crate::avro::Codec;
 use crate::settings::KafkaSettings;
 use quotaflow_core::pipeline::{Delivery, Output, OutputSink, SinkError};
 
-struct SinkContext;
+struct SinkContext {
+    /// A shadow config's decisions: a failure costs those decisions only.
+    shadow: bool,
+}
 
 impl ClientContext for SinkContext {}
 
@@ -23,8 +26,14 @@ impl ProducerContext for SinkContext {
     type DeliveryOpaque = Arc<Delivery>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Arc<Delivery>) {
-        if let Err((e, m)) = result {
-            tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; its partition stops, and is taken over again from its last checkpoint and replayed");
+        match result {
+            Err((e, m)) if self.shadow => {
+                tracing::warn!(event = "shadow_delivery_failed", topic = m.topic(), error = %e, "shadow decision not delivered; the real outputs are not affected");
+            }
+            Err((e, m)) => {
+                tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; its partition stops, and is taken over again from its last checkpoint and replayed");
+            }
+            Ok(_) => {}
         }
         delivery.done(result.is_ok());
     }
@@ -35,6 +44,8 @@ pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
     codec: Arc<Codec>,
     settings: KafkaSettings,
+    /// How long a send waits for room in a full producer queue.
+    queue_full_wait: Duration,
 }
 
 impl KafkaSink {
@@ -45,12 +56,34 @@ impl KafkaSink {
             .set("linger.ms", "1")
             // Retry until delivered: a failed output is never dropped silently.
             .set("message.timeout.ms", "0")
-            .create_with_context(SinkContext)
+            .create_with_context(SinkContext { shadow: false })
             .context("creating the Kafka producer")?;
         Ok(Self {
             producer,
             codec,
             settings: settings.clone(),
+            queue_full_wait: Duration::from_secs(30),
+        })
+    }
+
+    /// The shadow config's decisions, to `kafka.shadow_decisions_topic`.
+    /// A producer of its own, which gives up after a minute and never
+    /// waits for queue room, so the shadow can neither hold up nor fail
+    /// the real outputs (nor their checkpoints).
+    pub fn shadow(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
+        let producer = client_config(settings)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .create_with_context(SinkContext { shadow: true })
+            .context("creating the shadow decisions' Kafka producer")?;
+        let mut settings = settings.clone();
+        settings.decisions_topic = settings.shadow_decisions_topic.clone();
+        Ok(Self {
+            producer,
+            codec,
+            settings,
+            queue_full_wait: Duration::ZERO,
         })
     }
 
@@ -62,7 +95,7 @@ impl KafkaSink {
         headers: OwnedHeaders,
         delivery: &Arc<Delivery>,
     ) -> Result<(), SinkError> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + self.queue_full_wait;
         delivery.queued();
         loop {
             let record = BaseRecord::with_opaque_to(topic, delivery.clone())

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 use quotaflow_core::pipeline::delivery::Settled;
 use quotaflow_core::pipeline::{Checkpoint, CheckpointError, Delivery};
 
-use super::{StopOutcome, WorkerContext};
+use super::{Progress, StopOutcome, WorkerContext};
 
 /// Bound on each wait for a checkpoint's outputs to be delivered.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before retrying a checkpoint the store refused (e.g. Redis down).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often the worker's progress is marked between checkpoints: the
+/// granularity of `outputs_republished_total` after a crash.
+const MARK_EVERY: Duration = Duration::from_millis(250);
 
 enum Job {
     Save(Box<Checkpoint>, Arc<Delivery>),
@@ -38,13 +41,14 @@ impl Checkpointer {
         ctx: Arc<WorkerContext>,
         partition: i32,
         epoch: Arc<AtomicU64>,
+        progress: Arc<Progress>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(1);
         let flags = Arc::new(Flags::default());
         let theirs = flags.clone();
         let join = std::thread::Builder::new()
             .name(format!("quotaflow-cp{partition}"))
-            .spawn(move || checkpoints(ctx, partition, &epoch, rx, &theirs))?;
+            .spawn(move || checkpoints(ctx, partition, &epoch, &progress, rx, &theirs))?;
         Ok(Self {
             tx: Some(tx),
             flags,
@@ -113,6 +117,7 @@ fn checkpoints(
     ctx: Arc<WorkerContext>,
     partition: i32,
     epoch: &AtomicU64,
+    progress: &Progress,
     rx: Receiver<Job>,
     flags: &Flags,
 ) -> StopOutcome {
@@ -130,12 +135,29 @@ fn checkpoints(
     // Why the newest snapshot was not saved, when it was dropped: a final
     // job with nothing new must not report the state as saved.
     let mut unsaved: Option<String> = None;
+    let mut marked = progress.position.load(Ordering::Relaxed);
     loop {
         // How this job's save went: what a final job reports.
         let mut outcome = StopOutcome::Clean;
         let job = match &pending {
             Some(_) => rx.recv_timeout(RETRY_AFTER),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            // Idle: mark the worker's progress while waiting for a job.
+            None => loop {
+                match rx.recv_timeout(MARK_EVERY) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        let at = progress.position.load(Ordering::Relaxed);
+                        if at > marked && !stopped.load(Ordering::SeqCst) {
+                            match ctx.checkpoints.store.mark_progress(partition, at) {
+                                Ok(()) => marked = at,
+                                Err(e) => {
+                                    tracing::debug!(event = "progress_mark_failed", partition, error = %e)
+                                }
+                            }
+                        }
+                    }
+                    other => break other,
+                }
+            },
         };
         let (cp, last) = match job {
             Ok(Job::Save(cp, generation)) => {

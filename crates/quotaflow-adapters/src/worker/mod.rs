@@ -138,6 +138,18 @@ pub struct WorkerContext {
     pub sink: Arc<dyn OutputSink>,
     pub checkpoints: Checkpointing,
     pub metrics: Arc<Metrics>,
+    /// A candidate config deciding the same records beside the real one.
+    pub shadow: Option<Shadow>,
+}
+
+/// A shadow config (`[shadow] config`): each worker runs a second
+/// processor with these rules and its own state, never checkpointed, and
+/// publishes only its decisions, apart from the real outputs.
+pub struct Shadow {
+    pub limiter: Arc<Limiter>,
+    /// Where its decisions go (`kafka.shadow_decisions_topic`); none in
+    /// the embedded mode, where they are only counted.
+    pub sink: Option<Arc<dyn OutputSink>>,
 }
 
 /// Records buffered per partition between the embedded bus and its worker.
@@ -205,7 +217,8 @@ impl Worker {
         });
         let store = Arc::new(KeyedStore::new(ctx.processing.shards));
         let epoch = Arc::new(AtomicU64::new(epoch));
-        let checkpointer = Checkpointer::spawn(ctx.clone(), partition, epoch.clone())?;
+        let checkpointer =
+            Checkpointer::spawn(ctx.clone(), partition, epoch.clone(), progress.clone())?;
         let (theirs, st) = (progress.clone(), store.clone());
         let owned = ctx.metrics.stream.partitions_owned.clone();
         // Counted here, and uncounted as the worker's thread ends.
@@ -374,7 +387,27 @@ fn run<S: Source>(
     // earliest offset left), also for a partition never checkpointed, or
     // whose checkpoint the store lost.
     let mut resume_at = Some(proc.next_offset());
+    // Events up to a previous owner's progress mark were decided, and
+    // their outputs published, before it went: their outputs now are
+    // published again (consumers drop them by `quotaflow.id`).
+    let replay_until = match ctx.checkpoints.store.progress(partition) {
+        Ok(Some(mark)) if mark > proc.next_offset() => {
+            tracing::info!(
+                event = "replaying_decided_events",
+                partition,
+                from = proc.next_offset(),
+                to = mark,
+                "a previous owner decided these events after its last checkpoint; their outputs are published again"
+            );
+            mark
+        }
+        _ => i64::MIN,
+    };
     let mut out = Vec::new();
+    let mut shadow = ctx
+        .shadow
+        .as_ref()
+        .map(|s| ShadowRun::new(&ctx, s, partition));
     // Every record is decoded into this one event, reusing its strings.
     let mut decoded = RequestEvent::default();
     let mut delivery = Arc::new(Delivery::default());
@@ -411,13 +444,17 @@ fn run<S: Source>(
                 .decode_request_into(r.payload, &mut decoded)
                 .map(|()| &decoded)
                 .map_err(|e| format!("undecodable: {e}"));
+            let decided = event.as_ref().ok().copied();
             proc.process(&ctx.processing.limiter, r, event, &mut out);
             progress.position.store(r.offset + 1, Ordering::Relaxed);
             consumed.inc();
             if !out.is_empty() {
-                count_outputs(&ctx.metrics, &out);
+                count_outputs(&ctx.metrics, &out, r.offset < replay_until);
                 publish(&ctx, partition, &out, &delivery);
                 out.clear();
+            }
+            if let (Some(shadow), Some(e)) = (shadow.as_mut(), decided) {
+                shadow.process(&ctx, r, e);
             }
             dirty = true;
         });
@@ -484,6 +521,72 @@ fn run<S: Source>(
     }
 }
 
+/// A worker's shadow processor: after the real one, on the same records.
+struct ShadowRun<'a> {
+    shadow: &'a Shadow,
+    proc: PartitionProcessor,
+    out: Vec<Output>,
+    /// Never waited for: no checkpoint covers shadow decisions.
+    delivery: Arc<Delivery>,
+    last_warning: Option<Instant>,
+}
+
+impl<'a> ShadowRun<'a> {
+    fn new(ctx: &WorkerContext, shadow: &'a Shadow, partition: i32) -> Self {
+        let store = Arc::new(KeyedStore::new(ctx.processing.shards));
+        Self {
+            shadow,
+            proc: PartitionProcessor::new(ctx.processing.processor.clone(), partition, store, None)
+                .shadow(),
+            out: Vec::new(),
+            delivery: Arc::new(Delivery::default()),
+            last_warning: None,
+        }
+    }
+
+    fn process(&mut self, ctx: &WorkerContext, r: InputRecord<'_>, event: &RequestEvent) {
+        self.proc
+            .process(&self.shadow.limiter, r, Ok(event), &mut self.out);
+        // Its alerts and dead letters would repeat the real ones' kind of
+        // output under the real topics' names: only decisions are kept.
+        self.out.retain(|o| matches!(o, Output::Decision(_)));
+        if self.out.is_empty() {
+            return;
+        }
+        let m = &ctx.metrics.stream;
+        for o in &self.out {
+            if let Output::Decision(d) = o {
+                m.shadow_decisions
+                    .with_label_values(&[action_label(d.action)])
+                    .inc();
+            }
+        }
+        if let Some(sink) = &self.shadow.sink {
+            // Tried once: the real outputs never wait for the shadow's.
+            if let Err(e) = sink.publish(self.proc.partition(), &self.out, &self.delivery) {
+                m.shadow_decisions_dropped.inc_by(self.out.len() as u64);
+                if self
+                    .last_warning
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    self.last_warning = Some(Instant::now());
+                    tracing::warn!(event = "shadow_publish_failed", partition = self.proc.partition(), error = %e, "shadow decisions dropped (logged once a minute at most); the real outputs are not affected");
+                }
+            }
+        }
+        self.out.clear();
+    }
+}
+
+fn action_label(action: Action) -> &'static str {
+    match action {
+        Action::Block => "block",
+        Action::Unblock => "unblock",
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    }
+}
+
 enum End {
     Stop(StopRequest),
     Closed,
@@ -504,18 +607,23 @@ fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<D
     }
 }
 
-fn count_outputs(metrics: &Metrics, out: &[Output]) {
+fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
     let m = &metrics.stream;
     for o in out {
+        if republished {
+            let kind = match o {
+                Output::Decision(_) => "decision",
+                Output::Alert(_) => "alert",
+                Output::DeadLetter { .. } => "dead_letter",
+            };
+            m.outputs_republished.with_label_values(&[kind]).inc();
+        }
+        m.recent.note(o);
         match o {
             Output::Decision(d) => {
-                let action = match d.action {
-                    Action::Block => "block",
-                    Action::Unblock => "unblock",
-                    Action::Allow => "allow",
-                    Action::Deny => "deny",
-                };
-                m.decisions.with_label_values(&[action]).inc();
+                m.decisions
+                    .with_label_values(&[action_label(d.action)])
+                    .inc();
             }
             Output::Alert(a) => {
                 let sev = match a.severity {
@@ -540,7 +648,10 @@ fn count_outputs(metrics: &Metrics, out: &[Output]) {
 mod tests {
     use super::*;
     use crate::test_support::{ctx, feed, wait_until, HeldSink};
-    use quotaflow_core::pipeline::MemoryCheckpoints;
+    use parking_lot::Mutex;
+    use quotaflow_core::fingerprint::Fingerprinter;
+    use quotaflow_core::pipeline::{MemoryCheckpoints, SinkError};
+    use quotaflow_core::rules::RulesDoc;
 
     const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -640,5 +751,94 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 4);
+    }
+
+    /// Keeps what it is given, delivered at once.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<Output>>);
+
+    impl OutputSink for Recording {
+        fn publish(&self, _: i32, out: &[Output], _: &Arc<Delivery>) -> Result<(), SinkError> {
+            self.0.lock().extend_from_slice(out);
+            Ok(())
+        }
+    }
+
+    /// Alice's events 0..3 through a worker (the real config admits one per
+    /// window), with `shadow` beside it; its outputs and final checkpoint.
+    fn run_alice(shadow: Option<Shadow>) -> (Vec<Output>, Checkpoint, Arc<WorkerContext>) {
+        let (sink, store) = (
+            Arc::new(Recording::default()),
+            Arc::new(MemoryCheckpoints::default()),
+        );
+        let Ok(mut c) = Arc::try_unwrap(ctx(sink.clone(), store.clone())) else {
+            panic!("a fresh context is not shared")
+        };
+        c.shadow = shadow;
+        let ctx = Arc::new(c);
+        let (epoch, _) = store.acquire(0).unwrap();
+        let (tx, rx) = channel(CHANNEL_DEPTH);
+        let worker =
+            Worker::spawn(ctx.clone(), 0, epoch, None, tx, ChannelSource::new(rx)).unwrap();
+        feed(&ctx, &worker.sender(), "alice", 0..3);
+        wait_until("the events", || worker.position() == 3);
+        assert!(matches!(
+            worker.stop(STOP_TIMEOUT),
+            StopOutcome::Checkpointed { next_offset: 3 } | StopOutcome::Clean
+        ));
+        let mut cp = store.peek(0).unwrap().expect("a checkpoint");
+        cp.keys.sort_by_key(|k| k.key);
+        let out = sink.0.lock().clone();
+        (out, cp, ctx)
+    }
+
+    #[test]
+    fn a_shadow_config_decides_apart_and_never_holds_up_the_real_outputs_or_checkpoints() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_user", "key": ["user_id"], "algorithm": "fixed_window", "limit": 2, "window": "10s"}]}"#,
+        )
+        .unwrap();
+        let limiter = Arc::new(Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap());
+        // Its deliveries are never settled: the real checkpoint must not wait.
+        let held = Arc::new(HeldSink::default());
+        let shadow = Shadow {
+            limiter,
+            sink: Some(held.clone()),
+        };
+        let (real, cp, ctx) = run_alice(Some(shadow));
+        let (alone, cp_alone, _) = run_alice(None);
+        assert_eq!(real, alone);
+        assert_eq!(cp, cp_alone);
+        let [Output::Decision(block)] = &real[..] else {
+            panic!("{real:?}")
+        };
+        assert_eq!(block.decision_id, "requests:0:1:decision:0");
+        // The shadow admits two: its block is the third event's.
+        assert_eq!(held.held.lock().len(), 1);
+        let shadow = &ctx.metrics.stream.shadow_decisions;
+        assert_eq!(shadow.with_label_values(&["block"]).get(), 1);
+    }
+
+    /// A shadow sink that refuses everything: its decisions are dropped and
+    /// counted, the real ones flow.
+    #[test]
+    fn a_refusing_shadow_sink_drops_shadow_decisions_only() {
+        struct Refusing;
+        impl OutputSink for Refusing {
+            fn publish(&self, _: i32, _: &[Output], _: &Arc<Delivery>) -> Result<(), SinkError> {
+                Err(SinkError("full (test)".into()))
+            }
+        }
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_user", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "10s"}]}"#,
+        )
+        .unwrap();
+        let shadow = Shadow {
+            limiter: Arc::new(Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap()),
+            sink: Some(Arc::new(Refusing)),
+        };
+        let (real, _, ctx) = run_alice(Some(shadow));
+        assert_eq!(real.len(), 1);
+        assert_eq!(ctx.metrics.stream.shadow_decisions_dropped.get(), 1);
     }
 }

@@ -108,6 +108,19 @@ pub trait CheckpointStore: Send + Sync {
     /// The partition left this instance: drop what was kept for it (a
     /// connection, say). Saving it again later still works.
     fn release(&self, _partition: i32) {}
+
+    /// Note, between checkpoints, that the owner has decided every event
+    /// before `next_offset`: after a crash the next owner can tell which
+    /// of the events it replays had their outputs published already. A
+    /// hint, not fenced, and lost with the store; it only moves forward.
+    fn mark_progress(&self, _partition: i32, _next_offset: i64) -> Result<(), CheckpointError> {
+        Ok(())
+    }
+
+    /// The highest progress mark of `partition`, if any.
+    fn progress(&self, _partition: i32) -> Result<Option<i64>, CheckpointError> {
+        Ok(None)
+    }
 }
 
 /// Per partition: the epoch and the encoded checkpoint.
@@ -120,6 +133,7 @@ pub struct MemoryCheckpoints {
     /// The highest epoch ever issued, for any partition: kept apart from
     /// the slots, so epochs stay unique across [`MemoryCheckpoints::forget`].
     issued: Mutex<u64>,
+    marks: Mutex<HashMap<i32, i64>>,
 }
 
 impl MemoryCheckpoints {
@@ -127,6 +141,7 @@ impl MemoryCheckpoints {
     /// persistence would (tests of the recovery).
     pub fn forget(&self) {
         self.inner.lock().clear();
+        self.marks.lock().clear();
     }
 
     fn next_epoch(&self, above: u64) -> u64 {
@@ -180,6 +195,17 @@ impl CheckpointStore for MemoryCheckpoints {
         }
         entry.1 = Some(bytes);
         Ok(())
+    }
+
+    fn mark_progress(&self, partition: i32, next_offset: i64) -> Result<(), CheckpointError> {
+        let mut marks = self.marks.lock();
+        let mark = marks.entry(partition).or_insert(next_offset);
+        *mark = (*mark).max(next_offset);
+        Ok(())
+    }
+
+    fn progress(&self, partition: i32) -> Result<Option<i64>, CheckpointError> {
+        Ok(self.marks.lock().get(&partition).copied())
     }
 
     fn reseed(&self, partition: i32, ours: u64, cp: &Checkpoint) -> Result<u64, CheckpointError> {

@@ -4,6 +4,7 @@
 //! these to them, and to the in-process bus of the embedded default.
 
 pub mod alerts;
+pub mod backtest;
 pub mod checkpoint;
 pub mod delivery;
 pub mod partition;

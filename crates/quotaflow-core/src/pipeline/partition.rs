@@ -95,6 +95,9 @@ pub struct PartitionProcessor {
     /// Keys of the restored checkpoint left out because their ids were made
     /// under another secret.
     foreign_keys: usize,
+    /// The kind part of decision ids: `decision`, or `shadow-decision` for
+    /// a shadow config's processor, so the two are never taken for each other.
+    decision_kind: &'static str,
 }
 
 impl PartitionProcessor {
@@ -118,6 +121,7 @@ impl PartitionProcessor {
             next_offset: 0,
             expired: 0,
             foreign_keys: 0,
+            decision_kind: "decision",
         };
         if let Some(cp) = restored {
             p.next_offset = cp.next_offset;
@@ -139,6 +143,13 @@ impl PartitionProcessor {
             p.store.import(Vec::new());
         }
         p
+    }
+
+    /// This processor as a shadow config's: its decision ids read
+    /// `topic:partition:offset:shadow-decision:n`.
+    pub fn shadow(mut self) -> Self {
+        self.decision_kind = "shadow-decision";
+        self
     }
 
     pub fn partition(&self) -> i32 {
@@ -198,6 +209,21 @@ impl PartitionProcessor {
         event: Result<&RequestEvent, String>,
         out: &mut Vec<Output>,
     ) {
+        self.process_observed(limiter, rec, event, out, |_, _, _| {});
+    }
+
+    /// As [`PartitionProcessor::process`], also handing `observe` the
+    /// decision of a decided event, with the rules it was made under and
+    /// the event time it was applied at: the backtest compares two configs
+    /// event by event. Dead letters and skipped records are not decided.
+    pub fn process_observed(
+        &mut self,
+        limiter: &Limiter,
+        rec: InputRecord<'_>,
+        event: Result<&RequestEvent, String>,
+        out: &mut Vec<Output>,
+        observe: impl FnOnce(&Rules, &Decision, u64),
+    ) {
         if rec.offset < self.next_offset {
             // Already reflected in the state (a replayed record): skip it.
             return;
@@ -237,6 +263,7 @@ impl PartitionProcessor {
         limiter.check_against(&store, &req, now, |rules, d| {
             self.decisions(rules, d, &req, fp, now, rec.offset, out);
             self.count_refusals(rules, d, &req, fp, now);
+            observe(rules, d, now);
         });
         self.scratch_req = req;
     }
@@ -280,8 +307,8 @@ impl PartitionProcessor {
             let dims = dimensions(limit, req, fp);
             out.push(Output::Decision(DecisionRecord {
                 decision_id: format!(
-                    "{}:{}:{offset}:decision:{n}",
-                    self.cfg.topic, self.partition
+                    "{}:{}:{offset}:{}:{n}",
+                    self.cfg.topic, self.partition, self.decision_kind
                 ),
                 action,
                 limit: limit.name.clone(),
@@ -601,6 +628,22 @@ mod tests {
         assert_eq!(unblock.source_offset, 4);
     }
 
+    /// A shadow config's processor decides the same way; only its ids say
+    /// what it is.
+    #[test]
+    fn a_shadow_processor_names_its_decisions_apart() {
+        let l = limiter();
+        let mut p = PartitionProcessor::new(cfg(), 3, Arc::new(KeyedStore::new(1)), None).shadow();
+        let out: Vec<Output> = (0..3)
+            .flat_map(|i| feed(&mut p, &l, i, 1_000 + i, 1_000 + i))
+            .collect();
+        let [Output::Decision(block)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(block.decision_id, "requests:3:2:shadow-decision:0");
+        assert_eq!(block.action, Action::Block);
+    }
+
     /// The stream matches and keys canonical paths as `/check` does: two
     /// spellings of one endpoint are one key.
     #[test]
@@ -678,6 +721,49 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(p.next_offset(), 9);
+    }
+
+    /// An event with only `method` and `path` counts against endpoint and
+    /// global limits as a `/check` would; only one with none of the five
+    /// request fields is a dead letter (docs/stream.md, "Dead letters").
+    #[test]
+    fn an_event_without_identity_counts_and_one_without_any_field_is_a_dead_letter() {
+        let doc = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_path", "key": ["path"], "algorithm": "fixed_window", "limit": 1, "window": "10s"}]}"#,
+        )
+        .unwrap();
+        let l = Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap();
+        let mut p = PartitionProcessor::new(cfg(), 0, Arc::new(KeyedStore::new(1)), None);
+        let anonymous = RequestEvent {
+            user_id: None,
+            api_key: None,
+            client_ip: None,
+            ..event("-", 1_000)
+        };
+        let rec = |offset| InputRecord {
+            offset,
+            broker_ts_ms: Some(1_000),
+            key: None,
+            payload: b"",
+        };
+        let mut out = Vec::new();
+        p.process(&l, rec(0), Ok(&anonymous), &mut out);
+        p.process(&l, rec(1), Ok(&anonymous), &mut out);
+        let Some(Output::Decision(block)) = out.first() else {
+            panic!("the second anonymous event is refused by its path: {out:?}")
+        };
+        assert_eq!(block.key, "per_path/path=/x");
+        out.clear();
+        let empty = RequestEvent {
+            method: None,
+            path: None,
+            ..anonymous
+        };
+        p.process(&l, rec(2), Ok(&empty), &mut out);
+        assert!(
+            matches!(&out[..], [Output::DeadLetter { source_offset: 2, reason, .. }] if reason.contains("at least one of")),
+            "{out:?}"
+        );
     }
 
     #[test]
