@@ -35,8 +35,8 @@ RSS_SLACK = 0.10
 P99_FACTOR = 1.5
 # Lag: the last minute's median may exceed the reference's by one second of
 # events. A processor short of capacity by d events/s falls d * 60 events
-# further behind every minute; the gauge itself moves by a checkpoint pause
-# or a fetch (lag is read every 5 s).
+# further behind every minute; the gauge itself jumps with fetches and
+# checkpoint pauses.
 LAG_SLACK_SECS = 1.0
 
 
