@@ -285,7 +285,12 @@ fn import_envoy(paths: &[PathBuf], map: &[String], format: &str) -> anyhow::Resu
     } else {
         imported.to_toml()?
     };
-    print!("{out}");
+    // A closed pipe (`… | head`) is the reader's choice, not an error.
+    if let Err(e) = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(anyhow::Error::new(e).context("writing the config to stdout"));
+        }
+    }
     for item in &imported.report.items {
         eprintln!("{item}");
     }

@@ -1,7 +1,7 @@
 //! From envoy ratelimit descriptor trees to quotaflow limits, with what does
 //! not carry over. docs/envoy-import.md explains every rule here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde_json::{Map, Value};
 
@@ -454,7 +454,7 @@ fn build(i: usize, leaf: &Leaf<'_>, mapping: &Mapping, report: &mut Report) -> O
 /// the same file: the rate_limit's `name` when it has one, else the domain
 /// and the descriptor path.
 fn assign_names(leaves: &[Leaf<'_>], built: &mut [Built]) {
-    let mut taken: HashMap<String, usize> = HashMap::new();
+    let mut taken: HashSet<String> = HashSet::new();
     for b in built.iter_mut() {
         let leaf = &leaves[b.leaf];
         let raw = match leaf.node().rate_limit.as_ref().and_then(|r| r.name.clone()) {
@@ -477,14 +477,19 @@ fn assign_names(leaves: &[Leaf<'_>], built: &mut [Built]) {
         if name.len() > 64 {
             name = format!("{}-{:08x}", &name[..55], fnv(raw.as_bytes()) as u32);
         }
-        let n = taken.entry(name.clone()).or_insert(0);
-        *n += 1;
-        if *n > 1 {
+        // A suffixed name may itself be taken (`login`, `login`, `login-2`):
+        // count up until the candidate is free.
+        let mut candidate = name.clone();
+        let mut n = 1;
+        while taken.contains(&candidate) {
+            n += 1;
             let suffix = format!("-{n}");
-            name.truncate(64 - suffix.len());
-            name.push_str(&suffix);
+            let mut base = name.clone();
+            base.truncate(64 - suffix.len());
+            candidate = format!("{base}{suffix}");
         }
-        b.doc.name = name;
+        taken.insert(candidate.clone());
+        b.doc.name = candidate;
     }
 }
 

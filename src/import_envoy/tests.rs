@@ -644,3 +644,27 @@ descriptors:
     req.method = Some("GET".into());
     assert!(login.key_id(&req, &mut String::new()).is_none());
 }
+
+/// A suffixed name can collide with a name the file already has: the
+/// import counts up until the name is free instead of emitting two limits
+/// of one name.
+#[test]
+fn names_stay_unique_when_a_suffix_collides_with_a_given_name() {
+    let i = one("domain: d
+descriptors:
+  - key: user_id
+    rate_limit: {unit: minute, requests_per_unit: 1, name: login}
+  - key: api_key
+    rate_limit: {unit: minute, requests_per_unit: 2, name: login}
+  - key: remote_address
+    rate_limit: {unit: minute, requests_per_unit: 3, name: login-2}
+");
+    let names: Vec<&str> = i.doc.limits.iter().map(|l| l.name.as_str()).collect();
+    let distinct: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(distinct.len(), 3, "{names:?}");
+    assert!(
+        distinct.contains("login") && distinct.contains("login-2"),
+        "{names:?}"
+    );
+}
