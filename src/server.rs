@@ -358,6 +358,9 @@ async fn sweep(state: AppState, every: std::time::Duration) {
         state.metrics.keys_expired.inc_by(removed as u64);
         state
             .metrics
+            .sweep_episodes(quotaflow_adapters::clock::now_ms());
+        state
+            .metrics
             .keys_tracked
             .set(state.limiter.store().len() as i64);
         let over = state.limiter.store().take_over_cap();

@@ -616,6 +616,12 @@ impl Metrics {
         self.recent_edges.lock().iter().rev().cloned().collect()
     }
 
+    /// Forget breach episodes idle for 10 minutes (by the sweeper): a
+    /// client that left while refused leaves no episode behind for long.
+    pub fn sweep_episodes(&self, wall_now_ms: u64) -> usize {
+        self.episodes.drop_stale(self.episode_now(wall_now_ms))
+    }
+
     /// `wall_now_ms` on the clock the episodes are dated by (the state's:
     /// Redis's in the Redis state mode), for [`Metrics::render`] and
     /// [`Metrics::top_refused`].
@@ -937,6 +943,33 @@ impl Episodes {
         top
     }
 
+    /// Drop the episodes of keys that have not been refused for
+    /// [`STALE_EPISODE_MS`] (clients that left while refused): they never
+    /// end by an allowed check, and each keeps its filter bucket set, which
+    /// sends allowed checks of that bucket through a lock.
+    fn drop_stale(&self, now_ms: u64) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| self.drop_stale_in(&mut shard.lock(), now_ms))
+            .sum()
+    }
+
+    fn drop_stale_in(
+        &self,
+        open: &mut hashbrown::HashMap<KeyId, OpenEpisode>,
+        now_ms: u64,
+    ) -> usize {
+        let before = open.len();
+        open.retain(|key, e| {
+            let keep = now_ms.saturating_sub(e.last_refusal_ms) < STALE_EPISODE_MS;
+            if !keep {
+                self.maybe_open[bucket(*key)].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            keep
+        });
+        before - open.len()
+    }
+
     fn observe(&self, o: &LimitOutcome, limit: &Limit, whitelisted: bool) -> Episode {
         if whitelisted {
             return Episode::Quiet;
@@ -973,13 +1006,7 @@ impl Episodes {
             return Episode::Quiet;
         }
         if open.len() >= MAX_EPISODES / EPISODE_SHARDS {
-            open.retain(|key, e| {
-                let keep = now.saturating_sub(e.last_refusal_ms) < STALE_EPISODE_MS;
-                if !keep {
-                    self.maybe_open[bucket(*key)].fetch_sub(1, Relaxed);
-                }
-                keep
-            });
+            self.drop_stale_in(&mut open, now);
             if open.len() >= MAX_EPISODES / EPISODE_SHARDS {
                 return Episode::Suppressed;
             }
@@ -1196,6 +1223,8 @@ mod tests {
         assert!(shifted.abs_diff(now - 200) < 1_000, "{shifted} vs {now}");
         // Past its calm spell the episode no longer counts as ongoing.
         assert_eq!(m.episodes.longest_ms(now + 5_000), 0);
+        // A sweep keeps it until it has been idle for ten minutes.
+        assert_eq!(m.episodes.drop_stale(now + 60_000), 0);
         // Quiet for longer than the calm spell (the bucket's 1 s), then allowed.
         now += 5_000;
         let ended = limiter.check_then(&req, now, |rules, d| {
@@ -1205,6 +1234,27 @@ mod tests {
             matches!(ended, Episode::Ended { refused } if refused > 10),
             "{ended:?}"
         );
+        let open: u32 = m
+            .episodes
+            .maybe_open
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        assert_eq!(open, 0);
+
+        // A key refused, then gone: a sweep drops its episode once it has
+        // been idle ten minutes, and its filter bucket with it.
+        let gone = Request {
+            user_id: Some("gone".into()),
+            ..Request::default()
+        };
+        for _ in 0..3 {
+            limiter.check_then(&gone, now, |rules, d| {
+                m.record("check", rules, d, Duration::ZERO)
+            });
+        }
+        assert_eq!(m.episodes.drop_stale(now + 60_000), 0);
+        assert_eq!(m.episodes.drop_stale(now + STALE_EPISODE_MS + 1), 1);
         let open: u32 = m
             .episodes
             .maybe_open

@@ -13,6 +13,16 @@
 // waiting for a free connection counts (no coordinated omission). With
 // -rate 0 every connection sends back to back (maximum throughput).
 //
+// Churn (-churn N, for scripts/soak.sh): the -users ordinary users are a
+// window that moves N users a second through an unbounded population, so
+// users go idle for good and their keys must expire on the server; with
+// -hot-churn M the hot user is replaced M times a second, so keys in breach
+// churn too.
+//
+// Slices (-interval D -slices FILE): also one JSON line per D of due time
+// (p50/p99/max, statuses, errors), written at the end, for a soak's
+// per-interval p99.
+//
 // Loopback only: -addr must be a 127.0.0.0/8 address or [::1]. Linux only
 // (the pacing thread uses nanosleep).
 package main
@@ -43,6 +53,25 @@ type result struct {
 	lags      []time.Duration // from due time to the write
 	statuses  map[int]int
 	errors    map[string]int
+	// With -interval: marks[k] is the index in latencies of the first
+	// answer due in slice k (a connection takes due times in order), and
+	// slices[k] that slice's statuses and errors.
+	marks  []int
+	slices []*counts
+}
+
+type counts struct {
+	statuses map[int]int
+	errors   map[string]int
+}
+
+// slice returns the counts of slice k, opening slices up to k.
+func (r *result) slice(k int) *counts {
+	for len(r.slices) <= k {
+		r.marks = append(r.marks, len(r.latencies))
+		r.slices = append(r.slices, &counts{map[int]int{}, map[string]int{}})
+	}
+	return r.slices[k]
 }
 
 func main() {
@@ -59,6 +88,12 @@ func main() {
 		"(envoyproxy/ratelimit's /json form, domain \"bench\", descriptor user_id)")
 	proto := flag.String("proto", "http1", "http1 (POST -path with -body) or grpc (Envoy's "+
 		"ShouldRateLimit over cleartext HTTP/2, domain \"bench\", descriptor user_id; -path and -body unused)")
+	churn := flag.Float64("churn", 0, "users per second by which the window of -users ordinary users moves on "+
+		"(0: the same -users users throughout)")
+	hotChurn := flag.Float64("hot-churn", 0, "with -churn: a new hot user this many times a second "+
+		"(0: one hot user throughout)")
+	interval := flag.Duration("interval", 0, "with -slices: report every interval of due time")
+	slicesOut := flag.String("slices", "", "write one JSON line per -interval to this file at the end")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(*addr)
@@ -68,8 +103,18 @@ func main() {
 	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
 		fail("-addr must be a loopback address, got %q", host)
 	}
-	if *duration <= 0 || *duration > 10*time.Minute || *conns < 1 || *conns > 4096 || *rate < 0 {
-		fail("need 0 < -duration <= 10m, 1 <= -conns <= 4096, -rate >= 0")
+	// Up to a day (a soak): every answer keeps 24 bytes until the end.
+	if *duration <= 0 || *duration > 24*time.Hour || *conns < 1 || *conns > 4096 || *rate < 0 || *churn < 0 || *hotChurn < 0 {
+		fail("need 0 < -duration <= 24h, 1 <= -conns <= 4096, -rate >= 0, -churn >= 0, -hot-churn >= 0")
+	}
+	if *hotChurn > 0 && *churn == 0 {
+		fail("-hot-churn needs -churn")
+	}
+	if (*interval > 0) != (*slicesOut != "") {
+		fail("-interval and -slices go together")
+	}
+	if *churn > 0 && *proto == "grpc" {
+		fail("-churn builds HTTP/1.1 requests: not with -proto grpc")
 	}
 
 	if *bodyKind != "quotaflow" && *bodyKind != "envoy" {
@@ -98,6 +143,8 @@ func main() {
 			r.statuses = map[int]int{}
 			r.errors = map[string]int{}
 			var conn caller
+			var buf []byte // the request, when built per request (-churn)
+			var sl *counts // this request's slice (-interval), else nil
 			for {
 				var due time.Time
 				if *rate > 0 {
@@ -111,25 +158,48 @@ func main() {
 						break
 					}
 				}
+				if *interval > 0 {
+					// max: an answer never goes to an earlier slice than
+					// the one before it (due times arrive in order anyway).
+					sl = r.slice(atLeast(int(due.Sub(start) / *interval), len(r.slices)-1))
+				}
 				if conn == nil {
 					c, err := dial(*proto, *addr, *timeout)
 					if err != nil {
 						r.errors["dial: "+err.Error()]++
+						if sl != nil {
+							sl.errors["dial: "+err.Error()]++
+						}
 						time.Sleep(10 * time.Millisecond)
 						continue
 					}
 					conn = c
 				}
-				req := reqs[next.Add(1)%uint64(len(reqs))]
+				i := next.Add(1)
+				var req []byte
+				if *churn > 0 {
+					t := due.Sub(start).Seconds()
+					buf = churnRequest(buf[:0], *addr, *path, *bodyKind, i, *users, *hotEvery,
+						uint64(*churn*t), int64(*hotChurn*t))
+					req = buf
+				} else {
+					req = reqs[i%uint64(len(reqs))]
+				}
 				sentAt := time.Now()
 				status, err := conn.call(req, sentAt.Add(*timeout))
 				if err != nil {
 					r.errors[err.Error()]++
+					if sl != nil {
+						sl.errors[err.Error()]++
+					}
 					conn.Close()
 					conn = nil
 					continue
 				}
 				r.statuses[status]++
+				if sl != nil {
+					sl.statuses[status]++
+				}
 				done := time.Now()
 				r.latencies = append(r.latencies, done.Sub(due))
 				r.service = append(r.service, done.Sub(sentAt))
@@ -181,6 +251,112 @@ func main() {
 		}
 	}
 	report(all, service, lags, statuses, errs, sent, *rate, *duration, elapsed, *jsonOut)
+	if *slicesOut != "" {
+		writeSlices(results, *interval, *duration, *slicesOut)
+	}
+}
+
+func atLeast(a, b int) int {
+	if a < b {
+		return b
+	}
+	return a
+}
+
+// churnRequest appends request i of a moving population to buf: the
+// ordinary user base + i%users (the window starts at base), or on every
+// hotEvery-th request the hot user number hot (a hot user that breaches its
+// limits, then goes idle for good when the next one takes over).
+func churnRequest(buf []byte, addr, path, kind string, i uint64, users, hotEvery int, base uint64, hot int64) []byte {
+	user := "hot-user-" + strconv.FormatInt(hot, 10)
+	if hotEvery <= 0 || i%uint64(hotEvery) != uint64(hotEvery-1) {
+		user = "user-" + strconv.FormatUint(base+i%uint64(users), 10)
+	}
+	body := `{"user_id":"` + user + `","method":"GET","path":"/orders"}`
+	if kind == "envoy" {
+		body = `{"domain":"bench","descriptors":[{"entries":[{"key":"user_id","value":"` + user + `"}]}]}`
+	}
+	buf = append(buf, "POST "...)
+	buf = append(buf, path...)
+	buf = append(buf, " HTTP/1.1\r\nHost: "...)
+	buf = append(buf, addr...)
+	buf = append(buf, "\r\nContent-Type: application/json\r\nContent-Length: "...)
+	buf = strconv.AppendInt(buf, int64(len(body)), 10)
+	buf = append(buf, "\r\n\r\n"...)
+	return append(buf, body...)
+}
+
+type sliceSummary struct {
+	Slice        int            `json:"slice"`
+	StartSecs    float64        `json:"start_s"`
+	EndSecs      float64        `json:"end_s"`
+	Requests     int            `json:"requests"`
+	Throughput   float64        `json:"throughput"`
+	P50Ms        float64        `json:"p50_ms"`
+	P99Ms        float64        `json:"p99_ms"`
+	MaxMs        float64        `json:"max_ms"`
+	ServiceP99Ms float64        `json:"service_p99_ms"`
+	LagP99Ms     float64        `json:"send_lag_p99_ms"`
+	StatusCodes  map[string]int `json:"status_codes"`
+	Errors       map[string]int `json:"errors"`
+}
+
+// writeSlices writes one JSON line per interval of due time: the answers
+// due in it, whenever they came.
+func writeSlices(results []result, interval, duration time.Duration, path string) {
+	n := 0
+	for _, r := range results {
+		n = atLeast(len(r.slices), n)
+	}
+	var out []byte
+	for k := 0; k < n; k++ {
+		var lat, svc, lag []time.Duration
+		s := sliceSummary{Slice: k, StatusCodes: map[string]int{}, Errors: map[string]int{}}
+		for _, r := range results {
+			if k >= len(r.slices) {
+				continue
+			}
+			from, to := r.marks[k], len(r.latencies)
+			if k+1 < len(r.marks) {
+				to = r.marks[k+1]
+			}
+			lat = append(lat, r.latencies[from:to]...)
+			svc = append(svc, r.service[from:to]...)
+			lag = append(lag, r.lags[from:to]...)
+			for code, v := range r.slices[k].statuses {
+				s.StatusCodes[strconv.Itoa(code)] += v
+			}
+			for e, v := range r.slices[k].errors {
+				s.Errors[e] += v
+			}
+		}
+		start := time.Duration(k) * interval
+		end := start + interval
+		if end > duration {
+			end = duration
+		}
+		s.StartSecs, s.EndSecs = start.Seconds(), end.Seconds()
+		s.Requests = len(lat)
+		if end > start {
+			s.Throughput = float64(len(lat)) / (end - start).Seconds()
+		}
+		s.P50Ms, s.P99Ms, s.MaxMs = quantile(lat, 0.50), quantile(lat, 0.99), quantile(lat, 1)
+		s.ServiceP99Ms, s.LagP99Ms = quantile(svc, 0.99), quantile(lag, 0.99)
+		b, _ := json.Marshal(s)
+		out = append(append(out, b...), '\n')
+	}
+	if err := os.WriteFile(path, out, 0o644); err != nil {
+		fail("writing %s: %v", path, err)
+	}
+}
+
+// quantile sorts v and returns its p-quantile in ms (0 when empty).
+func quantile(v []time.Duration, p float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+	return float64(v[int(p*float64(len(v)-1))]) / 1e6
 }
 
 // buildRequests pre-serialises one cycle of the body mix: ordinary users in
