@@ -16,6 +16,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .include_file("protos.rs")
         .codec_path("crate::grpc::codec::SmallCodec")
-        .compile_fds(fds)?;
+        // Without the protos' comments: they hold examples rustdoc would run
+        // as Rust doctests; the protos in `proto/` are the documentation.
+        .compile_fds_with_config(fds, {
+            let mut config = tonic_prost_build::Config::new();
+            config.disable_comments(["."]);
+            config
+        })?;
     Ok(())
 }
