@@ -611,25 +611,6 @@ async fn in_the_redis_state_mode_two_instances_answer_from_one_count() {
     assert_eq!(r.status(), 429);
 }
 
-const OPEN_AND_CLOSED: &str = r#"
-[[limits]]
-name = "open"
-algorithm = "fixed_window"
-key = ["user_id"]
-limit = 1000000
-window = "1h"
-match = { path = "/open" }
-
-[[limits]]
-name = "closed"
-algorithm = "fixed_window"
-key = ["user_id"]
-limit = 1000000
-window = "1h"
-failure_mode = "closed"
-match = { path = "/closed" }
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_redis_is_answered_over_grpc_by_failure_mode_and_says_so() {
     let redis = PrivateRedis::start();
@@ -637,7 +618,7 @@ async fn a_paused_redis_is_answered_over_grpc_by_failure_mode_and_says_so() {
         Some(&redis_config(
             &unique("qftest-grpc-stop"),
             &redis.url(),
-            OPEN_AND_CLOSED,
+            common::OPEN_AND_CLOSED,
             "50ms",
         )),
         &[GRPC_ON],

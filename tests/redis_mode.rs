@@ -247,25 +247,6 @@ window = "1h"
     assert!(spread < 5_000, "one window for both clocks: {resets:?}");
 }
 
-const OPEN_AND_CLOSED: &str = r#"
-[[limits]]
-name = "open"
-algorithm = "fixed_window"
-key = ["user_id"]
-limit = 1000000
-window = "1h"
-match = { path = "/open" }
-
-[[limits]]
-name = "closed"
-algorithm = "fixed_window"
-key = ["user_id"]
-limit = 1000000
-window = "1h"
-failure_mode = "closed"
-match = { path = "/closed" }
-"#;
-
 /// Send checks to both paths for `d`, answering the latest of each: the
 /// slowest answer and the statuses and degraded reasons seen.
 async fn load_for(
@@ -327,7 +308,7 @@ async fn a_paused_redis_is_answered_by_failure_mode_within_the_budget_then_exact
         Some(&config(
             &unique("qftest-stop"),
             &redis.url(),
-            OPEN_AND_CLOSED,
+            common::OPEN_AND_CLOSED,
             "",
         )),
         &[],
@@ -383,7 +364,7 @@ async fn a_dead_redis_is_answered_by_failure_mode_and_a_new_one_is_used_without_
         Some(&config(
             &unique("qftest-kill"),
             &redis.url(),
-            OPEN_AND_CLOSED,
+            common::OPEN_AND_CLOSED,
             "",
         )),
         &[],
@@ -405,7 +386,12 @@ async fn an_unreachable_redis_at_start_starts_degraded_and_not_ready() {
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let s = Server::start(
-        Some(&config(&unique("qftest-down"), &url, OPEN_AND_CLOSED, "")),
+        Some(&config(
+            &unique("qftest-down"),
+            &url,
+            common::OPEN_AND_CLOSED,
+            "",
+        )),
         &[],
     );
     s.wait_log(Duration::from_secs(5), |v| {
@@ -669,7 +655,10 @@ async fn an_instance_started_before_its_redis_joins_it_when_it_comes() {
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let prefix = unique("qftest-late");
-    let s = Server::start(Some(&config(&prefix, &url, OPEN_AND_CLOSED, "")), &[]);
+    let s = Server::start(
+        Some(&config(&prefix, &url, common::OPEN_AND_CLOSED, "")),
+        &[],
+    );
     let c = client();
     let ready = c
         .get(s.url("/readyz"))

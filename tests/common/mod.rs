@@ -170,3 +170,24 @@ pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }
+
+/// Two limits that differ only in their failure mode: `/open` fails open
+/// (the default), `/closed` fails closed.
+pub const OPEN_AND_CLOSED: &str = r#"
+[[limits]]
+name = "open"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 1000000
+window = "1h"
+match = { path = "/open" }
+
+[[limits]]
+name = "closed"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 1000000
+window = "1h"
+failure_mode = "closed"
+match = { path = "/closed" }
+"#;
