@@ -106,6 +106,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         }),
         embedded: None,
         coordinator: None,
+        cluster: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
@@ -279,6 +280,116 @@ fn shadow(
     }))
 }
 
+/// Kafka mode with the in-memory state: bind the internal listener,
+/// announce this instance's partitions in the owner registry, and route
+/// `/check` to each limit key's owner (`crate::cluster`).
+async fn start_cluster<F, Fut>(
+    settings: &Settings,
+    state: &mut AppState,
+    stopped: &F,
+) -> anyhow::Result<Option<Arc<crate::cluster::Cluster>>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let k = &settings.kafka;
+    let Some(coordinator) = state.coordinator.clone() else {
+        return Ok(None);
+    };
+    if k.bootstrap_servers.is_empty() || state.redis_mode.is_some() {
+        return Ok(None);
+    }
+    let c = &settings.cluster;
+    let listener = TcpListener::bind(c.listen)
+        .await
+        .with_context(|| format!("cannot listen on cluster.listen {}", c.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let address = if c.advertise.is_empty() {
+        bound.to_string()
+    } else {
+        c.advertise.clone()
+    };
+    let topic = k.requests_topic.clone();
+    let settings_k = k.clone();
+    let partitions = tokio::task::spawn_blocking(move || {
+        quotaflow_adapters::kafka::partition_count(
+            &settings_k,
+            &topic,
+            std::time::Duration::from_secs(10),
+        )
+    })
+    .await
+    .context("reading the requests topic's partitions")??;
+    let routing = quotaflow_core::pipeline::routing::Routing::new(
+        settings.stream.partition_key.clone(),
+        partitions,
+    );
+    let r = &settings.redis;
+    let owned_by = coordinator.clone();
+    let registry = quotaflow_adapters::owners::OwnerRegistry::start(
+        &r.url,
+        format!(
+            "{}:{}:{}:owners",
+            r.key_prefix, k.group_id, k.requests_topic
+        ),
+        address.clone(),
+        c.registry_interval,
+        r.timeout,
+        Box::new(move || {
+            owned_by
+                .owned()
+                .into_iter()
+                .filter_map(|p| owned_by.owner_epoch(p).map(|e| (p, e)))
+                .collect()
+        }),
+    )
+    .context("starting the owner registry (redis.url)")?;
+    // Derived from the group's secret, so it is the same on every
+    // instance and reveals nothing about the secret.
+    let token = state
+        .limiter
+        .fingerprinter()
+        .hex(b"quotaflow internal group token v1");
+    let cluster = Arc::new(crate::cluster::Cluster::new(
+        routing,
+        coordinator,
+        registry,
+        &token,
+        c.budget,
+        settings.state.failure_mode,
+        address.clone(),
+    )?);
+    state.cluster = Some(cluster.clone());
+    if bound.ip().is_loopback() {
+        tracing::warn!(
+            event = "cluster_loopback",
+            address = %address,
+            "cluster.listen is a loopback address: only instances on this machine can forward checks here"
+        );
+    }
+    tracing::info!(
+        event = "cluster_listening",
+        address = %address,
+        partitions,
+        "internal listener for checks forwarded by the group"
+    );
+    let limits = http_server::Limits {
+        header_timeout: settings.server.header_timeout,
+        request_timeout: settings.server.request_timeout,
+        max_connections: settings.server.max_connections,
+        shutdown_grace: settings.server.shutdown_grace,
+    };
+    let router = crate::cluster::router(state.clone(), cluster.clone());
+    tokio::spawn(http_server::serve(
+        listener,
+        router,
+        limits,
+        state.metrics.clone(),
+        stopped(),
+    ));
+    Ok(Some(cluster))
+}
+
 /// Serve until `shutdown` completes, then drain in-flight requests.
 pub async fn serve(
     settings: Settings,
@@ -305,6 +416,7 @@ pub async fn serve(
     };
     // Bound (and announced) before `listening`, so a client that saw the
     // HTTP listener finds the gRPC one too.
+    let cluster = start_cluster(&settings, &mut state, &stopped).await?;
     let grpc = crate::grpc::start(&settings, &state, &stopped).await?;
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
     if !state.admin_tokens.any() && !addr.ip().is_loopback() {
@@ -333,6 +445,11 @@ pub async fn serve(
     };
     let metrics = state.metrics.clone();
     http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
+    if let Some(c) = &cluster {
+        // Off the runtime: it waits for the registry's last Redis call.
+        let c = c.clone();
+        let _ = tokio::task::spawn_blocking(move || c.registry().stop()).await;
+    }
     if let Some(g) = grpc {
         // Calls in flight finish first; a failure was logged by its thread.
         let _ = tokio::task::spawn_blocking(move || g.join()).await;

@@ -58,6 +58,8 @@ pub struct AppState {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The group's shared state and config (`[state] backend = "redis"`).
     pub redis_mode: Option<Arc<RedisMode>>,
+    /// Kafka mode: checks counted on each limit key's partition owner.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The live page's latest snapshot, served again for a second.
     pub ui_snapshot: Arc<ui::SnapshotCache>,
 }
