@@ -46,6 +46,22 @@ window = "1h"
 match = { path = "/stacked" }
 
 [[limits]]
+name = "conc_user"
+algorithm = "fixed_window"
+key = ["user_id"]
+limit = 50
+window = "1h"
+match = { path = "/conc-user" }
+
+[[limits]]
+name = "conc_ip"
+algorithm = "token_bucket"
+key = ["client_ip"]
+capacity = 50
+refill_per_sec = 0.0001
+match = { path = "/conc-ip" }
+
+[[limits]]
 name = "open"
 algorithm = "fixed_window"
 key = ["user_id"]

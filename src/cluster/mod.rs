@@ -159,7 +159,16 @@ impl Cluster {
         let outcomes = if distinct.len() > 1 {
             // Probe every home; apply only if none refuses.
             let mut outcomes = self
-                .round(Phase::Peek, &distinct, &homes, &m, rules, req, deadline)
+                .round(
+                    app,
+                    Phase::Peek,
+                    &distinct,
+                    &homes,
+                    &m,
+                    rules,
+                    req,
+                    deadline,
+                )
                 .await;
             let probed = settle(app, rules, &m, &outcomes, self.failure_mode, req, false);
             let refused = probed
@@ -180,7 +189,16 @@ impl Cluster {
                 })
                 .collect();
             let applied = self
-                .round(Phase::Apply, &answering, &homes, &m, rules, req, deadline)
+                .round(
+                    app,
+                    Phase::Apply,
+                    &answering,
+                    &homes,
+                    &m,
+                    rules,
+                    req,
+                    deadline,
+                )
                 .await;
             // Homes that did not answer the probe keep their failure mode's
             // verdict; those that answered it are replaced by the apply's.
@@ -191,8 +209,17 @@ impl Cluster {
             }
             outcomes
         } else {
-            self.round(Phase::Apply, &distinct, &homes, &m, rules, req, deadline)
-                .await
+            self.round(
+                app,
+                Phase::Apply,
+                &distinct,
+                &homes,
+                &m,
+                rules,
+                req,
+                deadline,
+            )
+            .await
         };
         let probed = settle(app, rules, &m, &outcomes, self.failure_mode, req, true);
         finish(app, rules, &m, &outcomes, probed)
@@ -204,6 +231,7 @@ impl Cluster {
     #[allow(clippy::too_many_arguments)]
     async fn round(
         &self,
+        app: &AppState,
         phase: Phase,
         ask: &[i32],
         homes: &[i32],
@@ -260,12 +288,25 @@ impl Cluster {
                 tokio::spawn(tokio::time::timeout_at(deadline.into(), call))
             })
             .collect();
+        let phase_label = match phase {
+            Phase::Apply => "apply",
+            Phase::Peek => "peek",
+        };
         for ((_, idx, _), call) in remote.iter().zip(calls) {
             let reply = match call.await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(OwnerUnavailable::Timeout),
                 Err(_) => Err(OwnerUnavailable::Unreachable),
             };
+            let outcome = if reply.is_ok() {
+                "answered"
+            } else {
+                "unavailable"
+            };
+            app.metrics
+                .owner_calls
+                .with_label_values(&[phase_label, outcome])
+                .inc();
             match reply {
                 Err(e) => idx.iter().for_each(|&i| outcomes[i] = Err(e)),
                 Ok(reply) => {
