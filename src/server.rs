@@ -286,6 +286,7 @@ fn shadow(
 async fn start_cluster<F, Fut>(
     settings: &Settings,
     state: &mut AppState,
+    partitions: u32,
     stopped: &F,
 ) -> anyhow::Result<Option<Arc<crate::cluster::Cluster>>>
 where
@@ -304,22 +305,15 @@ where
         .await
         .with_context(|| format!("cannot listen on cluster.listen {}", c.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    let address = if c.advertise.is_empty() {
-        bound.to_string()
-    } else {
+    let address = if !c.advertise.is_empty() {
         c.advertise.clone()
+    } else if bound.ip().is_unspecified() {
+        // Listening on every interface: other instances find this one by
+        // its host name (a Compose service's `hostname`).
+        format!("{}:{}", host_name(), bound.port())
+    } else {
+        bound.to_string()
     };
-    let topic = k.requests_topic.clone();
-    let settings_k = k.clone();
-    let partitions = tokio::task::spawn_blocking(move || {
-        quotaflow_adapters::kafka::partition_count(
-            &settings_k,
-            &topic,
-            std::time::Duration::from_secs(10),
-        )
-    })
-    .await
-    .context("reading the requests topic's partitions")??;
     let routing = quotaflow_core::pipeline::routing::Routing::new(
         settings.stream.partition_key.clone(),
         partitions,
@@ -390,6 +384,19 @@ where
     Ok(Some(cluster))
 }
 
+/// This machine's host name, as other instances on the network resolve it.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Serve until `shutdown` completes, then drain in-flight requests.
 pub async fn serve(
     settings: Settings,
@@ -416,7 +423,12 @@ pub async fn serve(
     };
     // Bound (and announced) before `listening`, so a client that saw the
     // HTTP listener finds the gRPC one too.
-    let cluster = start_cluster(&settings, &mut state, &stopped).await?;
+    let cluster = match &pipeline {
+        Pipeline::Kafka(k) => {
+            start_cluster(&settings, &mut state, k.partitions(), &stopped).await?
+        }
+        Pipeline::Embedded(_) => None,
+    };
     let grpc = crate::grpc::start(&settings, &state, &stopped).await?;
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
     if !state.admin_tokens.any() && !addr.ip().is_loopback() {

@@ -227,6 +227,62 @@ async fn round_robin_over_three_owners_answers_as_one_instance() {
         forwarded_somewhere > 10,
         "the sequence ran into limits too soon"
     );
+    // Most checks were answered on other instances' state.
+    let mut answered = 0.0;
+    for m in &members {
+        answered += metric(
+            &c,
+            &m.server,
+            "quotaflow_owner_calls_total{outcome=\"answered\",phase=\"apply\"}",
+        )
+        .await;
+    }
+    assert!(
+        answered >= 30.0,
+        "only {answered} checks were forwarded to an owner"
+    );
+}
+
+/// The value of the sample `series` (name and labels as exposed), or 0.
+async fn metric(c: &reqwest::Client, s: &Server, series: &str) -> f64 {
+    let text = common::get_text(c, &s.url("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_limit_is_admitted_under_64_concurrent_clients_over_three_instances() {
+    let f = Fixture::new("group-conc", PARTITIONS).await;
+    let cfg = config(&f, "2s");
+    let members: Vec<Member> = (0..3).map(|_| start_member(&cfg)).collect();
+    let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+    wait_spread(&f, &addresses, Duration::from_secs(60));
+    let members = std::sync::Arc::new(members);
+    for path in ["/conc-user", "/conc-ip"] {
+        let mut tasks = Vec::new();
+        for client_no in 0..64usize {
+            let members = members.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = client();
+                let mut admitted = 0;
+                for k in 0..3usize {
+                    // One user and one IP for all: one key per limit.
+                    let body = json!({"user_id": "conc", "client_ip": "192.0.2.7", "path": path});
+                    let via = &members[(client_no + k) % 3].server;
+                    let v = verdicts(check(&c, via, &body).await).await;
+                    assert_eq!(v.1, "", "{path}: degraded");
+                    admitted += usize::from(v.0 == 200);
+                }
+                admitted
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("client task");
+        }
+        assert_eq!(total, 50, "{path}: admitted of 192");
+    }
 }
 
 /// The member whose address owns `partition` in the registry `r`.

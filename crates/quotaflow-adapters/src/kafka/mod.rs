@@ -71,29 +71,6 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
     c
 }
 
-/// How many partitions `topic` has: the sidecar routes checks by it, as
-/// producers key events by it.
-pub fn partition_count(
-    settings: &KafkaSettings,
-    topic: &str,
-    timeout: std::time::Duration,
-) -> anyhow::Result<u32> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = client_config(settings)
-        .create()
-        .context("creating a Kafka metadata client")?;
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading the metadata of topic `{topic}`"))?;
-    let n = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
-    anyhow::ensure!(n > 0, "topic `{topic}` does not exist or has no partitions");
-    u32::try_from(n).context("partition count")
-}
-
 /// Used by `simulate` and tests: a producer of request events.
 pub fn request_producer(
     settings: &KafkaSettings,
