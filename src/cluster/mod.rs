@@ -8,10 +8,10 @@
 //! - another home is asked of its owner, found in the owner registry
 //!   (`owners`), over the internal listener (`POST /internal/v1/decide`),
 //!   authenticated by a token derived from `security.fingerprint_key`;
-//! - a check whose limits all share one home is atomic there (refused →
-//!   nothing charged); one whose limits have several homes is probed on
-//!   every home first and applied only if all allow (see docs/group.md
-//!   for the one race this leaves);
+//! - a check whose homes all have one owner is decided there atomically
+//!   (refused → nothing charged); one spread over several owners is
+//!   probed on every owner first and applied only if all allow (see
+//!   docs/group.md for the one race this leaves);
 //! - a home that cannot answer within `cluster.budget` (no owner, moving,
 //!   restoring, paused, dead) is answered by its limits' `failure_mode`:
 //!   `open`, `closed`, or `local` (this instance's own state), and the
@@ -41,7 +41,7 @@ use quotaflow_core::algorithms::Verdict;
 use quotaflow_core::limiter::Matched;
 use quotaflow_core::pipeline::routing::Routing;
 use quotaflow_core::rules::{FailureMode, Request, Rules};
-use quotaflow_core::state::{Probe, Probed};
+use quotaflow_core::state::{apply_across, Probe, Probed};
 pub use wire::{Ask, Phase, Reply, WireOutcome};
 
 /// The header carrying the group token on internal calls.
@@ -156,7 +156,7 @@ impl Cluster {
         distinct.sort_unstable();
         distinct.dedup();
         let deadline = Instant::now() + self.budget;
-        let outcomes = if distinct.len() > 1 {
+        let outcomes = if self.owners_of(&distinct).len() > 1 {
             // Probe every home; apply only if none refuses.
             let mut outcomes = self
                 .round(
@@ -225,9 +225,32 @@ impl Cluster {
         finish(app, rules, &m, &outcomes, probed)
     }
 
-    /// Ask every home in `ask` for its probes' outcomes, in parallel,
-    /// within `deadline`. Probes whose home is not in `ask` are `Err(Moving)`
-    /// placeholders the caller overwrites or ignores.
+    /// Where each of `homes` is decided: here, at an owner's address, or
+    /// nowhere now (why). Homes with one owner are decided together.
+    fn owners_of(&self, homes: &[i32]) -> SmallVec<[(Via, SmallVec<[i32; 4]>); 4]> {
+        let mut by: SmallVec<[(Via, SmallVec<[i32; 4]>); 4]> = SmallVec::new();
+        for &home in homes {
+            let via = if self.coordinator.sync_target(home).is_some() {
+                Via::Here
+            } else {
+                match self.registry.owner(home) {
+                    None => Via::Nowhere(OwnerUnavailable::NoOwner),
+                    Some(o) if o.address == self.address => Via::Nowhere(OwnerUnavailable::Moving),
+                    Some(o) => Via::There(o.address),
+                }
+            };
+            match by.iter_mut().find(|(v, _)| *v == via) {
+                Some((_, hs)) => hs.push(home),
+                None => by.push((via, smallvec::smallvec![home])),
+            }
+        }
+        by
+    }
+
+    /// Ask the owners of the homes in `ask` for their probes' outcomes, one
+    /// call per owner, all at once, within `deadline`; each owner decides
+    /// its homes together (atomically for `apply`). Probes whose home is
+    /// not in `ask` are `Err(Moving)` placeholders the caller overwrites.
     #[allow(clippy::too_many_arguments)]
     async fn round(
         &self,
@@ -245,47 +268,38 @@ impl Cluster {
             .map(|_| Err(OwnerUnavailable::Moving))
             .collect();
         let mut remote = Vec::new();
-        for &home in ask {
-            let idx: SmallVec<[usize; 4]> =
-                (0..homes.len()).filter(|&i| homes[i] == home).collect();
-            if let Some(target) = self.coordinator.sync_target(home) {
-                let probes: SmallVec<[Probe<'_>; 4]> = idx.iter().map(|&i| m.probes[i]).collect();
-                let mut out = SmallVec::new();
-                run_phase(phase, target.store(), &probes, req.cost, &mut out);
-                if phase == Phase::Apply {
-                    target.counted();
+        for (via, group) in self.owners_of(ask) {
+            let idx: SmallVec<[usize; 4]> = (0..homes.len())
+                .filter(|&i| group.contains(&homes[i]))
+                .collect();
+            match via {
+                Via::Nowhere(why) => idx.iter().for_each(|&i| outcomes[i] = Err(why)),
+                Via::There(address) => remote.push((group, idx, address)),
+                Via::Here => {
+                    let decided =
+                        decide_here(&self.coordinator, phase, &group, &idx, homes, m, req.cost);
+                    for (&i, o) in idx.iter().zip(decided) {
+                        outcomes[i] = o;
+                    }
                 }
-                for (&i, p) in idx.iter().zip(out) {
-                    outcomes[i] = Ok(p);
-                }
-                continue;
-            }
-            let why = match self.registry.owner(home) {
-                None => Err(OwnerUnavailable::NoOwner),
-                Some(o) if o.address == self.address => Err(OwnerUnavailable::Moving),
-                Some(o) => Ok(o.address),
-            };
-            match why {
-                Err(e) => idx.iter().for_each(|&i| outcomes[i] = Err(e)),
-                Ok(address) => remote.push((home, idx, address)),
             }
         }
         if remote.is_empty() {
             return outcomes;
         }
-        let body = |home: i32| {
-            serde_json::to_vec(&Ask {
-                phase,
-                homes: vec![home],
-                request: req.clone(),
-            })
-            .unwrap_or_default()
-        };
         let calls: Vec<_> = remote
             .iter()
-            .map(|(home, _, address)| {
-                let call = self.call(address, body(*home));
-                tokio::spawn(tokio::time::timeout_at(deadline.into(), call))
+            .map(|(group, _, address)| {
+                let body = serde_json::to_vec(&Ask {
+                    phase,
+                    homes: group.to_vec(),
+                    request: req.clone(),
+                })
+                .unwrap_or_default();
+                tokio::spawn(tokio::time::timeout_at(
+                    deadline.into(),
+                    self.call(address, body),
+                ))
             })
             .collect();
         let phase_label = match phase {
@@ -364,7 +378,9 @@ impl Cluster {
     }
 
     /// The owner's side of a forwarded check: decide the limits whose home
-    /// is one of `ask.homes` and owned here.
+    /// is one of `ask.homes`, all together. An `apply` runs only if every
+    /// one of those homes is owned here, so that it stays atomic; else the
+    /// homes not owned come back and the caller follows the failure mode.
     fn answer(&self, app: &AppState, mut ask: Ask) -> Reply {
         let mut reply = Reply::default();
         if ask.request.validate().is_err() {
@@ -377,34 +393,111 @@ impl Cluster {
         if m.whitelisted {
             return reply;
         }
+        reply.not_owned = ask
+            .homes
+            .iter()
+            .copied()
+            .filter(|&h| self.coordinator.sync_target(h).is_none())
+            .collect();
+        if ask.phase == Phase::Apply && !reply.not_owned.is_empty() {
+            return reply;
+        }
         let fp = app.limiter.fingerprinter();
         let mut buf = Vec::new();
-        for &home in &ask.homes {
-            let Some(target) = self.coordinator.sync_target(home) else {
-                reply.not_owned.push(home);
-                continue;
-            };
-            let idx: SmallVec<[usize; 4]> = (0..m.probes.len())
-                .filter(|&i| {
-                    self.routing
-                        .home(&rules.limits[m.limits[i]], req, fp, &mut buf)
-                        == home
-                })
-                .collect();
-            let probes: SmallVec<[Probe<'_>; 4]> = idx.iter().map(|&i| m.probes[i]).collect();
-            let mut out = SmallVec::new();
-            run_phase(ask.phase, target.store(), &probes, req.cost, &mut out);
-            if ask.phase == Phase::Apply && !probes.is_empty() {
-                target.counted();
-            }
-            for (&i, p) in idx.iter().zip(&out) {
+        let homes: SmallVec<[i32; 4]> = m
+            .limits
+            .iter()
+            .map(|&i| self.routing.home(&rules.limits[i], req, fp, &mut buf))
+            .collect();
+        let group: SmallVec<[i32; 4]> = ask
+            .homes
+            .iter()
+            .copied()
+            .filter(|h| !reply.not_owned.contains(h))
+            .collect();
+        let idx: SmallVec<[usize; 4]> = (0..homes.len())
+            .filter(|&i| group.contains(&homes[i]))
+            .collect();
+        let decided = decide_here(
+            &self.coordinator,
+            ask.phase,
+            &group,
+            &idx,
+            &homes,
+            &m,
+            req.cost,
+        );
+        for (&i, o) in idx.iter().zip(decided) {
+            if let Ok(p) = o {
                 reply
                     .outcomes
-                    .push(WireOutcome::of(&rules.limits[m.limits[i]].name, p));
+                    .push(WireOutcome::of(&rules.limits[m.limits[i]].name, &p));
             }
         }
         reply
     }
+}
+
+/// Where a home is decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Via {
+    Here,
+    There(String),
+    Nowhere(OwnerUnavailable),
+}
+
+/// Decide the probes `idx` (whose homes are in `group`, all owned here) on
+/// their partitions' states: together and atomically for `apply`, each on
+/// its own for `peek`. A home that stopped being owned meanwhile gives
+/// `Moving` for its probes (and an `apply` then counts nothing).
+fn decide_here(
+    coordinator: &Coordinator,
+    phase: Phase,
+    group: &[i32],
+    idx: &[usize],
+    homes: &[i32],
+    m: &Matched<'_>,
+    cost: u64,
+) -> SmallVec<[Result<Probed, OwnerUnavailable>; 4]> {
+    let targets: SmallVec<[(i32, Option<quotaflow_adapters::worker::SyncTarget>); 4]> = group
+        .iter()
+        .map(|&h| (h, coordinator.sync_target(h)))
+        .collect();
+    let target_of = |home: i32| {
+        targets
+            .iter()
+            .find(|(h, _)| *h == home)
+            .and_then(|(_, t)| t.as_ref())
+    };
+    if idx.iter().any(|&i| target_of(homes[i]).is_none()) {
+        return idx.iter().map(|_| Err(OwnerUnavailable::Moving)).collect();
+    }
+    let now = now_ms();
+    let mut out: SmallVec<[Probed; 4]> = SmallVec::new();
+    match phase {
+        Phase::Apply => {
+            let parts: SmallVec<[(&quotaflow_core::state::KeyedStore, Probe<'_>); 4]> = idx
+                .iter()
+                .filter_map(|&i| Some((target_of(homes[i])?.store(), m.probes[i])))
+                .collect();
+            apply_across(&parts, now, cost, &mut out);
+            for (_, t) in &targets {
+                if let Some(t) = t {
+                    t.counted();
+                }
+            }
+        }
+        Phase::Peek => {
+            let mut one = SmallVec::new();
+            for &i in idx {
+                if let Some(t) = target_of(homes[i]) {
+                    t.store().peek(&[m.probes[i]], now, cost, &mut one);
+                    out.extend(one.drain(..));
+                }
+            }
+        }
+    }
+    out.into_iter().map(Ok).collect()
 }
 
 fn run_phase(

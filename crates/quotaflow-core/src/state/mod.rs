@@ -471,6 +471,100 @@ impl KeyedStore {
     }
 }
 
+/// One locked shard of one store: ((store address, shard), its table).
+type Locked<'a> = ((usize, usize), MutexGuard<'a, HashTable<Slot>>);
+
+/// [`KeyedStore::apply`] over probes that live in several stores (the
+/// partitions one instance owns): every shard involved, in every store, is
+/// locked in one global order (store, then shard), all probes are decided,
+/// and all are committed or none is. `parts` pairs each probe with its
+/// store; outcomes come back in the same order.
+pub fn apply_across(
+    parts: &[(&KeyedStore, Probe<'_>)],
+    now_ms: u64,
+    cost: u64,
+    out: &mut SmallVec<[Probed; 4]>,
+) -> bool {
+    out.clear();
+    if let Some((first, _)) = parts.first() {
+        if parts.iter().all(|(s, _)| std::ptr::eq(*s, *first)) {
+            let probes: SmallVec<[Probe<'_>; 4]> = parts.iter().map(|(_, p)| *p).collect();
+            return first.apply(&probes, now_ms, cost, out);
+        }
+    }
+    // (store address, shard) of each probe; locks taken in that order.
+    let at: SmallVec<[(usize, usize, u64); 4]> = parts
+        .iter()
+        .map(|(s, p)| {
+            let h = p.key.table_hash();
+            (std::ptr::from_ref(*s) as usize, s.shard_of(h), h)
+        })
+        .collect();
+    let mut order: SmallVec<[(usize, usize, usize); 4]> = at
+        .iter()
+        .enumerate()
+        .map(|(i, &(store, shard, _))| (store, shard, i))
+        .collect();
+    order.sort_unstable();
+    order.dedup_by_key(|(store, shard, _)| (*store, *shard));
+    let mut guards: SmallVec<[Locked<'_>; 4]> = order
+        .iter()
+        .map(|&(store, shard, i)| ((store, shard), parts[i].0.shards[shard].0.lock()))
+        .collect();
+    let guard_of = |store: usize, shard: usize| -> usize {
+        guards
+            .iter()
+            .position(|(k, _)| *k == (store, shard))
+            .unwrap_or_default()
+    };
+    let slots: SmallVec<[usize; 4]> = at.iter().map(|&(st, sh, _)| guard_of(st, sh)).collect();
+    let buckets: SmallVec<[Option<usize>; 4]> = parts
+        .iter()
+        .zip(at.iter().zip(&slots))
+        .map(|((_, probe), (&(_, _, hash), &g))| {
+            guards[g].1.find_bucket_index(hash, |s| s.key == probe.key)
+        })
+        .collect();
+    let mut admitted = true;
+    for (((store, probe), &g), &bucket) in parts.iter().zip(&slots).zip(&buckets) {
+        let table = &guards[g].1;
+        let found = bucket.and_then(|b| table.get_bucket(b));
+        let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
+        let mut outcome = probe.algorithm.decide(&state, now_ms, cost);
+        if found.is_none() && store.when_full == WhenFull::Refuse && table.len() >= store.shard_cap
+        {
+            outcome = refused_for_room(outcome);
+        }
+        admitted &= outcome.verdict.allowed || !probe.enforce;
+        out.push(Probed {
+            outcome,
+            refused_before,
+        });
+    }
+    for (i, bucket) in buckets.iter().enumerate() {
+        let outcome = out[i].outcome;
+        let table = &mut guards[slots[i]].1;
+        if let Some(slot) = bucket.and_then(|b| table.get_bucket_mut(b)) {
+            commit(slot, &outcome, admitted && outcome.verdict.allowed);
+        }
+    }
+    for (i, (store, probe)) in parts.iter().enumerate() {
+        let outcome = out[i].outcome;
+        if buckets[i].is_none() && admitted && outcome.verdict.allowed {
+            let table = &mut guards[slots[i]].1;
+            // A probe of the same key earlier in `parts` may have inserted it.
+            if table
+                .find(probe.key.table_hash(), |s| s.key == probe.key)
+                .is_none()
+                && store.room(table)
+            {
+                insert(table, probe.key, &outcome);
+            }
+        }
+    }
+    admitted
+}
+
 /// Apply an outcome to an existing slot. `consume` is false when the request
 /// was refused by this or another limit: then only the key's clock and its
 /// refusal streak move.
@@ -549,6 +643,26 @@ mod tests {
         let before = store.export();
         store.peek(&probes, 2_000, 1, &mut peeked);
         assert_eq!(store.export(), before);
+    }
+
+    #[test]
+    fn apply_across_stores_is_atomic_and_agrees_with_one_store() {
+        let (a, b) = (KeyedStore::new(4), KeyedStore::new(4));
+        let one = KeyedStore::new(4);
+        let roomy = FixedWindow::new(3, 60_000).unwrap();
+        let tight = FixedWindow::new(2, 60_000).unwrap();
+        let (pa, pb) = (probe("a", &roomy), probe("b", &tight));
+        let (mut across, mut single) = (SmallVec::new(), SmallVec::new());
+        for t in 0..5 {
+            let ok = apply_across(&[(&a, pa), (&b, pb)], 1_000 + t, 1, &mut across);
+            let want = one.apply(&[pa, pb], 1_000 + t, 1, &mut single);
+            assert_eq!(ok, want, "step {t}");
+            assert_eq!(across, single, "step {t}");
+        }
+        // Refused by "b" after two: "a" was charged only twice.
+        assert_eq!(a.get(id("a")).unwrap(), one.get(id("a")).unwrap());
+        assert_eq!(b.get(id("b")).unwrap(), one.get(id("b")).unwrap());
+        assert!(one.get(id("a")).is_some());
     }
 
     #[test]
