@@ -500,6 +500,24 @@ impl Settings {
                 k.shadow_decisions_topic
             )));
         }
+        if !k.bootstrap_servers.is_empty()
+            && (k.config_topic.is_empty()
+                || [
+                    &k.requests_topic,
+                    &k.decisions_topic,
+                    &k.alerts_topic,
+                    &k.dead_letter_topic,
+                    &k.shadow_decisions_topic,
+                ]
+                .contains(&&k.config_topic))
+        {
+            // Its records are config proposals, read from the beginning.
+            return Err(SettingsError(format!(
+                "kafka.config_topic (\"{}\") must be a topic of its own in Kafka mode: \
+                 it holds the group's config proposals",
+                k.config_topic
+            )));
+        }
         if !self.kafka.bootstrap_servers.is_empty() {
             let poll_ms = self
                 .kafka
