@@ -617,6 +617,21 @@ mod tests {
     }
 
     #[test]
+    fn the_config_topic_is_a_topic_of_its_own_in_kafka_mode() {
+        let mut s = Settings::load_with_env(None, false).unwrap();
+        s.kafka.config_topic = s.kafka.requests_topic.clone();
+        assert!(s.check_mode().is_ok(), "embedded: no constraint");
+        s.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        s.security.fingerprint_key = "k".into();
+        let err = s.check_mode().unwrap_err().to_string();
+        assert!(err.contains("config_topic"), "{err}");
+        s.kafka.config_topic = String::new();
+        assert!(s.check_mode().is_err());
+        s.kafka.config_topic = "quotaflow-config".into();
+        assert!(s.check_mode().is_ok());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");

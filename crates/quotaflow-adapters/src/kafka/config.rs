@@ -481,10 +481,14 @@ fn ensure_topic(settings: &KafkaSettings) -> Result<(), JoinError> {
     // no retention deletes the history the versions are counted from.
     .set("cleanup.policy", "compact")
     .set("message.timestamp.type", "LogAppendTime");
-    let results = block_on(admin.create_topics(
-        [&topic],
-        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-    ))?;
+    let results = block_on(
+        admin.create_topics(
+            [&topic],
+            &AdminOptions::new()
+                .request_timeout(Some(Duration::from_secs(10)))
+                .operation_timeout(Some(Duration::from_secs(10))),
+        ),
+    )?;
     for r in results {
         match r {
             Ok(_) => {
