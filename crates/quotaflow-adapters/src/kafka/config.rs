@@ -10,7 +10,7 @@
 //! broker's: the topic is created with `LogAppendTime`), the same on every
 //! instance since it is in the log: the event time from which it applies.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Weak};
@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
@@ -140,6 +141,9 @@ struct LogState {
     history: Vec<AcceptedVersion>,
     /// Offset of the next record to read.
     next_offset: i64,
+    /// Every proposal id ruled on: a proposal written twice (a retry whose
+    /// first attempt landed) is ruled on once, by every instance alike.
+    ruled: HashSet<String>,
     /// Whether the log was read to its end once: changes after that are
     /// logged one by one, those before in one `config_joined` line.
     live: bool,
@@ -148,7 +152,10 @@ struct LogState {
 /// The group's config in Kafka: followed from the log, written as proposals.
 pub struct ConfigLog {
     topic: String,
-    producer: ThreadedProducer<ProposalContext>,
+    /// Settings of the producer each write creates and drops: writes are
+    /// rare, and a librdkafka client kept for them would cost its threads
+    /// and memory all the time.
+    producer: ClientConfig,
     pending: Arc<Pending>,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
@@ -171,14 +178,14 @@ impl ConfigLog {
         let own = limiter.rules();
         ensure_topic(settings)?;
         let pending = Arc::new(Pending::default());
-        let producer = client_config(settings)
-            .set("enable.idempotence", "true")
+        let mut producer = client_config(settings);
+        // No idempotence: a proposal written twice by a retry is ruled on
+        // once (by its id), and a producer that is not idempotent starts
+        // sending without first asking for a producer id.
+        producer
             .set("linger.ms", "0")
             // A proposal not delivered by then is answered with 503.
-            .set("message.timeout.ms", WRITE_TIMEOUT.as_millis().to_string())
-            .create_with_context(ProposalContext {
-                pending: pending.clone(),
-            })?;
+            .set("message.timeout.ms", WRITE_TIMEOUT.as_millis().to_string());
         let consumer: BaseConsumer = client_config(settings)
             // librdkafka wants one to assign partitions; this consumer never
             // joins it (no subscribe) nor commits to it: every instance
@@ -273,11 +280,18 @@ impl ConfigLog {
         };
         let payload =
             serde_json::to_vec(&record).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let started = Instant::now();
+        let producer: BaseProducer<ProposalContext> = self
+            .producer
+            .create_with_context(ProposalContext {
+                pending: self.pending.clone(),
+            })
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let (tx, rx) = sync_channel(1);
         self.pending.0.lock().insert(id.clone(), tx);
         // Whatever happens below, the waiter goes.
         let _waiting = Waiting(&self.pending, &id);
-        self.producer
+        producer
             .send(
                 BaseRecord::with_opaque_to(&self.topic, Box::new(id.clone()))
                     .partition(0)
@@ -285,7 +299,9 @@ impl ConfigLog {
                     .payload(&payload),
             )
             .map_err(|(e, _)| ProposeError::Unavailable(e.to_string()))?;
-        match rx.recv_timeout(WRITE_TIMEOUT) {
+        // Delivered, or failed (which answers the waiter), or timed out.
+        let _ = producer.flush(WRITE_TIMEOUT);
+        match rx.recv_timeout(WRITE_TIMEOUT.saturating_sub(started.elapsed())) {
             Ok(Outcome::Ruled(Ruling::Accepted { version }, _)) => Ok(version),
             Ok(Outcome::Ruled(Ruling::Conflict { current }, _)) => Err(ReplaceError::Conflict {
                 expected: expected.unwrap_or_default(),
@@ -361,6 +377,9 @@ impl ConfigLog {
                 return;
             }
         };
+        if !st.ruled.insert(proposal.proposal.clone()) {
+            return;
+        }
         let doc = RulesDoc::from_json(proposal.doc.to_string().as_bytes())
             .and_then(|doc| self.limiter.normalize(doc));
         let ruling = st.arbiter.rule(proposal.base_version, doc.is_ok());
