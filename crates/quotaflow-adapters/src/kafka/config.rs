@@ -514,10 +514,28 @@ fn ensure_topic(settings: &KafkaSettings) -> Result<(), JoinError> {
                 tracing::info!(event = "config_topic_created", topic = %settings.config_topic, "created the config topic")
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // Not allowed to create topics (ACLs) is fine if it exists.
+            Err((topic, code)) if exists(&admin, &topic) => {
+                tracing::debug!(event = "config_topic_not_created", topic = %topic, code = %code, "the config topic exists");
+            }
             Err((topic, code)) => return Err(JoinError::CreateTopic { topic, code }),
         }
     }
     Ok(())
+}
+
+/// Whether `topic` exists with a partition 0, as far as the cluster says.
+fn exists(admin: &AdminClient<DefaultClientContext>, topic: &str) -> bool {
+    admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .is_ok_and(|m| {
+            m.topics().iter().any(|t| {
+                t.name() == topic
+                    && t.error().is_none()
+                    && t.partitions().iter().any(|p| p.id() == 0)
+            })
+        })
 }
 
 /// Run a future to completion on this thread: rdkafka's admin calls are
