@@ -8,7 +8,9 @@
 //!   embedded bus, partition workers and their ownership coordinator,
 //!   Prometheus metrics;
 //! - this package — [`api`] (the axum sidecar: `/check`, `/forward-auth`,
-//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`grpc`] (the Envoy rate limit
+//!   `/rate_limit/config`, `/events`, `/metrics`, health), [`cluster`] (a
+//!   check counted on each limit key's partition owner, forwarded over the
+//!   internal listener; failure modes), [`grpc`] (the Envoy rate limit
 //!   service over gRPC, with health and reflection), [`http_server`]
 //!   (the accept loop: timeouts, connection cap, bounded drain), [`settings`]
 //!   (the settings file and environment), [`server`] (wiring and
@@ -21,6 +23,7 @@
 
 pub mod api;
 pub mod backtest;
+pub mod cluster;
 pub mod grpc;
 pub mod http_server;
 pub mod import_envoy;

@@ -116,6 +116,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         }),
         embedded: None,
         coordinator: None,
+        cluster: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
@@ -300,6 +301,123 @@ fn shadow(
     }))
 }
 
+/// Kafka mode with the in-memory state: bind the internal listener,
+/// announce this instance's partitions in the owner registry, and route
+/// `/check` to each limit key's owner (`crate::cluster`).
+async fn start_cluster<F, Fut>(
+    settings: &Settings,
+    state: &mut AppState,
+    partitions: u32,
+    stopped: &F,
+) -> anyhow::Result<Option<Arc<crate::cluster::Cluster>>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let k = &settings.kafka;
+    let Some(coordinator) = state.coordinator.clone() else {
+        return Ok(None);
+    };
+    if k.bootstrap_servers.is_empty() || state.redis_mode.is_some() {
+        return Ok(None);
+    }
+    let c = &settings.cluster;
+    let listener = TcpListener::bind(c.listen)
+        .await
+        .with_context(|| format!("cannot listen on cluster.listen {}", c.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let address = if !c.advertise.is_empty() {
+        c.advertise.clone()
+    } else if bound.ip().is_unspecified() {
+        // Listening on every interface: other instances find this one by
+        // its host name (a Compose service's `hostname`).
+        format!("{}:{}", host_name(), bound.port())
+    } else {
+        bound.to_string()
+    };
+    let routing = quotaflow_core::pipeline::routing::Routing::new(
+        settings.stream.partition_key.clone(),
+        partitions,
+    );
+    let r = &settings.redis;
+    let owned_by = coordinator.clone();
+    let registry = quotaflow_adapters::owners::OwnerRegistry::start(
+        &r.url,
+        format!(
+            "{}:{}:{}:owners",
+            r.key_prefix, k.group_id, k.requests_topic
+        ),
+        address.clone(),
+        c.registry_interval,
+        r.timeout,
+        Box::new(move || {
+            owned_by
+                .owned()
+                .into_iter()
+                .filter_map(|p| owned_by.owner_epoch(p).map(|e| (p, e)))
+                .collect()
+        }),
+    )
+    .context("starting the owner registry (redis.url)")?;
+    // Derived from the group's secret, so it is the same on every
+    // instance and reveals nothing about the secret.
+    let token = state
+        .limiter
+        .fingerprinter()
+        .hex(b"quotaflow internal group token v1");
+    let cluster = Arc::new(crate::cluster::Cluster::new(
+        routing,
+        coordinator,
+        registry,
+        &token,
+        c.budget,
+        settings.state.failure_mode,
+        address.clone(),
+    )?);
+    state.cluster = Some(cluster.clone());
+    if bound.ip().is_loopback() {
+        tracing::warn!(
+            event = "cluster_loopback",
+            address = %address,
+            "cluster.listen is a loopback address: only instances on this machine can forward checks here"
+        );
+    }
+    tracing::info!(
+        event = "cluster_listening",
+        address = %address,
+        partitions,
+        "internal listener for checks forwarded by the group"
+    );
+    let limits = http_server::Limits {
+        header_timeout: settings.server.header_timeout,
+        request_timeout: settings.server.request_timeout,
+        max_connections: settings.server.max_connections,
+        shutdown_grace: settings.server.shutdown_grace,
+    };
+    let router = crate::cluster::router(state.clone(), cluster.clone());
+    tokio::spawn(http_server::serve(
+        listener,
+        router,
+        limits,
+        state.metrics.clone(),
+        stopped(),
+    ));
+    Ok(Some(cluster))
+}
+
+/// This machine's host name, as other instances on the network resolve it.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Serve until `shutdown` completes, then drain in-flight requests.
 pub async fn serve(
     settings: Settings,
@@ -326,6 +444,12 @@ pub async fn serve(
     };
     // Bound (and announced) before `listening`, so a client that saw the
     // HTTP listener finds the gRPC one too.
+    let cluster = match &pipeline {
+        Pipeline::Kafka(k) => {
+            start_cluster(&settings, &mut state, k.partitions(), &stopped).await?
+        }
+        Pipeline::Embedded(_) => None,
+    };
     let grpc = crate::grpc::start(&settings, &state, &stopped).await?;
     let sweeper = tokio::spawn(sweep(state.clone(), settings.state.sweep_interval));
     if !state.admin_tokens.any() && !addr.ip().is_loopback() {
@@ -354,6 +478,11 @@ pub async fn serve(
     };
     let metrics = state.metrics.clone();
     http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
+    if let Some(c) = &cluster {
+        // Off the runtime: it waits for the registry's last Redis call.
+        let c = c.clone();
+        let _ = tokio::task::spawn_blocking(move || c.registry().stop()).await;
+    }
     if let Some(g) = grpc {
         // Calls in flight finish first; a failure was logged by its thread.
         let _ = tokio::task::spawn_blocking(move || g.join()).await;

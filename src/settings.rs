@@ -41,6 +41,8 @@ pub struct Settings {
     #[serde(default)]
     pub grpc: GrpcSettings,
     #[serde(default)]
+    pub cluster: ClusterSettings,
+    #[serde(default)]
     pub shadow: ShadowSettings,
     #[serde(default)]
     pub limits: Vec<LimitDoc>,
@@ -277,6 +279,36 @@ pub struct DecisionSettings {
     pub every_event: bool,
 }
 
+/// The group in Kafka mode: how instances reach the owner of a key's
+/// partition (`src/cluster`, docs/group.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// The internal listener other instances forward checks to.
+    pub listen: SocketAddr,
+    /// The address other instances reach the internal listener at; empty
+    /// means the bound `listen` address (fine on one machine only).
+    pub advertise: String,
+    /// A check forwarded to an owner is answered within this, else by
+    /// its limits' `failure_mode`.
+    #[serde(deserialize_with = "duration")]
+    pub budget: Duration,
+    /// How often owners are announced and the registry re-read.
+    #[serde(deserialize_with = "duration")]
+    pub registry_interval: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            advertise: String::new(),
+            budget: Duration::from_millis(50),
+            registry_interval: Duration::from_millis(200),
+        }
+    }
+}
+
 /// The Envoy Rate Limit Service over gRPC (`src/grpc`, docs/envoy.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -478,6 +510,18 @@ impl Settings {
                  ids hashed under it, and a partition's state moves to other instances and \
                  across restarts, so every instance needs the same secret (for example \
                  QUOTAFLOW__SECURITY__FINGERPRINT_KEY)"
+                    .into(),
+            ));
+        }
+        let c = &self.cluster;
+        if !self.kafka.bootstrap_servers.is_empty()
+            && (c.budget.is_zero()
+                || c.budget > Duration::from_secs(10)
+                || c.registry_interval < Duration::from_millis(10))
+        {
+            return Err(SettingsError(
+                "cluster.budget must be above zero and at most 10s, and \
+                 cluster.registry_interval at least 10ms"
                     .into(),
             ));
         }

@@ -449,6 +449,10 @@ fn private_stream_env(name: &str) -> Vec<(String, String)> {
     vec![
         ("QUOTAFLOW__KAFKA__BOOTSTRAP_SERVERS".into(), kafka()),
         ("QUOTAFLOW__REDIS__URL".into(), redis()),
+        // The internal listener on a free loopback port, not the
+        // container's fixed one (which may be taken on a shared machine).
+        ("QUOTAFLOW__CLUSTER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("QUOTAFLOW__CLUSTER__ADVERTISE".into(), String::new()),
         (
             "QUOTAFLOW__KAFKA__GROUP_ID".into(),
             unique(&format!("{name}-group")),

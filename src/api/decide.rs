@@ -10,10 +10,9 @@ use smallvec::SmallVec;
 use super::{AppState, RedisMode};
 use quotaflow_adapters::clock::now_ms;
 use quotaflow_adapters::redis_state::Unavailable;
-use quotaflow_core::algorithms::Verdict;
 use quotaflow_core::limiter::{Decision, Matched};
 use quotaflow_core::rules::{FailureMode, Request, RequestError, Rules};
-use quotaflow_core::state::Probed;
+use quotaflow_core::state::{Probe, Probed};
 
 /// A decision with what a transport needs to state it.
 pub struct Answer<'a> {
@@ -38,6 +37,17 @@ pub async fn decide<R>(
     req.validate()?;
     let started = Instant::now();
     app.limiter.canonicalize_path(&mut req);
+    if let (None, Some(cluster)) = (&app.redis_mode, &app.cluster) {
+        let rules = app.limiter.rules();
+        let (decision, degraded) = cluster.decide(app, &rules, &req).await;
+        app.metrics
+            .record(endpoint, &rules, &decision, started.elapsed());
+        return Ok(f(Answer {
+            rules: &rules,
+            decision: &decision,
+            degraded,
+        }));
+    }
     let Some(mode) = &app.redis_mode else {
         return Ok(app.limiter.check_then(&req, now_ms(), |rules, decision| {
             app.metrics
@@ -102,36 +112,54 @@ async fn decide_in_redis(
                 .degraded
                 .with_label_values(&[why.reason()])
                 .inc();
-            let probed: SmallVec<[Probed; 4]> = m
-                .limits
-                .iter()
-                .map(|&i| by_failure_mode(rules, i, mode.failure_mode))
-                .collect();
+            let probed = fallback(app, rules, &m, req, mode.failure_mode);
             (m.decision(rules.version, &probed), Some(why.reason()))
         }
     }
 }
 
-/// A limit's answer without its state: its failure mode's.
-fn by_failure_mode(rules: &Rules, limit: usize, default: FailureMode) -> Probed {
-    let (mode, quota) = rules.limits.get(limit).map_or((default, 0), |l| {
-        (l.failure_mode.unwrap_or(default), l.shape.quota)
-    });
-    let open = mode == FailureMode::Open;
-    let verdict = Verdict {
-        allowed: open,
-        limit: quota,
-        // Unknown: nothing promised either way.
-        remaining: 0,
-        reset_ms: 0,
-        retry_after_ms: if open { 0 } else { CLOSED_RETRY_MS },
-        clock_ms: 0,
+/// Every limit's answer without the shared state: its failure mode's;
+/// `local` limits are decided on this instance's own state.
+fn fallback(
+    app: &AppState,
+    rules: &Rules,
+    m: &Matched<'_>,
+    req: &Request,
+    default: FailureMode,
+) -> SmallVec<[Probed; 4]> {
+    let mode = |i: usize| {
+        rules
+            .limits
+            .get(i)
+            .and_then(|l| l.failure_mode)
+            .unwrap_or(default)
     };
-    // Neither the start nor the end of a breach: no breach log lines for
-    // answers the state did not give.
-    Probed::remote(verdict, u32::from(!open))
+    let local: SmallVec<[Probe<'_>; 4]> = m
+        .limits
+        .iter()
+        .zip(&m.probes)
+        .filter(|(&i, _)| mode(i) == FailureMode::Local)
+        .map(|(_, p)| *p)
+        .collect();
+    let mut locally: SmallVec<[Probed; 4]> = SmallVec::new();
+    if !local.is_empty() {
+        app.limiter
+            .store()
+            .apply(&local, now_ms(), req.cost, &mut locally);
+    }
+    let mut next = locally.into_iter();
+    m.limits
+        .iter()
+        .map(|&i| match mode(i) {
+            FailureMode::Local => next
+                .next()
+                .unwrap_or_else(|| by_failure_mode(rules, i, FailureMode::Open)),
+            other => by_failure_mode(rules, i, other),
+        })
+        .collect()
 }
 
-/// What a limit refusing by `failure_mode = "closed"` asks clients to wait:
-/// a guess at how long the backend takes to come back.
-const CLOSED_RETRY_MS: u64 = 1_000;
+/// A limit's answer without its state: its failure mode's (`open` or `closed`).
+fn by_failure_mode(rules: &Rules, limit: usize, mode: FailureMode) -> Probed {
+    crate::cluster::by_failure_mode(rules, limit, mode)
+}

@@ -62,6 +62,8 @@ pub struct AppState {
     /// The group's config log (Kafka mode): where config writes go, and
     /// from which every instance runs the group's versions.
     pub config_log: Option<Arc<ConfigLog>>,
+    /// Kafka mode: checks counted on each limit key's partition owner.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The live page's latest snapshot, served again for a second.
     pub ui_snapshot: Arc<ui::SnapshotCache>,
 }

@@ -508,8 +508,16 @@ impl Coordinator {
             .collect()
     }
 
-    /// The state of an owned partition: where a synchronous check of a key
-    /// this instance owns will be counted (not yet used by `/check`).
+    /// Where a synchronous check of a key of `partition` is counted, if
+    /// this instance owns it and has replayed what a previous owner decided.
+    pub fn sync_target(&self, partition: i32) -> Option<crate::worker::SyncTarget> {
+        match self.slots.lock().get(&partition)? {
+            Slot::Running(w) if !w.is_finished() => w.sync_target(),
+            _ => None,
+        }
+    }
+
+    /// The state of an owned partition (tests and the live page).
     pub fn store(&self, partition: i32) -> Option<Arc<KeyedStore>> {
         match self.slots.lock().get(&partition)? {
             Slot::Running(w) if !w.is_finished() => Some(w.store().clone()),

@@ -14,6 +14,8 @@
 //!   and its checkpointer;
 //! - [`coordinator`]: which partitions this instance owns, taking them over
 //!   and handing them back, for the embedded bus and Kafka alike;
+//! - [`owners`]: the registry of partition owners and their internal
+//!   addresses, which `/check` is forwarded by;
 //! - [`metrics`]: Prometheus metrics and breach log events;
 //! - [`settings`]: the `[kafka]` and `[redis]` settings;
 //! - [`clock`]: wall-clock time, read only at the edges.
@@ -24,6 +26,7 @@ pub mod coordinator;
 pub mod embedded;
 pub mod kafka;
 pub mod metrics;
+pub mod owners;
 pub mod redis_checkpoints;
 pub mod redis_state;
 pub mod settings;

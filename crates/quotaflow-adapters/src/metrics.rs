@@ -57,6 +57,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// The key cap (`state.max_keys`), for an alert before it is reached.
     pub keys_max: IntGauge,
+    /// Kafka mode: internal calls to partition owners, by phase and outcome.
+    pub owner_calls: IntCounterVec,
     /// Seconds the longest ongoing breach episode of one key has lasted;
     /// set when `/metrics` is scraped (an abuse signal without a per-key label).
     breach_longest: IntGauge,
@@ -167,7 +169,7 @@ impl RedisMetrics {
             degraded: IntCounterVec::new(
                 Opts::new(
                     "degraded_answers_total",
-                    "Checks answered by their limits' failure_mode because the state backend could not answer, by reason (timeout, breaker_open, unreachable, script_error, overloaded).",
+                    "Checks answered by their limits' failure_mode because the state could not answer, by reason: the Redis state mode's timeout, breaker_open, unreachable, script_error, overloaded; Kafka mode's no_owner, owner_moving, owner_timeout, owner_unreachable.",
                 ),
                 &["reason"],
             )?,
@@ -532,8 +534,16 @@ impl Metrics {
             "breach_longest_seconds",
             "How long the longest ongoing breach episode of one key (sync checks) has lasted, in seconds (set at each scrape).",
         )?;
+        let owner_calls = IntCounterVec::new(
+            Opts::new(
+                "owner_calls_total",
+                "Kafka mode: checks (or their first, probing phase) sent to the partition owner of a limit key on another instance, by phase (apply, peek) and outcome (answered, unavailable).",
+            ),
+            &["phase", "outcome"],
+        )?;
         reg.add(&ready)?;
         reg.add(&keys_max)?;
+        reg.add(&owner_calls)?;
         reg.add(&breach_longest)?;
         let mut catalog = reg.catalog;
         catalog.sort_by(|a, b| a.name.cmp(&b.name));
@@ -560,6 +570,7 @@ impl Metrics {
             breach_logs_suppressed,
             ready,
             keys_max,
+            owner_calls,
             breach_longest,
             catalog,
         })

@@ -196,6 +196,31 @@ struct Progress {
     position: AtomicI64,
     /// Set when the worker stops on its own: when, and why.
     stopped_because: OnceLock<(Instant, StoppedBecause)>,
+    /// Whether synchronous checks may be counted here: the checkpoint is
+    /// restored and every event a previous owner had decided is replayed.
+    serving: std::sync::atomic::AtomicBool,
+    /// Synchronous hits counted since the worker last looked: they make
+    /// the state dirty, so it is checkpointed even with no event coming.
+    sync_hits: AtomicU64,
+}
+
+/// An owned partition's state as synchronous checks reach it.
+#[derive(Clone)]
+pub struct SyncTarget {
+    store: Arc<KeyedStore>,
+    progress: Arc<Progress>,
+}
+
+impl SyncTarget {
+    pub fn store(&self) -> &KeyedStore {
+        &self.store
+    }
+
+    /// Record that a synchronous hit changed the state: it goes into the
+    /// next checkpoint.
+    pub fn counted(&self) {
+        self.progress.sync_hits.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Worker {
@@ -214,6 +239,8 @@ impl Worker {
         let progress = Arc::new(Progress {
             position: AtomicI64::new(start),
             stopped_because: OnceLock::new(),
+            serving: std::sync::atomic::AtomicBool::new(false),
+            sync_hits: AtomicU64::new(0),
         });
         let store = Arc::new(KeyedStore::new(ctx.processing.shards));
         let epoch = Arc::new(AtomicU64::new(epoch));
@@ -249,6 +276,18 @@ impl Worker {
     /// The partition's keyed state; only this worker writes events into it.
     pub fn store(&self) -> &Arc<KeyedStore> {
         &self.store
+    }
+
+    /// Where synchronous checks of this partition's keys are counted, once
+    /// the worker has restored and replayed what a previous owner decided.
+    pub fn sync_target(&self) -> Option<SyncTarget> {
+        self.progress
+            .serving
+            .load(Ordering::Acquire)
+            .then(|| SyncTarget {
+                store: self.store.clone(),
+                progress: self.progress.clone(),
+            })
     }
 
     /// The offset of the next record the worker expects.
@@ -403,6 +442,9 @@ fn run<S: Source>(
         }
         _ => i64::MIN,
     };
+    if replay_until <= proc.next_offset() {
+        progress.serving.store(true, Ordering::Release);
+    }
     let mut out = Vec::new();
     let mut shadow = ctx
         .shadow
@@ -447,6 +489,9 @@ fn run<S: Source>(
             let decided = event.as_ref().ok().copied();
             proc.process(&ctx.processing.limiter, r, event, &mut out);
             progress.position.store(r.offset + 1, Ordering::Relaxed);
+            if r.offset + 1 >= replay_until {
+                progress.serving.store(true, Ordering::Release);
+            }
             consumed.inc();
             if !out.is_empty() {
                 count_outputs(&ctx.metrics, &out, r.offset < replay_until);
@@ -468,6 +513,9 @@ fn run<S: Source>(
         }
         if checkpointer.stopped() {
             break End::CheckpointsStopped;
+        }
+        if progress.sync_hits.swap(0, Ordering::Relaxed) > 0 {
+            dirty = true;
         }
         if last_checkpoint.elapsed() >= ctx.checkpoints.interval {
             last_checkpoint = Instant::now();

@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod partition;
 pub mod partitioner;
 pub mod records;
+pub mod routing;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, MemoryCheckpoints};
 pub use delivery::Delivery;

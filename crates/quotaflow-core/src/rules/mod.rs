@@ -60,6 +60,9 @@ pub enum FailureMode {
     /// Refuse: for limits guarding something that must not be overrun
     /// (a paid upstream, a login endpoint under attack).
     Closed,
+    /// Count in this instance's own state meanwhile: the limit holds per
+    /// instance while the owner is away, and is exact again once it is back.
+    Local,
 }
 
 impl FailureMode {
@@ -67,6 +70,7 @@ impl FailureMode {
         match self {
             FailureMode::Open => "open",
             FailureMode::Closed => "closed",
+            FailureMode::Local => "local",
         }
     }
 }

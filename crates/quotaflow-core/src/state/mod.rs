@@ -365,6 +365,40 @@ impl KeyedStore {
         admitted
     }
 
+    /// Decide every probe as [`KeyedStore::apply`] would, committing
+    /// nothing: the first phase of a check whose limits live in several
+    /// stores (probe all, then apply all). Returns whether every enforcing
+    /// probe would allow it.
+    pub fn peek(
+        &self,
+        probes: &[Probe<'_>],
+        now_ms: u64,
+        cost: u64,
+        out: &mut SmallVec<[Probed; 4]>,
+    ) -> bool {
+        out.clear();
+        let mut admitted = true;
+        for probe in probes {
+            let hash = probe.key.table_hash();
+            let table = self.shards[self.shard_of(hash)].0.lock();
+            let found = table.find(hash, |s| s.key == probe.key);
+            let (state, refused_before) = found.map_or((FRESH, 0), |s| (s.state, s.refused));
+            let mut outcome = probe.algorithm.decide(&state, now_ms, cost);
+            if found.is_none()
+                && self.when_full == WhenFull::Refuse
+                && table.len() >= self.shard_cap
+            {
+                outcome = refused_for_room(outcome);
+            }
+            admitted &= outcome.verdict.allowed || !probe.enforce;
+            out.push(Probed {
+                outcome,
+                refused_before,
+            });
+        }
+        admitted
+    }
+
     /// Drop every key whose state is equivalent to a fresh key's at `now_ms`.
     /// Returns how many were dropped.
     pub fn sweep(&self, now_ms: u64) -> usize {
@@ -497,6 +531,24 @@ mod tests {
         assert_eq!(out[1].refused_before, 0);
         assert!(!store.apply(&probes, 1_002, 1, &mut out));
         assert_eq!(out[1].refused_before, 1);
+    }
+
+    #[test]
+    fn peek_decides_as_apply_and_commits_nothing() {
+        let store = KeyedStore::new(8);
+        let roomy = FixedWindow::new(100, 60_000).unwrap();
+        let tight = FixedWindow::new(1, 60_000).unwrap();
+        let probes = [probe("a", &roomy), probe("b", &tight)];
+        let (mut peeked, mut applied) = (SmallVec::new(), SmallVec::new());
+        for t in 0..3 {
+            let would = store.peek(&probes, 1_000 + t, 1, &mut peeked);
+            let did = store.apply(&probes, 1_000 + t, 1, &mut applied);
+            assert_eq!(would, did);
+            assert_eq!(peeked, applied);
+        }
+        let before = store.export();
+        store.peek(&probes, 2_000, 1, &mut peeked);
+        assert_eq!(store.export(), before);
     }
 
     #[test]

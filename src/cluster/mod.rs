@@ -1,0 +1,541 @@
+//! The group in Kafka mode: a synchronous check is counted in the state
+//! of each matching limit's *home partition* (`pipeline::routing`, the
+//! same rule the stream counts by), by the instance that owns that
+//! partition. The design and its guarantees are in docs/group.md.
+//!
+//! - a home this instance owns is decided in-process, on the partition's
+//!   own state;
+//! - another home is asked of its owner, found in the owner registry
+//!   (`owners`), over the internal listener (`POST /internal/v1/decide`),
+//!   authenticated by a token derived from `security.fingerprint_key`;
+//! - a check whose limits all share one home is atomic there (refused →
+//!   nothing charged); one whose limits have several homes is probed on
+//!   every home first and applied only if all allow (see docs/group.md
+//!   for the one race this leaves);
+//! - a home that cannot answer within `cluster.budget` (no owner, moving,
+//!   restoring, paused, dead) is answered by its limits' `failure_mode`:
+//!   `open`, `closed`, or `local` (this instance's own state), and the
+//!   answer is marked degraded.
+
+mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use smallvec::SmallVec;
+
+use crate::api::AppState;
+use quotaflow_adapters::clock::now_ms;
+use quotaflow_adapters::coordinator::Coordinator;
+use quotaflow_adapters::owners::OwnerRegistry;
+use quotaflow_core::algorithms::Verdict;
+use quotaflow_core::limiter::Matched;
+use quotaflow_core::pipeline::routing::Routing;
+use quotaflow_core::rules::{FailureMode, Request, Rules};
+use quotaflow_core::state::{Probe, Probed};
+pub use wire::{Ask, Phase, Reply, WireOutcome};
+
+/// The header carrying the group token on internal calls.
+pub const TOKEN_HEADER: &str = "x-quotaflow-group-token";
+
+/// The internal endpoint's path.
+pub const DECIDE_PATH: &str = "/internal/v1/decide";
+
+/// Why a home could not answer, as `degraded_answers_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerUnavailable {
+    /// The registry names no owner for the partition.
+    NoOwner,
+    /// The named owner (this instance included) does not hold it now: a
+    /// rebalance or a restore is under way.
+    Moving,
+    /// The owner did not answer within the budget (paused, overloaded).
+    Timeout,
+    /// The owner cannot be reached or answered with an error.
+    Unreachable,
+}
+
+impl OwnerUnavailable {
+    pub fn reason(self) -> &'static str {
+        match self {
+            OwnerUnavailable::NoOwner => "no_owner",
+            OwnerUnavailable::Moving => "owner_moving",
+            OwnerUnavailable::Timeout => "owner_timeout",
+            OwnerUnavailable::Unreachable => "owner_unreachable",
+        }
+    }
+}
+
+/// The group's parts a check needs.
+pub struct Cluster {
+    routing: Routing,
+    coordinator: Arc<Coordinator>,
+    registry: OwnerRegistry,
+    client: Client<HttpConnector, Full<Bytes>>,
+    token: HeaderValue,
+    budget: Duration,
+    /// For limits without their own `failure_mode`.
+    failure_mode: FailureMode,
+    /// This instance's advertised internal address.
+    address: String,
+}
+
+/// Per probe: its outcome, or why its home could not give one.
+type Outcomes = SmallVec<[Result<Probed, OwnerUnavailable>; 4]>;
+
+impl Cluster {
+    pub fn new(
+        routing: Routing,
+        coordinator: Arc<Coordinator>,
+        registry: OwnerRegistry,
+        token: &str,
+        budget: Duration,
+        failure_mode: FailureMode,
+        address: String,
+    ) -> anyhow::Result<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(budget));
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Ok(Self {
+            routing,
+            coordinator,
+            registry,
+            client,
+            token: HeaderValue::from_str(token)?,
+            budget,
+            failure_mode,
+            address,
+        })
+    }
+
+    pub fn registry(&self) -> &OwnerRegistry {
+        &self.registry
+    }
+
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Decide `req` on its homes' owners: the decision and, if any home
+    /// could not answer, why.
+    pub async fn decide(
+        &self,
+        app: &AppState,
+        rules: &Rules,
+        req: &Request,
+    ) -> (quotaflow_core::limiter::Decision, Option<&'static str>) {
+        let m = app.limiter.matched(rules, req);
+        if m.whitelisted || m.probes.is_empty() {
+            return (m.decision(rules.version, &[]), None);
+        }
+        let fp = app.limiter.fingerprinter();
+        let mut buf = Vec::new();
+        let homes: SmallVec<[i32; 4]> = m
+            .limits
+            .iter()
+            .map(|&i| self.routing.home(&rules.limits[i], req, fp, &mut buf))
+            .collect();
+        let mut distinct = homes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let deadline = Instant::now() + self.budget;
+        let outcomes = if distinct.len() > 1 {
+            // Probe every home; apply only if none refuses.
+            let mut outcomes = self
+                .round(
+                    app,
+                    Phase::Peek,
+                    &distinct,
+                    &homes,
+                    &m,
+                    rules,
+                    req,
+                    deadline,
+                )
+                .await;
+            let probed = settle(app, rules, &m, &outcomes, self.failure_mode, req, false);
+            let refused = probed
+                .iter()
+                .zip(&m.probes)
+                .any(|(p, probe)| probe.enforce && !p.outcome.verdict.allowed);
+            if refused {
+                return finish(app, rules, &m, &outcomes, probed);
+            }
+            let answering: SmallVec<[i32; 4]> = distinct
+                .iter()
+                .copied()
+                .filter(|h| {
+                    homes
+                        .iter()
+                        .zip(&outcomes)
+                        .any(|(home, o)| home == h && o.is_ok())
+                })
+                .collect();
+            let applied = self
+                .round(
+                    app,
+                    Phase::Apply,
+                    &answering,
+                    &homes,
+                    &m,
+                    rules,
+                    req,
+                    deadline,
+                )
+                .await;
+            // Homes that did not answer the probe keep their failure mode's
+            // verdict; those that answered it are replaced by the apply's.
+            for (i, home) in homes.iter().enumerate() {
+                if answering.contains(home) {
+                    outcomes[i] = applied[i];
+                }
+            }
+            outcomes
+        } else {
+            self.round(
+                app,
+                Phase::Apply,
+                &distinct,
+                &homes,
+                &m,
+                rules,
+                req,
+                deadline,
+            )
+            .await
+        };
+        let probed = settle(app, rules, &m, &outcomes, self.failure_mode, req, true);
+        finish(app, rules, &m, &outcomes, probed)
+    }
+
+    /// Ask every home in `ask` for its probes' outcomes, in parallel,
+    /// within `deadline`. Probes whose home is not in `ask` are `Err(Moving)`
+    /// placeholders the caller overwrites or ignores.
+    #[allow(clippy::too_many_arguments)]
+    async fn round(
+        &self,
+        app: &AppState,
+        phase: Phase,
+        ask: &[i32],
+        homes: &[i32],
+        m: &Matched<'_>,
+        rules: &Rules,
+        req: &Request,
+        deadline: Instant,
+    ) -> Outcomes {
+        let mut outcomes: Outcomes = homes
+            .iter()
+            .map(|_| Err(OwnerUnavailable::Moving))
+            .collect();
+        let mut remote = Vec::new();
+        for &home in ask {
+            let idx: SmallVec<[usize; 4]> =
+                (0..homes.len()).filter(|&i| homes[i] == home).collect();
+            if let Some(target) = self.coordinator.sync_target(home) {
+                let probes: SmallVec<[Probe<'_>; 4]> = idx.iter().map(|&i| m.probes[i]).collect();
+                let mut out = SmallVec::new();
+                run_phase(phase, target.store(), &probes, req.cost, &mut out);
+                if phase == Phase::Apply {
+                    target.counted();
+                }
+                for (&i, p) in idx.iter().zip(out) {
+                    outcomes[i] = Ok(p);
+                }
+                continue;
+            }
+            let why = match self.registry.owner(home) {
+                None => Err(OwnerUnavailable::NoOwner),
+                Some(o) if o.address == self.address => Err(OwnerUnavailable::Moving),
+                Some(o) => Ok(o.address),
+            };
+            match why {
+                Err(e) => idx.iter().for_each(|&i| outcomes[i] = Err(e)),
+                Ok(address) => remote.push((home, idx, address)),
+            }
+        }
+        if remote.is_empty() {
+            return outcomes;
+        }
+        let body = |home: i32| {
+            serde_json::to_vec(&Ask {
+                phase,
+                homes: vec![home],
+                request: req.clone(),
+            })
+            .unwrap_or_default()
+        };
+        let calls: Vec<_> = remote
+            .iter()
+            .map(|(home, _, address)| {
+                let call = self.call(address, body(*home));
+                tokio::spawn(tokio::time::timeout_at(deadline.into(), call))
+            })
+            .collect();
+        let phase_label = match phase {
+            Phase::Apply => "apply",
+            Phase::Peek => "peek",
+        };
+        for ((_, idx, _), call) in remote.iter().zip(calls) {
+            let reply = match call.await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(OwnerUnavailable::Timeout),
+                Err(_) => Err(OwnerUnavailable::Unreachable),
+            };
+            let outcome = if reply.is_ok() {
+                "answered"
+            } else {
+                "unavailable"
+            };
+            app.metrics
+                .owner_calls
+                .with_label_values(&[phase_label, outcome])
+                .inc();
+            match reply {
+                Err(e) => idx.iter().for_each(|&i| outcomes[i] = Err(e)),
+                Ok(reply) => {
+                    for &i in idx {
+                        let name = rules.limits.get(m.limits[i]).map(|l| l.name.as_str());
+                        let found = reply
+                            .outcomes
+                            .iter()
+                            .find(|o| Some(o.limit.as_str()) == name);
+                        outcomes[i] = found
+                            .map(WireOutcome::probed)
+                            .ok_or(OwnerUnavailable::Moving);
+                    }
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// One internal call; 'static so the calls of one check run at once.
+    fn call(
+        &self,
+        address: &str,
+        body: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Reply, OwnerUnavailable>> + Send + 'static {
+        let client = self.client.clone();
+        let uri = format!("http://{address}{DECIDE_PATH}");
+        let token = self.token.clone();
+        async move {
+            let req = hyper::Request::post(uri)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(TOKEN_HEADER, token)
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|_| OwnerUnavailable::Unreachable)?;
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|_| OwnerUnavailable::Unreachable)?;
+            if resp.status() != StatusCode::OK {
+                return Err(OwnerUnavailable::Unreachable);
+            }
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| OwnerUnavailable::Unreachable)?
+                .to_bytes();
+            let reply: Reply =
+                serde_json::from_slice(&bytes).map_err(|_| OwnerUnavailable::Unreachable)?;
+            if reply.outcomes.is_empty() && !reply.not_owned.is_empty() {
+                return Err(OwnerUnavailable::Moving);
+            }
+            Ok(reply)
+        }
+    }
+
+    /// The owner's side of a forwarded check: decide the limits whose home
+    /// is one of `ask.homes` and owned here.
+    fn answer(&self, app: &AppState, mut ask: Ask) -> Reply {
+        let mut reply = Reply::default();
+        if ask.request.validate().is_err() {
+            return reply;
+        }
+        app.limiter.canonicalize_path(&mut ask.request);
+        let req = &ask.request;
+        let rules = app.limiter.rules();
+        let m = app.limiter.matched(&rules, req);
+        if m.whitelisted {
+            return reply;
+        }
+        let fp = app.limiter.fingerprinter();
+        let mut buf = Vec::new();
+        for &home in &ask.homes {
+            let Some(target) = self.coordinator.sync_target(home) else {
+                reply.not_owned.push(home);
+                continue;
+            };
+            let idx: SmallVec<[usize; 4]> = (0..m.probes.len())
+                .filter(|&i| {
+                    self.routing
+                        .home(&rules.limits[m.limits[i]], req, fp, &mut buf)
+                        == home
+                })
+                .collect();
+            let probes: SmallVec<[Probe<'_>; 4]> = idx.iter().map(|&i| m.probes[i]).collect();
+            let mut out = SmallVec::new();
+            run_phase(ask.phase, target.store(), &probes, req.cost, &mut out);
+            if ask.phase == Phase::Apply && !probes.is_empty() {
+                target.counted();
+            }
+            for (&i, p) in idx.iter().zip(&out) {
+                reply
+                    .outcomes
+                    .push(WireOutcome::of(&rules.limits[m.limits[i]].name, p));
+            }
+        }
+        reply
+    }
+}
+
+fn run_phase(
+    phase: Phase,
+    store: &quotaflow_core::state::KeyedStore,
+    probes: &[Probe<'_>],
+    cost: u64,
+    out: &mut SmallVec<[Probed; 4]>,
+) {
+    let now = now_ms();
+    match phase {
+        Phase::Apply => {
+            store.apply(probes, now, cost, out);
+        }
+        Phase::Peek => {
+            store.peek(probes, now, cost, out);
+        }
+    }
+}
+
+/// Every probe's outcome: its home's, or its failure mode's. `local`
+/// limits whose home failed are decided on this instance's own state,
+/// applied when `apply` (else only probed).
+fn settle(
+    app: &AppState,
+    rules: &Rules,
+    m: &Matched<'_>,
+    outcomes: &Outcomes,
+    default: FailureMode,
+    req: &Request,
+    apply: bool,
+) -> SmallVec<[Probed; 4]> {
+    let mode = |i: usize| {
+        rules
+            .limits
+            .get(m.limits[i])
+            .and_then(|l| l.failure_mode)
+            .unwrap_or(default)
+    };
+    let local: SmallVec<[usize; 4]> = (0..outcomes.len())
+        .filter(|&i| outcomes[i].is_err() && mode(i) == FailureMode::Local)
+        .collect();
+    let mut locally = SmallVec::new();
+    if !local.is_empty() {
+        let probes: SmallVec<[Probe<'_>; 4]> = local.iter().map(|&i| m.probes[i]).collect();
+        let store = app.limiter.store();
+        let phase = if apply { Phase::Apply } else { Phase::Peek };
+        run_phase(phase, store, &probes, req.cost, &mut locally);
+    }
+    outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| match o {
+            Ok(p) => *p,
+            Err(_) => match local.iter().position(|&l| l == i) {
+                Some(at) => locally[at],
+                None => by_failure_mode(rules, m.limits[i], mode(i)),
+            },
+        })
+        .collect()
+}
+
+fn finish(
+    app: &AppState,
+    rules: &Rules,
+    m: &Matched<'_>,
+    outcomes: &Outcomes,
+    probed: SmallVec<[Probed; 4]>,
+) -> (quotaflow_core::limiter::Decision, Option<&'static str>) {
+    let why = outcomes.iter().find_map(|o| o.err());
+    if let Some(why) = why {
+        app.metrics
+            .redis
+            .degraded
+            .with_label_values(&[why.reason()])
+            .inc();
+    }
+    (
+        m.decision(rules.version, &probed),
+        why.map(OwnerUnavailable::reason),
+    )
+}
+
+/// A limit's answer without its state: its failure mode's (`open` or
+/// `closed`; `local` is decided on the instance's own state instead).
+pub fn by_failure_mode(rules: &Rules, limit: usize, mode: FailureMode) -> Probed {
+    let quota = rules.limits.get(limit).map_or(0, |l| l.shape.quota);
+    let open = mode != FailureMode::Closed;
+    let verdict = Verdict {
+        allowed: open,
+        limit: quota,
+        // Unknown: nothing promised either way.
+        remaining: 0,
+        reset_ms: 0,
+        retry_after_ms: if open { 0 } else { CLOSED_RETRY_MS },
+        clock_ms: 0,
+    };
+    // Neither the start nor the end of a breach: no breach log lines for
+    // answers the state did not give.
+    Probed::remote(verdict, u32::from(!open))
+}
+
+/// What a limit refusing by `failure_mode = "closed"` asks clients to wait:
+/// a guess at how long the owner takes to come back.
+pub const CLOSED_RETRY_MS: u64 = 1_000;
+
+/// The internal listener's routes.
+pub fn router(app: AppState, cluster: Arc<Cluster>) -> Router {
+    Router::new()
+        .route(DECIDE_PATH, post(decide_handler))
+        .with_state((app, cluster))
+}
+
+async fn decide_handler(
+    State((app, cluster)): State<(AppState, Arc<Cluster>)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let authorized = headers.get(TOKEN_HEADER).is_some_and(|t| {
+        subtle::ConstantTimeEq::ct_eq(t.as_bytes(), cluster.token.as_bytes()).into()
+    });
+    if !authorized {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let reply = cluster.answer(&app, ask);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&reply).unwrap_or_default(),
+    )
+        .into_response()
+}
