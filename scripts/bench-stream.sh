@@ -204,6 +204,7 @@ start_quotaflow() {
     QUOTAFLOW__KAFKA__DECISIONS_TOPIC="$name-decisions" \
     QUOTAFLOW__KAFKA__ALERTS_TOPIC="$name-alerts" \
     QUOTAFLOW__KAFKA__DEAD_LETTER_TOPIC="$name-dlq" \
+    QUOTAFLOW__KAFKA__CONFIG_TOPIC="$name-config" \
     nice -n "$NICE" "$QUOTAFLOW" serve --config "$config" --listen 127.0.0.1:0 >"$log" 2>&1 &
   QF_PID=$!
   PIDS+=("$QF_PID")

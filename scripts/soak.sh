@@ -200,7 +200,8 @@ start_quotaflow() {
       QUOTAFLOW__KAFKA__REQUESTS_TOPIC="$name-requests" \
       QUOTAFLOW__KAFKA__DECISIONS_TOPIC="$name-decisions" \
       QUOTAFLOW__KAFKA__ALERTS_TOPIC="$name-alerts" \
-      QUOTAFLOW__KAFKA__DEAD_LETTER_TOPIC="$name-dlq"
+      QUOTAFLOW__KAFKA__DEAD_LETTER_TOPIC="$name-dlq" \
+      QUOTAFLOW__KAFKA__CONFIG_TOPIC="$name-config"
     exec nice -n "$NICE" "$QUOTAFLOW" serve --config "$CONFIG" --listen 127.0.0.1:0 >"$QF_LOG" 2>"$QF_LOG.stderr"
   ) &
   QF_PID=$!

@@ -15,6 +15,7 @@ use crate::settings::{load_rules, Backend, EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
 use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::embedded::{Embedded, EmbeddedBus, EmbeddedSink};
+use quotaflow_adapters::kafka::config::ConfigLog;
 use quotaflow_adapters::kafka::{KafkaProcessor, KafkaSink};
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_checkpoints::RedisCheckpoints;
@@ -68,8 +69,16 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
             // The URL may hold a password: not repeated in the error.
             let state = RedisState::start(r, metrics.clone())
                 .context("starting the Redis state backend (is redis.url a Redis URL?)")?;
-            let config = SharedConfig::start(r, limiter.clone(), metrics.clone())
-                .context("following the group's config in Redis")?;
+            // In Kafka mode the config topic holds the group's config
+            // (`start_pipeline`): one store, not two that could disagree.
+            let config = if settings.kafka.bootstrap_servers.is_empty() {
+                Some(
+                    SharedConfig::start(r, limiter.clone(), metrics.clone())
+                        .context("following the group's config in Redis")?,
+                )
+            } else {
+                None
+            };
             Some(Arc::new(RedisMode {
                 state,
                 config,
@@ -86,6 +95,7 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
         limiter,
         metrics,
         redis_mode,
+        config_log: None,
         ui_snapshot: Default::default(),
         // Trimmed there: mounted secrets often end in a newline.
         admin_tokens: Arc::new(AdminTokens::new(
@@ -174,6 +184,17 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
     let kafka_mode = !k.bootstrap_servers.is_empty();
     if kafka_mode {
         settings.check_mode()?;
+        // The group's config before any event is decided: read to the end
+        // of the config topic (seeded with the file config if empty).
+        let log = ConfigLog::start(k, state.limiter.clone(), state.metrics.clone()).with_context(
+            || {
+                format!(
+                    "joining the group's config (kafka.config_topic = {:?})",
+                    k.config_topic
+                )
+            },
+        )?;
+        state.config_log = Some(log);
     }
     let mut shadow = shadow(settings, &state.limiter, kafka_mode, &codec)?;
     let mut coordinator = |sink: Arc<dyn OutputSink>, store: Arc<dyn CheckpointStore>| {

@@ -544,6 +544,24 @@ impl Settings {
                 k.shadow_decisions_topic
             )));
         }
+        if !k.bootstrap_servers.is_empty()
+            && (k.config_topic.is_empty()
+                || [
+                    &k.requests_topic,
+                    &k.decisions_topic,
+                    &k.alerts_topic,
+                    &k.dead_letter_topic,
+                    &k.shadow_decisions_topic,
+                ]
+                .contains(&&k.config_topic))
+        {
+            // Its records are config proposals, read from the beginning.
+            return Err(SettingsError(format!(
+                "kafka.config_topic (\"{}\") must be a topic of its own in Kafka mode: \
+                 it holds the group's config proposals",
+                k.config_topic
+            )));
+        }
         if !self.kafka.bootstrap_servers.is_empty() {
             let poll_ms = self
                 .kafka
@@ -639,6 +657,21 @@ mod tests {
         let err = s.check_mode().unwrap_err().to_string();
         assert!(err.contains("shadow_decisions_topic"), "{err}");
         s.kafka.shadow_decisions_topic = "shadow-decisions".into();
+        assert!(s.check_mode().is_ok());
+    }
+
+    #[test]
+    fn the_config_topic_is_a_topic_of_its_own_in_kafka_mode() {
+        let mut s = Settings::load_with_env(None, false).unwrap();
+        s.kafka.config_topic = s.kafka.requests_topic.clone();
+        assert!(s.check_mode().is_ok(), "embedded: no constraint");
+        s.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        s.security.fingerprint_key = "k".into();
+        let err = s.check_mode().unwrap_err().to_string();
+        assert!(err.contains("config_topic"), "{err}");
+        s.kafka.config_topic = String::new();
+        assert!(s.check_mode().is_err());
+        s.kafka.config_topic = "quotaflow-config".into();
         assert!(s.check_mode().is_ok());
     }
 

@@ -470,6 +470,11 @@ fn private_stream_env(name: &str) -> Vec<(String, String)> {
             "QUOTAFLOW__KAFKA__DEAD_LETTER_TOPIC".into(),
             unique(&format!("{name}-dlq")),
         ),
+        // Its own config log, seeded with this file's limits.
+        (
+            "QUOTAFLOW__KAFKA__CONFIG_TOPIC".into(),
+            unique(&format!("{name}-config")),
+        ),
         (
             "QUOTAFLOW__REDIS__KEY_PREFIX".into(),
             unique(&format!("qftest-{name}")),

@@ -16,8 +16,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::{client_ip, problem, AppState};
+use quotaflow_adapters::kafka::config::ProposeError;
 use quotaflow_adapters::metrics::ConfigUpdate;
 use quotaflow_adapters::redis_state::config::PublishError;
+use quotaflow_core::config_log::summarize;
 use quotaflow_core::limiter::ReplaceError;
 use quotaflow_core::rules::{FieldError, RulesDoc};
 
@@ -106,6 +108,16 @@ pub(super) async fn get_config(State(app): State<AppState>, req: HttpRequest) ->
     let mut body = serde_json::to_value(rules.doc()).unwrap_or_else(|_| json!({}));
     if let Some(obj) = body.as_object_mut() {
         obj.insert("version".into(), rules.version.into());
+        // Kafka mode: the event time from which this version applies (its
+        // record's timestamp in the config topic, the same on every
+        // instance).
+        if let Some(from) = app
+            .config_log
+            .as_ref()
+            .and_then(|log| log.applies_from_ms(rules.version))
+        {
+            obj.insert("applies_from_ms".into(), from.into());
+        }
         // The whitelist says which identities skip every limit: only for
         // those who may change it.
         if caller.may_write(&app).is_err() {
@@ -209,37 +221,47 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
         Err(errors) => return refused(&app, errors),
     };
     let old = app.limiter.rules();
-    let result = match &app.redis_mode {
-        None => app.limiter.replace_rules_if(expected, doc),
-        Some(mode) => {
-            let config = mode.config.clone();
-            let published =
-                tokio::task::spawn_blocking(move || config.publish(expected, doc)).await;
-            match published {
-                Ok(Ok(version)) => Ok(version),
-                Ok(Err(PublishError::Refused(e))) => Err(e),
-                Ok(Err(e @ PublishError::Unavailable(_))) => {
-                    app.metrics.config_update(ConfigUpdate::Rejected);
-                    tracing::warn!(event = "config_not_stored", error = %e, by = %who.by, "config write failed");
-                    return problem(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "about:blank",
-                        "Service Unavailable",
-                        e.to_string(),
-                        json!({}),
-                    );
-                }
-                Err(e) => {
-                    return problem(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "about:blank",
-                        "Internal Server Error",
-                        format!("config write did not finish: {e}"),
-                        json!({}),
-                    )
-                }
-            }
+    let unavailable = |e: &dyn std::fmt::Display| {
+        app.metrics.config_update(ConfigUpdate::Rejected);
+        tracing::warn!(event = "config_not_stored", error = %e, by = %who.by, "config write failed");
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "about:blank",
+            "Service Unavailable",
+            e.to_string(),
+            json!({}),
+        )
+    };
+    let unfinished = |e: tokio::task::JoinError| {
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "about:blank",
+            "Internal Server Error",
+            format!("config write did not finish: {e}"),
+            json!({}),
+        )
+    };
+    // Kafka mode: the log rules on the write, and every instance (this one
+    // too) logs the change as it runs it.
+    let logged_by_the_group = app.config_log.is_some();
+    let shared = app.redis_mode.as_ref().and_then(|m| m.config.clone());
+    let result = if let Some(log) = app.config_log.clone() {
+        let by = who.by.clone();
+        match tokio::task::spawn_blocking(move || log.propose(expected, doc, &by)).await {
+            Ok(Ok(version)) => Ok(version),
+            Ok(Err(ProposeError::Refused(e))) => Err(e),
+            Ok(Err(e)) => return unavailable(&e),
+            Err(e) => return unfinished(e),
         }
+    } else if let Some(config) = shared {
+        match tokio::task::spawn_blocking(move || config.publish(expected, doc)).await {
+            Ok(Ok(version)) => Ok(version),
+            Ok(Err(PublishError::Refused(e))) => Err(e),
+            Ok(Err(e @ PublishError::Unavailable(_))) => return unavailable(&e),
+            Err(e) => return unfinished(e),
+        }
+    } else {
+        app.limiter.replace_rules_if(expected, doc)
     };
     match result {
         Ok(version) => {
@@ -249,13 +271,25 @@ pub(super) async fn post_config(State(app): State<AppState>, req: HttpRequest) -
             app.metrics
                 .config_version
                 .set(i64::try_from(app.limiter.rules().version).unwrap_or(i64::MAX));
-            tracing::info!(
-                event = "config_applied",
-                version,
-                peer = %who.peer,
-                by = %who.by,
-                "rate-limit config replaced"
-            );
+            if logged_by_the_group {
+                tracing::info!(
+                    event = "config_written",
+                    version,
+                    peer = %who.peer,
+                    by = %who.by,
+                    "config write accepted by the group's config log"
+                );
+            } else {
+                let summary = summarize(old.doc(), app.limiter.rules().doc());
+                tracing::info!(
+                    event = "config_applied",
+                    version,
+                    peer = %who.peer,
+                    by = %who.by,
+                    summary = %summary,
+                    "rate-limit config replaced"
+                );
+            }
             (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],

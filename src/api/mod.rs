@@ -21,6 +21,7 @@ use serde_json::json;
 
 use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::embedded::Embedded;
+use quotaflow_adapters::kafka::config::ConfigLog;
 use quotaflow_adapters::metrics::Metrics;
 use quotaflow_adapters::redis_state::config::SharedConfig;
 use quotaflow_adapters::redis_state::RedisState;
@@ -58,6 +59,9 @@ pub struct AppState {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The group's shared state and config (`[state] backend = "redis"`).
     pub redis_mode: Option<Arc<RedisMode>>,
+    /// The group's config log (Kafka mode): where config writes go, and
+    /// from which every instance runs the group's versions.
+    pub config_log: Option<Arc<ConfigLog>>,
     /// Kafka mode: checks counted on each limit key's partition owner.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The live page's latest snapshot, served again for a second.
@@ -67,7 +71,9 @@ pub struct AppState {
 /// The Redis state mode's parts, as the handlers use them.
 pub struct RedisMode {
     pub state: RedisState,
-    pub config: Arc<SharedConfig>,
+    /// The config shared in Redis; `None` in Kafka mode, where the config
+    /// topic is the group's config store.
+    pub config: Option<Arc<SharedConfig>>,
     /// For limits without their own `failure_mode`.
     pub failure_mode: FailureMode,
 }

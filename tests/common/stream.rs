@@ -26,6 +26,9 @@ pub struct Fixture {
     pub dlq: String,
     /// `kafka.shadow_decisions_topic` (see `[shadow]`).
     pub shadow: String,
+    /// `kafka.config_topic`: the group's config log, created and seeded by
+    /// its first processor with the limits of its `config`.
+    pub config_topic: String,
     pub group: String,
     pub prefix: String,
     pub partitions: i32,
@@ -53,6 +56,7 @@ impl Fixture {
             alerts: unique(&format!("{name}-alerts")),
             dlq: unique(&format!("{name}-dlq")),
             shadow: unique(&format!("{name}-shadow")),
+            config_topic: unique(&format!("{name}-config")),
             group: unique(&format!("{name}-group")),
             prefix: unique(&format!("qftest-{name}")),
             partitions,
@@ -97,6 +101,7 @@ decisions_topic = "{decisions}"
 alerts_topic = "{alerts}"
 dead_letter_topic = "{dlq}"
 shadow_decisions_topic = "{shadow}"
+config_topic = "{config_topic}"
 session_timeout = "6s"
 
 [redis]
@@ -119,6 +124,7 @@ fingerprint_key = "{fingerprint_key}"
             alerts = self.alerts,
             dlq = self.dlq,
             shadow = self.shadow,
+            config_topic = self.config_topic,
             prefix = self.prefix,
         )
     }

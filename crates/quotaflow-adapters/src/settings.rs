@@ -17,6 +17,12 @@ pub struct KafkaSettings {
     pub dead_letter_topic: String,
     /// Decisions of the shadow config (`[shadow] config`), if any.
     pub shadow_decisions_topic: String,
+    /// The group's rate-limit config: a log of proposals every instance
+    /// follows (one partition, compacted; created at start if missing).
+    pub config_topic: String,
+    /// Replication factor of the config topic when an instance creates it;
+    /// -1: the broker's `default.replication.factor`.
+    pub config_topic_replication: i32,
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// Extra librdkafka properties for both consumer and producer.
@@ -33,6 +39,8 @@ impl Default for KafkaSettings {
             alerts_topic: "breach-alerts".into(),
             dead_letter_topic: "requests-dlq".into(),
             shadow_decisions_topic: "shadow-decisions".into(),
+            config_topic: "quotaflow-config".into(),
+            config_topic_replication: -1,
             session_timeout: Duration::from_secs(10),
             properties: Default::default(),
         }

@@ -8,9 +8,12 @@
 //!   worker. Partitions are assigned at their checkpoint's offset: offsets
 //!   live in Redis with the state, never in Kafka's group offsets.
 //! - [`sink`]: the output producer.
+//! - [`config`]: the group's rate-limit config, a log of proposals in a
+//!   compacted topic that every instance follows and rules on alike.
 //! - [`replay`]: a time range of the requests topic read again, outside
 //!   the group, for a backtest.
 
+pub mod config;
 pub mod group;
 mod partition_queue;
 pub mod replay;

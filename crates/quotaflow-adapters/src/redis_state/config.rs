@@ -200,6 +200,8 @@ impl SharedConfig {
         });
         match result {
             Ok(true) => {
+                let summary =
+                    quotaflow_core::config_log::summarize(old.doc(), self.limiter.rules().doc());
                 self.metrics
                     .forget_removed_limits(&old, &self.limiter.rules());
                 self.metrics
@@ -209,6 +211,7 @@ impl SharedConfig {
                     event = "config_applied",
                     version,
                     by = "group",
+                    summary = %summary,
                     "rate-limit config of the group now runs here"
                 );
             }
