@@ -204,6 +204,10 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
                 codec: codec.clone(),
                 processor: Arc::new(processor_config(settings, state.limiter.fingerprinter())),
                 shards: settings.state.effective_shards(),
+                key_cap: KeyCap {
+                    max_keys: settings.state.max_keys.max(1),
+                    when_full: settings.state.when_full,
+                },
             },
             sink,
             checkpoints: Checkpointing {
@@ -516,25 +520,32 @@ async fn sweep(state: AppState, every: std::time::Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let removed = state
-            .limiter
-            .store()
-            .sweep(quotaflow_adapters::clock::now_ms());
+        let now = quotaflow_adapters::clock::now_ms();
+        let mut removed = state.limiter.store().sweep(now);
+        let mut keys = state.limiter.store().len();
+        let mut over = state.limiter.store().take_over_cap();
+        // Kafka mode: checks count in the partitions' states too. Keys only
+        // checks touch would wait for the partition's event time to pass
+        // their expiry, which never moves without events: swept by this
+        // clock as well.
+        if let (Some(_), Some(coordinator)) = (&state.cluster, &state.coordinator) {
+            for p in coordinator.owned() {
+                if let Some(store) = coordinator.store(p) {
+                    removed += store.sweep(now);
+                    keys += store.len();
+                    over += store.take_over_cap();
+                }
+            }
+        }
         state.metrics.keys_expired.inc_by(removed as u64);
-        state
-            .metrics
-            .sweep_episodes(quotaflow_adapters::clock::now_ms());
-        state
-            .metrics
-            .keys_tracked
-            .set(state.limiter.store().len() as i64);
-        let over = state.limiter.store().take_over_cap();
+        state.metrics.sweep_episodes(now);
+        state.metrics.keys_tracked.set(keys as i64);
         if over > 0 {
             state.metrics.keys_over_cap.inc_by(over);
             tracing::warn!(
                 event = "key_capacity_reached",
                 new_keys = over,
-                keys = state.limiter.store().len(),
+                keys,
                 "the key store is full (state.max_keys): new keys were not stored since the last sweep"
             );
         }

@@ -95,6 +95,7 @@ pub fn ctx_with(
                 key_check: 1,
             }),
             shards: 1,
+            key_cap: quotaflow_core::state::KeyCap::UNLIMITED,
         },
         sink,
         checkpoints: Checkpointing { store, interval },

@@ -124,6 +124,10 @@ pub struct Processing {
     pub processor: Arc<ProcessorConfig>,
     /// Shards of each partition's keyed state.
     pub shards: usize,
+    /// Keys each partition's state holds at most (`state.max_keys`): in
+    /// Kafka mode `/check` adds keys there too, so clients must not be able
+    /// to grow it without bound.
+    pub key_cap: quotaflow_core::state::KeyCap,
 }
 
 /// Where partitions' state is saved, and how often.
@@ -242,7 +246,10 @@ impl Worker {
             serving: std::sync::atomic::AtomicBool::new(false),
             sync_hits: AtomicU64::new(0),
         });
-        let store = Arc::new(KeyedStore::new(ctx.processing.shards));
+        let store = Arc::new(KeyedStore::with_cap(
+            ctx.processing.shards,
+            ctx.processing.key_cap,
+        ));
         let epoch = Arc::new(AtomicU64::new(epoch));
         let checkpointer =
             Checkpointer::spawn(ctx.clone(), partition, epoch.clone(), progress.clone())?;
@@ -581,7 +588,10 @@ struct ShadowRun<'a> {
 
 impl<'a> ShadowRun<'a> {
     fn new(ctx: &WorkerContext, shadow: &'a Shadow, partition: i32) -> Self {
-        let store = Arc::new(KeyedStore::new(ctx.processing.shards));
+        let store = Arc::new(KeyedStore::with_cap(
+            ctx.processing.shards,
+            ctx.processing.key_cap,
+        ));
         Self {
             shadow,
             proc: PartitionProcessor::new(ctx.processing.processor.clone(), partition, store, None)
