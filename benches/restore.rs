@@ -64,6 +64,7 @@ fn main() {
         every_event: false,
         sweep_interval_ms: 5_000,
         key_check: fp.check_value(),
+        routing: None,
     });
     let (epoch, _) = store.acquire(0).unwrap_or_else(|e| panic!("acquire: {e}"));
     let started = Instant::now();

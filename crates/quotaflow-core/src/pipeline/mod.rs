@@ -7,12 +7,17 @@ pub mod alerts;
 pub mod backtest;
 pub mod checkpoint;
 pub mod delivery;
+#[cfg(test)]
+mod home_tests;
 pub mod partition;
 pub mod partitioner;
 pub mod records;
+pub mod repartition;
 pub mod routing;
 
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, MemoryCheckpoints};
+pub use checkpoint::{
+    Applied, Checkpoint, CheckpointError, CheckpointStore, HomeState, MemoryCheckpoints,
+};
 pub use delivery::Delivery;
 pub use partition::{Output, PartitionProcessor, ProcessorConfig};
 
