@@ -54,6 +54,7 @@ fn main() {
         horizon_ms: 1_700_000_000_000,
         keys,
         alerts: Vec::new(),
+        home: Default::default(),
     };
     let cfg = Arc::new(ProcessorConfig {
         topic: "requests".into(),

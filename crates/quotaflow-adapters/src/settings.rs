@@ -17,10 +17,24 @@ pub struct KafkaSettings {
     pub dead_letter_topic: String,
     /// Decisions of the shadow config (`[shadow] config`), if any.
     pub shadow_decisions_topic: String,
+    /// The internal topic carrying unaligned limits' events to their key's
+    /// home partition; empty: `<requests_topic>-repartition`.
+    pub repartition_topic: String,
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// Extra librdkafka properties for both consumer and producer.
     pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    /// `repartition_topic`, or `<requests_topic>-repartition` when unset.
+    pub fn repartition_topic(&self) -> String {
+        if self.repartition_topic.is_empty() {
+            format!("{}-repartition", self.requests_topic)
+        } else {
+            self.repartition_topic.clone()
+        }
+    }
 }
 
 impl Default for KafkaSettings {
@@ -33,6 +47,7 @@ impl Default for KafkaSettings {
             alerts_topic: "breach-alerts".into(),
             dead_letter_topic: "requests-dlq".into(),
             shadow_decisions_topic: "shadow-decisions".into(),
+            repartition_topic: String::new(),
             session_timeout: Duration::from_secs(10),
             properties: Default::default(),
         }

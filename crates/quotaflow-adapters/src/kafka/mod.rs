@@ -7,12 +7,14 @@
 //!   librdkafka queue ([`partition_queue`]), polled by that partition's
 //!   worker. Partitions are assigned at their checkpoint's offset: offsets
 //!   live in Redis with the state, never in Kafka's group offsets.
-//! - [`sink`]: the output producer.
+//! - [`sink`]: the output producer (also of repartition records).
+//! - [`repartition`]: the repartition topic, created at start if missing.
 //! - [`replay`]: a time range of the requests topic read again, outside
 //!   the group, for a backtest.
 
 pub mod group;
 mod partition_queue;
+pub mod repartition;
 pub mod replay;
 pub mod sink;
 
