@@ -348,6 +348,22 @@ async fn kafka_kill_9_counts_every_unaligned_key_once_at_its_home() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    let duplicates: f64 = [&a, &c]
+        .iter()
+        .map(|s| {
+            metric(
+                s,
+                "quotaflow_repartition_records_total{outcome=\"duplicate\"}",
+            )
+        })
+        .sum();
+    let unexpected: Vec<String> = [&a, &c]
+        .iter()
+        .flat_map(|s| s.logs())
+        .filter(|l| l.contains("unexpected_record") || l.contains("repartition_record_invalid"))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    eprintln!("repartition copies skipped after the kill: {duplicates}");
     assert!(a.terminate().success());
     assert!(c.terminate().success());
     // Still true after the final checkpoints.
