@@ -37,6 +37,8 @@ struct QueueSource {
     queue: BatchQueue<ConsumerCtx>,
     routed: BatchQueue<ConsumerCtx>,
     control: Receiver<Msg>,
+    /// When the last repartition record came.
+    last_routed: Option<Instant>,
 }
 
 /// Longest a worker waits on its queue before looking at its channel: the
@@ -56,31 +58,50 @@ impl Source for QueueSource {
             Ok(Msg::Record(_) | Msg::Wake) | Err(TryRecvError::Empty) => {}
             Err(TryRecvError::Disconnected) => return Control::Closed,
         }
-        // The repartition queue first, without waiting: it is empty when
-        // every limit is aligned, and then costs one call per poll.
-        let mut taken = self.routed.drain(Duration::ZERO, &mut |r| match r {
-            Fetched::Ok(r) => f(Stream::Repartition, r),
-            Fetched::Err(error) => tracing::warn!(event = "consumer_error", error),
-        });
-        let mut wait = if taken > 0 {
-            Duration::ZERO
+        // Both queues in turn, a batch of each, so neither starves the
+        // other. Only the requests queue is waited on: while repartition
+        // records came lately the wait is a short slice, so they are not
+        // held back by a quiet requests partition; with every limit aligned
+        // none ever come and the worker sleeps as before.
+        let slice = if self
+            .last_routed
+            .is_some_and(|t| t.elapsed() < ROUTED_RECENTLY)
+        {
+            ROUTED_SLICE
         } else {
-            timeout.min(POLL_SLICE)
+            POLL_SLICE
         };
+        let mut wait = timeout.min(slice);
+        let mut taken = 0;
         while taken < BURST {
+            let routed = self.routed.drain(Duration::ZERO, &mut |r| match r {
+                Fetched::Ok(r) => f(Stream::Repartition, r),
+                Fetched::Err(error) => tracing::warn!(event = "consumer_error", error),
+            });
+            if routed > 0 {
+                self.last_routed = Some(Instant::now());
+                wait = Duration::ZERO;
+            }
             let n = self.queue.drain(wait, &mut |r| match r {
                 Fetched::Ok(r) => f(Stream::Requests, r),
                 Fetched::Err(error) => tracing::warn!(event = "consumer_error", error),
             });
-            if n == 0 {
+            if routed + n == 0 {
                 break;
             }
-            taken += n;
+            taken += routed + n;
             wait = Duration::ZERO;
         }
         Control::Continue
     }
 }
+
+/// How long after its last repartition record a worker keeps waiting on
+/// its requests queue in short slices.
+const ROUTED_RECENTLY: Duration = Duration::from_secs(1);
+/// The wait on the requests queue meanwhile: the most a repartition record
+/// waits for a worker whose requests partition is quiet.
+const ROUTED_SLICE: Duration = Duration::from_millis(2);
 
 struct ConsumerCtx {
     coordinator: Arc<Coordinator>,
@@ -197,6 +218,7 @@ impl ConsumerCtx {
                     queue,
                     routed,
                     control,
+                    last_routed: None,
                 })
             });
         for t in taken {
@@ -255,6 +277,7 @@ fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) 
                 queue,
                 routed,
                 control,
+                last_routed: None,
             })
         },
     );
