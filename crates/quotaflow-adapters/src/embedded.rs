@@ -19,7 +19,6 @@ use crate::coordinator::{Coordinator, RevokeReport};
 use crate::worker::{BusRecord, ChannelSource, Msg, CHANNEL_DEPTH};
 use quotaflow_core::pipeline::partitioner::partition_for;
 use quotaflow_core::pipeline::records::{BreachAlert, DecisionRecord, RequestEvent};
-use quotaflow_core::pipeline::repartition::Repartitioned;
 use quotaflow_core::pipeline::{CheckpointError, Delivery, Output, OutputSink, SinkError};
 use quotaflow_core::rules::Dimension;
 
@@ -47,8 +46,8 @@ impl Routes {
         }
     }
 
-    /// Append `record` to partition `home`, waking its worker.
-    fn send(&self, home: i32, record: &Repartitioned) -> Result<(), SinkError> {
+    /// Append `batch` to partition `home`, waking its worker.
+    fn send(&self, home: i32, batch: Vec<u8>) -> Result<(), SinkError> {
         let slot = usize::try_from(home)
             .ok()
             .and_then(|i| self.partitions.get(i))
@@ -61,7 +60,7 @@ impl Routes {
                 offset,
                 broker_ts_ms: None,
                 key: None,
-                payload: record.encode(),
+                payload: batch,
             };
             // A failed send: the home's worker stopped (shutdown); as for
             // requests, the record stays behind as one no consumer read.
@@ -264,6 +263,19 @@ impl EmbeddedSink {
 }
 
 impl OutputSink for EmbeddedSink {
+    fn publish_repartition(
+        &self,
+        _partition: i32,
+        home: i32,
+        batch: &[u8],
+        _delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        match &self.routes {
+            Some(routes) => routes.send(home, batch.to_vec()),
+            None => Err(SinkError("no repartition topic".into())),
+        }
+    }
+
     /// Kept synchronously: nothing is ever in flight, so `delivery` is not
     /// touched.
     fn publish(
@@ -297,7 +309,7 @@ impl OutputSink for EmbeddedSink {
                     self.keep(&self.alerts, a.clone());
                 }
                 Output::Repartition { home, record } => match &self.routes {
-                    Some(routes) => routes.send(*home, record)?,
+                    Some(routes) => routes.send(*home, record.encode())?,
                     None => return Err(SinkError("no repartition topic".into())),
                 },
                 Output::DeadLetter {

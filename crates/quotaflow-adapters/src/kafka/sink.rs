@@ -138,6 +138,29 @@ fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
 }
 
 impl OutputSink for KafkaSink {
+    fn publish_repartition(
+        &self,
+        partition: i32,
+        home: i32,
+        batch: &[u8],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        // Informational: copies are recognised by the records' own source
+        // coordinates, not by this id (a replay may batch them otherwise).
+        let id = format!(
+            "{}:{partition}:repartition-batch",
+            self.settings.requests_topic
+        );
+        self.send(
+            &self.repartition_topic,
+            Some(home),
+            &[],
+            batch,
+            headers(&[(ID_HEADER, &id)]),
+            delivery,
+        )
+    }
+
     fn publish(
         &self,
         partition: i32,

@@ -22,7 +22,7 @@ use checkpointer::Checkpointer;
 use quotaflow_core::limiter::Limiter;
 use quotaflow_core::pipeline::partition::{InputRecord, Routed};
 use quotaflow_core::pipeline::records::{Action, RequestEvent};
-use quotaflow_core::pipeline::repartition::Repartitioned;
+use quotaflow_core::pipeline::repartition::{append_to_batch, decode_batch};
 use quotaflow_core::pipeline::{
     Checkpoint, CheckpointStore, Delivery, Output, OutputSink, PartitionProcessor, ProcessorConfig,
 };
@@ -512,6 +512,8 @@ fn run<S: Source>(
     // Every record is decoded into this one event, reusing its strings.
     let mut decoded = RequestEvent::default();
     let mut delivery = Arc::new(Delivery::default());
+    // Repartition records of this poll, one batch per home partition.
+    let mut routed_batches: Vec<(i32, Vec<u8>)> = Vec::new();
     // Partitions start their checkpoint timers out of phase (spread over
     // the interval by the golden ratio), so that partitions assigned
     // together do not all snapshot and save at the same moment.
@@ -530,41 +532,41 @@ fn run<S: Source>(
             .saturating_sub(last_checkpoint.elapsed());
         let control = source.poll(wait, &mut |stream, r| {
             if stream == Stream::Repartition {
-                let outcome = match Repartitioned::decode(r.payload) {
-                    Ok(routed) => {
-                        let event = ctx
-                            .processing
-                            .codec
-                            .decode_request_into(&routed.payload, &mut decoded)
-                            .map(|()| &decoded)
-                            .map_err(|e| format!("undecodable: {e}"));
-                        home.process_routed(
-                            &ctx.processing.limiter,
-                            r.offset,
-                            &routed,
-                            event,
-                            &mut out,
-                        )
-                    }
-                    Err(e) => {
-                        home.skip_routed(r.offset);
-                        Routed::Invalid(e.to_string())
-                    }
-                };
-                let label = match &outcome {
-                    Routed::Applied => "applied",
-                    Routed::Duplicate => "duplicate",
-                    Routed::Replayed => return,
-                    Routed::Invalid(reason) => {
-                        tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
-                        "invalid"
-                    }
-                };
-                ctx.metrics
-                    .stream
-                    .repartition_records
-                    .with_label_values(&[label])
-                    .inc();
+                if !home.start_routed(r.offset) {
+                    return;
+                }
+                let batch = decode_batch(r.payload).unwrap_or_else(|e| {
+                    tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %e, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+                    ctx.metrics
+                        .stream
+                        .repartition_records
+                        .with_label_values(&["invalid"])
+                        .inc();
+                    Vec::new()
+                });
+                for routed in &batch {
+                    let event = ctx
+                        .processing
+                        .codec
+                        .decode_request_into(&routed.payload, &mut decoded)
+                        .map(|()| &decoded)
+                        .map_err(|e| format!("undecodable: {e}"));
+                    let outcome =
+                        home.process_routed(&ctx.processing.limiter, routed, event, &mut out);
+                    let label = match &outcome {
+                        Routed::Applied => "applied",
+                        Routed::Duplicate => "duplicate",
+                        Routed::Invalid(reason) => {
+                            tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+                            "invalid"
+                        }
+                    };
+                    ctx.metrics
+                        .stream
+                        .repartition_records
+                        .with_label_values(&[label])
+                        .inc();
+                }
                 if !out.is_empty() {
                     count_outputs(&ctx.metrics, &out, false);
                     publish(&ctx, partition, &out, &delivery);
@@ -591,6 +593,13 @@ fn run<S: Source>(
                 .map_err(|e| format!("undecodable: {e}"));
             let decided = event.as_ref().ok().copied();
             proc.process(&ctx.processing.limiter, r, event, &mut out);
+            stage_routed(&ctx, &mut out, &mut routed_batches);
+            if routed_batches
+                .iter()
+                .any(|(_, b)| b.len() >= ROUTED_BATCH_BYTES)
+            {
+                flush_routed(&ctx, partition, &mut routed_batches, &delivery);
+            }
             progress.position.store(r.offset + 1, Ordering::Relaxed);
             consumed.inc();
             if !out.is_empty() {
@@ -603,6 +612,9 @@ fn run<S: Source>(
             }
             dirty = true;
         });
+        // Before anything may snapshot: a checkpoint covers only events
+        // whose repartition records are queued in its delivery generation.
+        flush_routed(&ctx, partition, &mut routed_batches, &delivery);
         match control {
             Control::Continue => {}
             Control::Stop(ack) => break End::Stop(ack),
@@ -746,6 +758,61 @@ enum End {
     CheckpointsStopped,
 }
 
+/// A home's batch is published once this large even within a poll (a
+/// source whose poll keeps finding records, as the embedded bus's can):
+/// well under Kafka's default 1 MB message size.
+const ROUTED_BATCH_BYTES: usize = 256 * 1024;
+
+/// Move the repartition records out of `out` into their home's batch.
+fn stage_routed(ctx: &WorkerContext, out: &mut Vec<Output>, batches: &mut Vec<(i32, Vec<u8>)>) {
+    if !out.iter().any(|o| matches!(o, Output::Repartition { .. })) {
+        return;
+    }
+    let routed = ctx
+        .metrics
+        .stream
+        .repartition_records
+        .with_label_values(&["routed"]);
+    out.retain(|o| {
+        let Output::Repartition { home, record } = o else {
+            return true;
+        };
+        let at = match batches.iter().position(|(h, _)| h == home) {
+            Some(i) => i,
+            None => {
+                batches.push((*home, Vec::new()));
+                batches.len() - 1
+            }
+        };
+        if let Some((_, batch)) = batches.get_mut(at) {
+            append_to_batch(batch, record);
+        }
+        routed.inc();
+        false
+    });
+}
+
+/// Publish each home's batch (retrying as [`publish`] does), in home
+/// order: one Kafka message per home per poll, not one per event.
+fn flush_routed(
+    ctx: &WorkerContext,
+    partition: i32,
+    batches: &mut Vec<(i32, Vec<u8>)>,
+    delivery: &Arc<Delivery>,
+) {
+    for (home, batch) in batches.drain(..) {
+        let mut backoff = Duration::from_millis(5);
+        while let Err(e) = ctx
+            .sink
+            .publish_repartition(partition, home, &batch, delivery)
+        {
+            tracing::warn!(event = "publish_retry", partition, error = %e, "output sink refused; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
 fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<Delivery>) {
     // A sink refuses only when it cannot queue; keep trying, the source is
     // backpressured meanwhile and nothing is dropped. Outputs queued before
@@ -763,7 +830,6 @@ fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
     let m = &metrics.stream;
     for o in out {
         if let Output::Repartition { .. } = o {
-            m.repartition_records.with_label_values(&["routed"]).inc();
             continue;
         }
         if republished {

@@ -151,9 +151,10 @@ impl Group {
             let e: RequestEvent = serde_json::from_slice(&r.payload).unwrap();
             let mut out = Vec::new();
             let part = &mut self.parts[q];
+            assert!(part.home.start_routed(offset as i64));
             match part
                 .home
-                .process_routed(&self.limiter, offset as i64, &r, Ok(&e), &mut out)
+                .process_routed(&self.limiter, &r, Ok(&e), &mut out)
             {
                 Routed::Applied => {}
                 Routed::Duplicate => self.duplicates += 1,

@@ -36,6 +36,23 @@ pub trait OutputSink: Send + Sync {
         outputs: &[Output],
         delivery: &Arc<Delivery>,
     ) -> Result<(), SinkError>;
+
+    /// Queue `batch` (repartition records of source `partition`, see
+    /// [`repartition::append_to_batch`]) for partition `home` of the
+    /// repartition topic, counted on `delivery` as `publish` counts
+    /// outputs. A sink without a repartition topic refuses.
+    fn publish_repartition(
+        &self,
+        partition: i32,
+        home: i32,
+        batch: &[u8],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        let _ = (batch, delivery);
+        Err(SinkError(format!(
+            "no repartition topic for partition {partition}'s records to {home}"
+        )))
+    }
 }
 
 /// An output that could not be queued or delivered.

@@ -87,8 +87,6 @@ pub enum Output {
 pub enum Routed {
     /// Counted.
     Applied,
-    /// Below the repartition position restored: already in the state.
-    Replayed,
     /// A copy of a record already applied (its source replayed): skipped.
     Duplicate,
     /// Its event could not be read; skipped (the arrival partition read it,
@@ -436,28 +434,29 @@ impl PartitionProcessor {
         }
     }
 
-    /// Move the home side's position past a repartition record that could
-    /// not even be read as one (nothing else changes).
-    pub fn skip_routed(&mut self, offset: i64) {
-        self.next_offset = self.next_offset.max(offset.saturating_add(1));
+    /// Take the repartition-topic message at `offset` (one record or a
+    /// batch): `false` if it is below the position restored, already in the
+    /// state (skip its records); else the position moves past it and each
+    /// of its records goes to [`PartitionProcessor::process_routed`].
+    pub fn start_routed(&mut self, offset: i64) -> bool {
+        if offset < self.next_offset {
+            return false;
+        }
+        self.next_offset = offset.saturating_add(1);
+        true
     }
 
-    /// Count one repartition record (read from the repartition topic at
-    /// `offset`) on this home side: against the unaligned limits of its
-    /// shape, at the event time the arrival partition applied (never before
-    /// this side's sweep horizon). `event` is its payload decoded.
+    /// Count one repartition record on this home side: against the
+    /// unaligned limits of its shape, at the event time the arrival
+    /// partition applied (never before this side's sweep horizon). `event`
+    /// is its payload decoded.
     pub fn process_routed(
         &mut self,
         limiter: &Limiter,
-        offset: i64,
         r: &Repartitioned,
         event: Result<&RequestEvent, String>,
         out: &mut Vec<Output>,
     ) -> Routed {
-        if offset < self.next_offset {
-            return Routed::Replayed;
-        }
-        self.next_offset = offset.saturating_add(1);
         let mark = (r.source_offset, r.seq);
         let applied = self.applied.get_or_insert_with(BTreeMap::new);
         if applied.get(&r.source_partition).is_some_and(|&m| mark <= m) {
