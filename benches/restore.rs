@@ -54,6 +54,7 @@ fn main() {
         horizon_ms: 1_700_000_000_000,
         keys,
         alerts: Vec::new(),
+        home: Default::default(),
     };
     let cfg = Arc::new(ProcessorConfig {
         topic: "requests".into(),
@@ -64,6 +65,7 @@ fn main() {
         every_event: false,
         sweep_interval_ms: 5_000,
         key_check: fp.check_value(),
+        routing: None,
     });
     let (epoch, _) = store.acquire(0).unwrap_or_else(|e| panic!("acquire: {e}"));
     let started = Instant::now();

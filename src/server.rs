@@ -14,7 +14,7 @@ use crate::http_server;
 use crate::settings::{load_rules, Backend, EncodingName, Settings};
 use quotaflow_adapters::avro::{Codec, Encoding};
 use quotaflow_adapters::coordinator::Coordinator;
-use quotaflow_adapters::embedded::{Embedded, EmbeddedBus, EmbeddedSink};
+use quotaflow_adapters::embedded::{Embedded, EmbeddedBus, EmbeddedSink, Routes};
 use quotaflow_adapters::kafka::config::ConfigLog;
 use quotaflow_adapters::kafka::{KafkaProcessor, KafkaSink};
 use quotaflow_adapters::metrics::Metrics;
@@ -24,6 +24,7 @@ use quotaflow_adapters::redis_state::{self, RedisState};
 use quotaflow_adapters::worker::{Checkpointing, Processing, Shadow, WorkerContext};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::limiter::Limiter;
+use quotaflow_core::pipeline::routing::Routing;
 use quotaflow_core::pipeline::{CheckpointStore, MemoryCheckpoints, OutputSink, ProcessorConfig};
 use quotaflow_core::state::KeyCap;
 
@@ -173,6 +174,9 @@ pub fn processor_config(settings: &Settings, fingerprinter: &Fingerprinter) -> P
         every_event: settings.decisions.every_event,
         sweep_interval_ms: settings.state.sweep_interval.as_millis().max(1) as u64,
         key_check: fingerprinter.check_value(),
+        // Set by `start_pipeline`, which knows the partition count; a
+        // backtest decides every limit in one place.
+        routing: None,
     }
 }
 
@@ -197,49 +201,55 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         state.config_log = Some(log);
     }
     let mut shadow = shadow(settings, &state.limiter, kafka_mode, &codec)?;
-    let mut coordinator = |sink: Arc<dyn OutputSink>, store: Arc<dyn CheckpointStore>| {
-        let ctx = WorkerContext {
-            processing: Processing {
-                limiter: state.limiter.clone(),
-                codec: codec.clone(),
-                processor: Arc::new(processor_config(settings, state.limiter.fingerprinter())),
-                shards: settings.state.effective_shards(),
-                key_cap: KeyCap {
-                    max_keys: settings.state.max_keys.max(1),
-                    when_full: settings.state.when_full,
+    let mut coordinator =
+        |sink: Arc<dyn OutputSink>, store: Arc<dyn CheckpointStore>, partitions: u32| {
+            // Every limit is counted at its key's home partition: aligned ones
+            // where the event arrives, the others through the repartition
+            // topic (docs/stream.md, "Where a key is counted").
+            let mut processor = processor_config(settings, state.limiter.fingerprinter());
+            processor.routing = Some(Routing::new(
+                settings.stream.partition_key.clone(),
+                partitions,
+            ));
+            let ctx = WorkerContext {
+                processing: Processing {
+                    limiter: state.limiter.clone(),
+                    codec: codec.clone(),
+                    processor: Arc::new(processor),
+                    shards: settings.state.effective_shards(),
+                    key_cap: KeyCap {
+                        max_keys: settings.state.max_keys.max(1),
+                        when_full: settings.state.when_full,
+                    },
                 },
-            },
-            sink,
-            checkpoints: Checkpointing {
-                store,
-                interval: settings.stream.checkpoint_interval,
-            },
-            metrics: state.metrics.clone(),
-            shadow: shadow.take(),
+                sink,
+                checkpoints: Checkpointing {
+                    store,
+                    interval: settings.stream.checkpoint_interval,
+                },
+                metrics: state.metrics.clone(),
+                shadow: shadow.take(),
+            };
+            Arc::new(Coordinator::new(
+                Arc::new(ctx),
+                settings.stream.drain_timeout,
+            ))
         };
-        Arc::new(Coordinator::new(
-            Arc::new(ctx),
-            settings.stream.drain_timeout,
-        ))
-    };
-    let pk = &settings.stream.partition_key;
-    for limit in &state.limiter.rules().limits {
-        if !pk.iter().all(|d| limit.key.contains(d)) {
-            tracing::warn!(
-                event = "limit_not_partition_aligned",
-                limit = %limit.name,
-                "limit's key lacks a partition-key dimension: the stream processor counts it per partition"
-            );
-        }
-    }
     if !kafka_mode {
-        let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000));
-        let coordinator = coordinator(sink.clone(), Arc::new(MemoryCheckpoints::default()));
+        let partitions = settings.stream.partitions.max(1);
+        let routes = Arc::new(Routes::new(partitions));
+        let sink = Arc::new(EmbeddedSink::new(&k.requests_topic, 1000).with_routes(routes.clone()));
+        let coordinator = coordinator(
+            sink.clone(),
+            Arc::new(MemoryCheckpoints::default()),
+            partitions,
+        );
         state.coordinator = Some(coordinator.clone());
         let bus = EmbeddedBus::start(
             coordinator,
-            settings.stream.partitions,
+            partitions,
             settings.stream.partition_key.clone(),
+            routes,
         )
         .context("starting the embedded bus")?;
         let embedded = Arc::new(Embedded { bus, sink });
@@ -256,8 +266,10 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
             r.timeout,
         )
         .context("configuring Redis checkpoints")?;
+        let partitions = quotaflow_adapters::kafka::repartition::prepare(k)
+            .context("preparing the repartition topic")?;
         let sink = KafkaSink::new(k, codec.clone())?;
-        let coordinator = coordinator(Arc::new(sink), Arc::new(checkpoints));
+        let coordinator = coordinator(Arc::new(sink), Arc::new(checkpoints), partitions);
         state.coordinator = Some(coordinator.clone());
         Ok(Pipeline::Kafka(KafkaProcessor::start(
             coordinator,
@@ -521,17 +533,19 @@ async fn sweep(state: AppState, every: std::time::Duration) {
     loop {
         tick.tick().await;
         let now = quotaflow_adapters::clock::now_ms();
-        let mut removed = state.limiter.store().sweep(now);
+        let removed = state.limiter.store().sweep(now);
         let mut keys = state.limiter.store().len();
         let mut over = state.limiter.store().take_over_cap();
-        // Kafka mode: checks count in the partitions' states too. Keys only
-        // checks touch would wait for the partition's event time to pass
-        // their expiry, which never moves without events: swept by this
-        // clock as well.
+        // Kafka mode: checks count in the partitions' states too (capped by
+        // state.max_keys each). They are swept by their own event time, not
+        // by this clock: events may run far behind it (a replay, a backfill),
+        // and a key expired by the wall clock can still be live in event time.
         if let (Some(_), Some(coordinator)) = (&state.cluster, &state.coordinator) {
             for p in coordinator.owned() {
-                if let Some(store) = coordinator.store(p) {
-                    removed += store.sweep(now);
+                for store in [coordinator.store(p), coordinator.home_store(p)]
+                    .into_iter()
+                    .flatten()
+                {
                     keys += store.len();
                     over += store.take_over_cap();
                 }

@@ -36,6 +36,7 @@ fn cp(next_offset: i64, keys: usize) -> Checkpoint {
             })
             .collect(),
         alerts: Vec::new(),
+        home: Default::default(),
     }
 }
 

@@ -121,6 +121,19 @@ impl Cluster {
         })
     }
 
+    /// Per probe of `m`: whether its limit is aligned with the partition key.
+    fn aligned(&self, rules: &Rules, m: &Matched<'_>) -> SmallVec<[bool; 4]> {
+        m.limits
+            .iter()
+            .map(|&i| {
+                rules
+                    .limits
+                    .get(i)
+                    .is_some_and(|l| self.routing.is_aligned(l))
+            })
+            .collect()
+    }
+
     pub fn registry(&self) -> &OwnerRegistry {
         &self.registry
     }
@@ -276,8 +289,16 @@ impl Cluster {
                 Via::Nowhere(why) => idx.iter().for_each(|&i| outcomes[i] = Err(why)),
                 Via::There(address) => remote.push((group, idx, address)),
                 Via::Here => {
-                    let decided =
-                        decide_here(&self.coordinator, phase, &group, &idx, homes, m, req.cost);
+                    let decided = decide_here(
+                        &self.coordinator,
+                        &self.aligned(rules, m),
+                        phase,
+                        &group,
+                        &idx,
+                        homes,
+                        m,
+                        req.cost,
+                    );
                     for (&i, o) in idx.iter().zip(decided) {
                         outcomes[i] = o;
                     }
@@ -420,6 +441,7 @@ impl Cluster {
             .collect();
         let decided = decide_here(
             &self.coordinator,
+            &self.aligned(&rules, &m),
             ask.phase,
             &group,
             &idx,
@@ -438,6 +460,20 @@ impl Cluster {
     }
 }
 
+/// The state a probe is counted in on its home partition: the arrival
+/// side's for a limit aligned with the partition key, the home side's
+/// (fed by the repartition topic) for any other (docs/stream.md).
+fn side(
+    t: &quotaflow_adapters::worker::SyncTarget,
+    aligned: bool,
+) -> &quotaflow_core::state::KeyedStore {
+    if aligned {
+        t.store()
+    } else {
+        t.home_store()
+    }
+}
+
 /// Where a home is decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Via {
@@ -450,8 +486,10 @@ enum Via {
 /// their partitions' states: together and atomically for `apply`, each on
 /// its own for `peek`. A home that stopped being owned meanwhile gives
 /// `Moving` for its probes (and an `apply` then counts nothing).
+#[allow(clippy::too_many_arguments)]
 fn decide_here(
     coordinator: &Coordinator,
+    aligned: &[bool],
     phase: Phase,
     group: &[i32],
     idx: &[usize],
@@ -478,7 +516,7 @@ fn decide_here(
         Phase::Apply => {
             let parts: SmallVec<[(&quotaflow_core::state::KeyedStore, Probe<'_>); 4]> = idx
                 .iter()
-                .filter_map(|&i| Some((target_of(homes[i])?.store(), m.probes[i])))
+                .filter_map(|&i| Some((side(target_of(homes[i])?, aligned[i]), m.probes[i])))
                 .collect();
             apply_across(&parts, now, cost, &mut out);
             for (_, t) in &targets {
@@ -491,7 +529,7 @@ fn decide_here(
             let mut one = SmallVec::new();
             for &i in idx {
                 if let Some(t) = target_of(homes[i]) {
-                    t.store().peek(&[m.probes[i]], now, cost, &mut one);
+                    side(t, aligned[i]).peek(&[m.probes[i]], now, cost, &mut one);
                     out.extend(one.drain(..));
                 }
             }

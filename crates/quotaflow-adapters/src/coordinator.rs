@@ -52,6 +52,9 @@ pub struct Taken {
     /// Where its records resume: the checkpoint's next offset, or `None`
     /// for a partition with no checkpoint (start at the earliest record).
     pub next_offset: Option<i64>,
+    /// Where its repartition records resume (the checkpoint's home side),
+    /// `None` as for `next_offset`.
+    pub home_offset: Option<i64>,
 }
 
 /// What a revoke (or shutdown) did with each partition.
@@ -204,11 +207,13 @@ impl Coordinator {
             return None;
         };
         let next_offset = cp.as_ref().map(|c| c.next_offset);
-        let keys = cp.as_ref().map_or(0, |c| c.keys.len());
+        let home_offset = cp.as_ref().map(|c| c.home.next_offset);
+        let keys = cp.as_ref().map_or(0, |c| c.keys.len() + c.home.keys.len());
         let taken = Taken {
             partition: p,
             epoch,
             next_offset,
+            home_offset,
         };
         let (tx, rx) = worker::channel(depth);
         let Some(source) = make_source(&taken, rx) else {
@@ -521,6 +526,15 @@ impl Coordinator {
     pub fn store(&self, partition: i32) -> Option<Arc<KeyedStore>> {
         match self.slots.lock().get(&partition)? {
             Slot::Running(w) if !w.is_finished() => Some(w.store().clone()),
+            _ => None,
+        }
+    }
+
+    /// The home-side state of an owned partition: where the keys of
+    /// unaligned limits homed here (`Routing::home`) are counted.
+    pub fn home_store(&self, partition: i32) -> Option<Arc<KeyedStore>> {
+        match self.slots.lock().get(&partition)? {
+            Slot::Running(w) if !w.is_finished() => Some(w.home_store().clone()),
             _ => None,
         }
     }
@@ -982,7 +996,8 @@ mod tests {
             vec![Taken {
                 partition: 0,
                 epoch: 2,
-                next_offset: Some(5)
+                next_offset: Some(5),
+                home_offset: Some(0),
             }]
         );
         assert_eq!(c.owner_epoch(0), Some(2));

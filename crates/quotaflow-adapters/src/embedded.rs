@@ -1,10 +1,13 @@
 //! The embedded default: the same partition workers and coordinator, fed
 //! by an in-process bus instead of Kafka, with outputs kept in memory (and
 //! logged) instead of published, and checkpoints in memory instead of Redis.
+//! Its repartition topic is in-process too ([`Routes`]): an unaligned
+//! limit's events go to the worker of their key's home partition, so, say,
+//! a global limit is counted once across the bus's partitions.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -19,6 +22,58 @@ use quotaflow_core::pipeline::records::{BreachAlert, DecisionRecord, RequestEven
 use quotaflow_core::pipeline::{CheckpointError, Delivery, Output, OutputSink, SinkError};
 use quotaflow_core::rules::Dimension;
 
+/// One partition of the in-process repartition topic.
+#[derive(Default)]
+struct RoutePartition {
+    next_offset: i64,
+    /// The home worker's routed queue, and its channel to wake it.
+    to: Option<(Sender<BusRecord>, SyncSender<Msg>)>,
+}
+
+/// The embedded bus's repartition topic: one queue per partition, read by
+/// that partition's worker beside its requests. Offsets are given under the
+/// partition's lock, in the order records are queued, as a broker would.
+pub struct Routes {
+    partitions: Vec<Mutex<RoutePartition>>,
+}
+
+impl Routes {
+    pub fn new(partitions: u32) -> Self {
+        Self {
+            partitions: (0..partitions.max(1))
+                .map(|_| Mutex::new(RoutePartition::default()))
+                .collect(),
+        }
+    }
+
+    /// Append `batch` to partition `home`, waking its worker.
+    fn send(&self, home: i32, batch: Vec<u8>) -> Result<(), SinkError> {
+        let slot = usize::try_from(home)
+            .ok()
+            .and_then(|i| self.partitions.get(i))
+            .ok_or_else(|| SinkError(format!("no repartition partition {home}")))?;
+        let mut part = slot.lock();
+        let offset = part.next_offset;
+        part.next_offset += 1;
+        if let Some((queue, wake)) = &part.to {
+            let bus = BusRecord {
+                offset,
+                broker_ts_ms: None,
+                key: None,
+                payload: batch,
+            };
+            // A failed send: the home's worker stopped (shutdown); as for
+            // requests, the record stays behind as one no consumer read.
+            if queue.send(bus).is_ok() {
+                // Full: the worker has records queued and looks at its
+                // routed queue between them anyway.
+                let _ = wake.try_send(Msg::Wake);
+            }
+        }
+        Ok(())
+    }
+}
+
 struct BusPartition {
     next_offset: i64,
     /// The partition's worker, while this bus's coordinator owns it.
@@ -32,6 +87,7 @@ pub struct EmbeddedBus {
     partitions: Vec<Mutex<BusPartition>>,
     partition_key: Vec<Dimension>,
     round_robin: AtomicUsize,
+    routes: Arc<Routes>,
 }
 
 impl EmbeddedBus {
@@ -41,22 +97,36 @@ impl EmbeddedBus {
         coordinator: Arc<Coordinator>,
         partitions: u32,
         partition_key: Vec<Dimension>,
+        routes: Arc<Routes>,
     ) -> Result<Self, CheckpointError> {
         let all: Vec<i32> = (0..partitions.max(1))
             .filter_map(|p| i32::try_from(p).ok())
             .collect();
-        let taken = coordinator.assign(&all, CHANNEL_DEPTH, |_, rx| Some(ChannelSource::new(rx)));
+        let queues: Mutex<HashMap<i32, Sender<BusRecord>>> = Mutex::default();
+        let taken = coordinator.assign(&all, CHANNEL_DEPTH, |t, rx| {
+            let (routed_tx, routed_rx) = mpsc::channel();
+            queues.lock().insert(t.partition, routed_tx);
+            Some(ChannelSource::with_routed(rx, routed_rx))
+        });
+        let mut queues = queues.into_inner();
         let mut parts = Vec::with_capacity(all.len());
         for p in all {
-            let next_offset = taken
+            let t = taken
                 .iter()
                 .find(|t| t.partition == p)
-                .ok_or_else(|| CheckpointError::Unavailable(format!("partition {p} not taken")))?
-                .next_offset
-                .unwrap_or(0);
+                .ok_or_else(|| CheckpointError::Unavailable(format!("partition {p} not taken")))?;
+            let worker = coordinator.sender(p);
+            if let Some(route) = usize::try_from(p)
+                .ok()
+                .and_then(|i| routes.partitions.get(i))
+            {
+                let mut route = route.lock();
+                route.next_offset = t.home_offset.unwrap_or(0);
+                route.to = queues.remove(&p).zip(worker.clone());
+            }
             parts.push(Mutex::new(BusPartition {
-                next_offset,
-                worker: coordinator.sender(p),
+                next_offset: t.next_offset.unwrap_or(0),
+                worker,
             }));
         }
         Ok(Self {
@@ -64,6 +134,7 @@ impl EmbeddedBus {
             partitions: parts,
             partition_key,
             round_robin: AtomicUsize::new(0),
+            routes,
         })
     }
 
@@ -131,6 +202,9 @@ impl EmbeddedBus {
         for part in &self.partitions {
             part.lock().worker = None;
         }
+        for route in &self.routes.partitions {
+            route.lock().to = None;
+        }
         self.coordinator.revoke_all()
     }
 }
@@ -157,6 +231,8 @@ pub struct EmbeddedSink {
     pub decisions: Mutex<VecDeque<DecisionRecord>>,
     pub alerts: Mutex<VecDeque<BreachAlert>>,
     pub dead_letters: Mutex<VecDeque<DeadLetter>>,
+    /// The bus's repartition topic.
+    routes: Option<Arc<Routes>>,
 }
 
 impl EmbeddedSink {
@@ -167,7 +243,14 @@ impl EmbeddedSink {
             decisions: Mutex::default(),
             alerts: Mutex::default(),
             dead_letters: Mutex::default(),
+            routes: None,
         }
+    }
+
+    /// Route repartition records through `routes` (the bus's own).
+    pub fn with_routes(mut self, routes: Arc<Routes>) -> Self {
+        self.routes = Some(routes);
+        self
     }
 
     fn keep<T>(&self, q: &Mutex<VecDeque<T>>, item: T) {
@@ -180,6 +263,19 @@ impl EmbeddedSink {
 }
 
 impl OutputSink for EmbeddedSink {
+    fn publish_repartition(
+        &self,
+        _partition: i32,
+        home: i32,
+        batch: &[u8],
+        _delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        match &self.routes {
+            Some(routes) => routes.send(home, batch.to_vec()),
+            None => Err(SinkError("no repartition topic".into())),
+        }
+    }
+
     /// Kept synchronously: nothing is ever in flight, so `delivery` is not
     /// touched.
     fn publish(
@@ -212,6 +308,10 @@ impl OutputSink for EmbeddedSink {
                     );
                     self.keep(&self.alerts, a.clone());
                 }
+                Output::Repartition { home, record } => match &self.routes {
+                    Some(routes) => routes.send(*home, record.encode())?,
+                    None => return Err(SinkError("no repartition topic".into())),
+                },
                 Output::DeadLetter {
                     source_offset,
                     payload,

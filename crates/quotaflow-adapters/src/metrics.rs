@@ -215,6 +215,10 @@ pub struct StreamMetrics {
     pub shadow_decisions: IntCounterVec,
     /// Shadow decisions the shadow topic's producer could not take.
     pub shadow_decisions_dropped: IntCounter,
+    /// Repartition records (unaligned limits' events on their way to their
+    /// key's home partition), by outcome: routed (sent by an arrival side),
+    /// applied, duplicate (a replayed source's copy, skipped), invalid.
+    pub repartition_records: IntCounterVec,
     /// The latest block/unblock decisions and alerts, for the live page.
     pub recent: RecentOutputs,
 }
@@ -377,6 +381,13 @@ impl StreamMetrics {
                 "shadow_decisions_dropped_total",
                 "Shadow decisions not published because the shadow topic's producer could not take them (its queue full or the topic unreachable); the real outputs are not affected.",
             )?,
+            repartition_records: IntCounterVec::new(
+                Opts::new(
+                    "repartition_records_total",
+                    "Events of unaligned limits routed to their key's home partition, by outcome: routed (sent where the event arrived), applied (counted at the home), duplicate (a copy a replaying source sent again, skipped), invalid (unreadable, skipped).",
+                ),
+                &["outcome"],
+            )?,
         };
         reg.add(&m.events_consumed)?;
         reg.add(&m.dead_letters)?;
@@ -403,6 +414,10 @@ impl StreamMetrics {
         reg.add(&m.outputs_republished)?;
         reg.add(&m.shadow_decisions)?;
         reg.add(&m.shadow_decisions_dropped)?;
+        for outcome in ["routed", "applied", "duplicate", "invalid"] {
+            m.repartition_records.with_label_values(&[outcome]);
+        }
+        reg.add(&m.repartition_records)?;
         Ok(m)
     }
 }

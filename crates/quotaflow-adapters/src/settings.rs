@@ -23,10 +23,24 @@ pub struct KafkaSettings {
     /// Replication factor of the config topic when an instance creates it;
     /// -1: the broker's `default.replication.factor`.
     pub config_topic_replication: i32,
+    /// The internal topic carrying unaligned limits' events to their key's
+    /// home partition; empty: `<requests_topic>-repartition`.
+    pub repartition_topic: String,
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// Extra librdkafka properties for both consumer and producer.
     pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    /// `repartition_topic`, or `<requests_topic>-repartition` when unset.
+    pub fn repartition_topic(&self) -> String {
+        if self.repartition_topic.is_empty() {
+            format!("{}-repartition", self.requests_topic)
+        } else {
+            self.repartition_topic.clone()
+        }
+    }
 }
 
 impl Default for KafkaSettings {
@@ -41,6 +55,7 @@ impl Default for KafkaSettings {
             shadow_decisions_topic: "shadow-decisions".into(),
             config_topic: "quotaflow-config".into(),
             config_topic_replication: -1,
+            repartition_topic: String::new(),
             session_timeout: Duration::from_secs(10),
             properties: Default::default(),
         }

@@ -93,6 +93,7 @@ pub fn ctx_with(
                 every_event: false,
                 sweep_interval_ms: 3_600_000,
                 key_check: 1,
+                routing: None,
             }),
             shards: 1,
             key_cap: quotaflow_core::state::KeyCap::UNLIMITED,

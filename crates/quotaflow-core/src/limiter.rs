@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use crate::algorithms::Verdict;
 use crate::fingerprint::Fingerprinter;
-use crate::rules::{InvalidConfig, Request, Rules, RulesDoc};
+use crate::rules::{InvalidConfig, Limit, Request, Rules, RulesDoc};
 use crate::state::{KeyCap, KeyId, KeyedStore, Probe, Probed};
 
 /// Something worth one log line and one metric: the edges of a breach, and
@@ -296,6 +296,27 @@ impl Limiter {
         f(&rules, &decision)
     }
 
+    /// As [`Limiter::check_against`], over only the limits `only` selects
+    /// (decided together: all pass or none is charged). The stream
+    /// processor counts each limit where its key lives: the limits aligned
+    /// with the partition key where the event arrives, the others by key
+    /// shape at their home partition.
+    pub fn check_against_only<R>(
+        &self,
+        store: &KeyedStore,
+        req: &Request,
+        now_ms: u64,
+        only: impl Fn(&Limit) -> bool,
+        f: impl FnOnce(&Rules, &Decision) -> R,
+    ) -> R {
+        let rules = self.rules.load();
+        let matched = self.matched_only(&rules, req, only);
+        let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
+        store.apply(&matched.probes, now_ms, req.cost, &mut probed);
+        let decision = matched.decision(rules.version, &probed);
+        f(&rules, &decision)
+    }
+
     /// Decide `req` at `now_ms`.
     pub fn check(&self, req: &Request, now_ms: u64) -> Decision {
         self.check_then(req, now_ms, |_, d| d.clone())
@@ -303,6 +324,16 @@ impl Limiter {
 
     /// The limits `req` falls under in `rules`, or none if whitelisted.
     pub fn matched<'r>(&self, rules: &'r Rules, req: &Request) -> Matched<'r> {
+        self.matched_only(rules, req, |_| true)
+    }
+
+    /// As [`Limiter::matched`], among the limits `only` selects.
+    pub fn matched_only<'r>(
+        &self,
+        rules: &'r Rules,
+        req: &Request,
+        only: impl Fn(&Limit) -> bool,
+    ) -> Matched<'r> {
         let mut m = Matched {
             whitelisted: false,
             limits: SmallVec::new(),
@@ -314,6 +345,9 @@ impl Limiter {
         }
         KEYS.with_borrow_mut(|buf| {
             for (i, limit) in rules.limits.iter().enumerate() {
+                if !only(limit) {
+                    continue;
+                }
                 if let Some(key) = limit.key_id(req, buf) {
                     m.limits.push(i);
                     m.probes.push(Probe {

@@ -2,6 +2,12 @@
 //! splits each assigned partition's queue off the consumer, forwards the
 //! partitions to the [`Coordinator`] (which restores and starts them, or
 //! drains and checkpoints them) and tells librdkafka the outcome.
+//!
+//! The group assigns partitions of the requests topic only; with requests
+//! partition q this member also assigns itself partition q of the
+//! repartition topic (the home side of q), at the offset of q's checkpoint,
+//! and hands it back with q. Both are read by q's worker, under q's
+//! fencing epoch, so the two positions are checkpointed together.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,14 +28,17 @@ use super::consumer_config;
 use super::partition_queue::{BatchQueue, Fetched};
 use crate::coordinator::Coordinator;
 use crate::settings::KafkaSettings;
-use crate::worker::{Control, Msg, Source};
+use crate::worker::{Control, Msg, Source, Stream};
 use quotaflow_core::pipeline::partition::InputRecord;
 
-/// A partition's records, from its own librdkafka queue; the worker's
-/// channel carries only the stop request.
+/// A partition's records, from its own librdkafka queues (requests and
+/// repartition); the worker's channel carries only the stop request.
 struct QueueSource {
     queue: BatchQueue<ConsumerCtx>,
+    routed: BatchQueue<ConsumerCtx>,
     control: Receiver<Msg>,
+    /// When the last repartition record came.
+    last_routed: Option<Instant>,
 }
 
 /// Longest a worker waits on its queue before looking at its channel: the
@@ -43,32 +52,62 @@ const BATCH: usize = 128;
 const CONTROL_DEPTH: usize = 1;
 
 impl Source for QueueSource {
-    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control {
         match self.control.try_recv() {
             Ok(Msg::Stop(req)) => return Control::Stop(req),
-            Ok(Msg::Record(_)) | Err(TryRecvError::Empty) => {}
+            Ok(Msg::Record(_) | Msg::Wake) | Err(TryRecvError::Empty) => {}
             Err(TryRecvError::Disconnected) => return Control::Closed,
         }
-        let mut wait = timeout.min(POLL_SLICE);
+        // Both queues in turn, a batch of each, so neither starves the
+        // other. Only the requests queue is waited on: while repartition
+        // records came lately the wait is a short slice, so they are not
+        // held back by a quiet requests partition; with every limit aligned
+        // none ever come and the worker sleeps as before.
+        let slice = if self
+            .last_routed
+            .is_some_and(|t| t.elapsed() < ROUTED_RECENTLY)
+        {
+            ROUTED_SLICE
+        } else {
+            POLL_SLICE
+        };
+        let mut wait = timeout.min(slice);
         let mut taken = 0;
         while taken < BURST {
-            let n = self.queue.drain(wait, &mut |r| match r {
-                Fetched::Ok(r) => f(r),
+            let routed = self.routed.drain(Duration::ZERO, &mut |r| match r {
+                Fetched::Ok(r) => f(Stream::Repartition, r),
                 Fetched::Err(error) => tracing::warn!(event = "consumer_error", error),
             });
-            if n == 0 {
+            if routed > 0 {
+                self.last_routed = Some(Instant::now());
+                wait = Duration::ZERO;
+            }
+            let n = self.queue.drain(wait, &mut |r| match r {
+                Fetched::Ok(r) => f(Stream::Requests, r),
+                Fetched::Err(error) => tracing::warn!(event = "consumer_error", error),
+            });
+            if routed + n == 0 {
                 break;
             }
-            taken += n;
+            taken += routed + n;
             wait = Duration::ZERO;
         }
         Control::Continue
     }
 }
 
+/// How long after its last repartition record a worker keeps waiting on
+/// its requests queue in short slices.
+const ROUTED_RECENTLY: Duration = Duration::from_secs(1);
+/// The wait on the requests queue meanwhile: the most a repartition record
+/// waits for a worker whose requests partition is quiet.
+const ROUTED_SLICE: Duration = Duration::from_millis(2);
+
 struct ConsumerCtx {
     coordinator: Arc<Coordinator>,
     topic: String,
+    /// `kafka.repartition_topic`: its partition q goes with requests q.
+    repartition_topic: String,
     session_timeout: Duration,
     /// The consumer itself, set right after it is created: splitting a
     /// partition queue needs an `Arc` of it, and the rebalance callback is
@@ -134,7 +173,13 @@ impl ConsumerContext for ConsumerCtx {
                     self.coordinator.revoke(&partitions);
                 }
                 let result = if cooperative {
-                    consumer.incremental_unassign(tpl)
+                    // The repartition partitions this member took with them.
+                    let mut both = tpl.clone();
+                    for &p in &partitions {
+                        let _ =
+                            both.add_partition_offset(&self.repartition_topic, p, Offset::Invalid);
+                    }
+                    consumer.incremental_unassign(&both)
                 } else {
                     consumer.unassign()
                 };
@@ -167,12 +212,24 @@ impl ConsumerCtx {
         let taken = self
             .coordinator
             .assign(partitions, CONTROL_DEPTH, |t, control| {
-                BatchQueue::split(&me, &self.topic, t.partition, BATCH)
-                    .map(|queue| QueueSource { queue, control })
+                let queue = BatchQueue::split(&me, &self.topic, t.partition, BATCH)?;
+                let routed = BatchQueue::split(&me, &self.repartition_topic, t.partition, BATCH)?;
+                Some(QueueSource {
+                    queue,
+                    routed,
+                    control,
+                    last_routed: None,
+                })
             });
         for t in taken {
             let offset = t.next_offset.map_or(Offset::Beginning, Offset::Offset);
-            if let Err(e) = assignment.add_partition_offset(&self.topic, t.partition, offset) {
+            let home = t.home_offset.map_or(Offset::Beginning, Offset::Offset);
+            let added = assignment
+                .add_partition_offset(&self.topic, t.partition, offset)
+                .and_then(|()| {
+                    assignment.add_partition_offset(&self.repartition_topic, t.partition, home)
+                });
+            if let Err(e) = added {
                 tracing::error!(event = "assign_failed", partition = t.partition, error = %e);
             }
         }
@@ -204,12 +261,24 @@ fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) 
             // worker left queued are from before the seek, and librdkafka
             // drops them.
             let offset = t.next_offset.map_or(Offset::Beginning, Offset::Offset);
-            if let Err(e) = consumer.seek(&ctx.topic, t.partition, offset, SEEK_TIMEOUT) {
+            let home = t.home_offset.map_or(Offset::Beginning, Offset::Offset);
+            let sought = consumer
+                .seek(&ctx.topic, t.partition, offset, SEEK_TIMEOUT)
+                .and_then(|()| {
+                    consumer.seek(&ctx.repartition_topic, t.partition, home, SEEK_TIMEOUT)
+                });
+            if let Err(e) = sought {
                 tracing::error!(event = "seek_failed", partition = t.partition, error = %e, "could not rewind the retaken partition to its checkpoint; it stays idle until the next rebalance");
                 return None;
             }
-            BatchQueue::split(consumer, &ctx.topic, t.partition, BATCH)
-                .map(|queue| QueueSource { queue, control })
+            let queue = BatchQueue::split(consumer, &ctx.topic, t.partition, BATCH)?;
+            let routed = BatchQueue::split(consumer, &ctx.repartition_topic, t.partition, BATCH)?;
+            Some(QueueSource {
+                queue,
+                routed,
+                control,
+                last_routed: None,
+            })
         },
     );
 }
@@ -237,6 +306,7 @@ impl KafkaProcessor {
         let ctx = ConsumerCtx {
             coordinator: coordinator.clone(),
             topic: settings.requests_topic.clone(),
+            repartition_topic: settings.repartition_topic(),
             session_timeout: settings.session_timeout,
             consumer: OnceLock::new(),
             high_watermarks: Default::default(),

@@ -7,7 +7,8 @@
 //!   librdkafka queue ([`partition_queue`]), polled by that partition's
 //!   worker. Partitions are assigned at their checkpoint's offset: offsets
 //!   live in Redis with the state, never in Kafka's group offsets.
-//! - [`sink`]: the output producer.
+//! - [`sink`]: the output producer (also of repartition records).
+//! - [`repartition`]: the repartition topic, created at start if missing.
 //! - [`config`]: the group's rate-limit config, a log of proposals in a
 //!   compacted topic that every instance follows and rules on alike.
 //! - [`replay`]: a time range of the requests topic read again, outside
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod group;
 mod partition_queue;
+pub mod repartition;
 pub mod replay;
 pub mod sink;
 

@@ -1,5 +1,6 @@
 //! Publishes outputs to the decisions, alerts and dead-letter topics, each
-//! with its deterministic id in a header.
+//! with its deterministic id in a header, and repartition records to their
+//! home partition of the repartition topic.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
     codec: Arc<Codec>,
     settings: KafkaSettings,
+    /// `settings.repartition_topic()`, resolved once.
+    repartition_topic: String,
     /// How long a send waits for room in a full producer queue.
     queue_full_wait: Duration,
 }
@@ -62,6 +65,7 @@ impl KafkaSink {
             producer,
             codec,
             settings: settings.clone(),
+            repartition_topic: settings.repartition_topic(),
             queue_full_wait: Duration::from_secs(30),
         })
     }
@@ -82,14 +86,17 @@ impl KafkaSink {
         Ok(Self {
             producer,
             codec,
+            repartition_topic: settings.repartition_topic(),
             settings,
             queue_full_wait: Duration::ZERO,
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
         topic: &str,
+        partition: Option<i32>,
         key: &[u8],
         payload: &[u8],
         headers: OwnedHeaders,
@@ -98,10 +105,13 @@ impl KafkaSink {
         let deadline = Instant::now() + self.queue_full_wait;
         delivery.queued();
         loop {
-            let record = BaseRecord::with_opaque_to(topic, delivery.clone())
+            let mut record = BaseRecord::with_opaque_to(topic, delivery.clone())
                 .key(key)
                 .payload(payload)
                 .headers(headers.clone());
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
@@ -128,6 +138,29 @@ fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
 }
 
 impl OutputSink for KafkaSink {
+    fn publish_repartition(
+        &self,
+        partition: i32,
+        home: i32,
+        batch: &[u8],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        // Informational: copies are recognised by the records' own source
+        // coordinates, not by this id (a replay may batch them otherwise).
+        let id = format!(
+            "{}:{partition}:repartition-batch",
+            self.settings.requests_topic
+        );
+        self.send(
+            &self.repartition_topic,
+            Some(home),
+            &[],
+            batch,
+            headers(&[(ID_HEADER, &id)]),
+            delivery,
+        )
+    }
+
     fn publish(
         &self,
         partition: i32,
@@ -141,6 +174,7 @@ impl OutputSink for KafkaSink {
                     let bytes = self.codec.encode_decision(d).map_err(enc)?;
                     self.send(
                         &self.settings.decisions_topic,
+                        None,
                         d.key.as_bytes(),
                         &bytes,
                         headers(&[(ID_HEADER, &d.decision_id)]),
@@ -151,9 +185,29 @@ impl OutputSink for KafkaSink {
                     let bytes = self.codec.encode_alert(a).map_err(enc)?;
                     self.send(
                         &self.settings.alerts_topic,
+                        None,
                         a.key.as_bytes(),
                         &bytes,
                         headers(&[(ID_HEADER, &a.alert_id)]),
+                        delivery,
+                    )?;
+                }
+                Output::Repartition { home, record } => {
+                    // Named by the source event and its place among that
+                    // event's records: a replaying source sends the same id.
+                    let id = format!(
+                        "{}:{}:{}:repartition:{}",
+                        self.settings.requests_topic,
+                        record.source_partition,
+                        record.source_offset,
+                        record.seq
+                    );
+                    self.send(
+                        &self.repartition_topic,
+                        Some(*home),
+                        &[],
+                        &record.encode(),
+                        headers(&[(ID_HEADER, &id)]),
                         delivery,
                     )?;
                 }
@@ -173,6 +227,7 @@ impl OutputSink for KafkaSink {
                     ]);
                     self.send(
                         &self.settings.dead_letter_topic,
+                        None,
                         key.as_deref().unwrap_or_default(),
                         payload,
                         h,

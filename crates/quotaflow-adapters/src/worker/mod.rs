@@ -20,8 +20,9 @@ use crate::avro::Codec;
 use crate::metrics::Metrics;
 use checkpointer::Checkpointer;
 use quotaflow_core::limiter::Limiter;
-use quotaflow_core::pipeline::partition::InputRecord;
+use quotaflow_core::pipeline::partition::{InputRecord, Routed};
 use quotaflow_core::pipeline::records::{Action, RequestEvent};
+use quotaflow_core::pipeline::repartition::{append_to_batch, decode_batch};
 use quotaflow_core::pipeline::{
     Checkpoint, CheckpointStore, Delivery, Output, OutputSink, PartitionProcessor, ProcessorConfig,
 };
@@ -42,7 +43,20 @@ pub struct BusRecord {
 /// and the stop request (every source).
 pub enum Msg {
     Record(BusRecord),
+    /// Repartition records wait in the source's own routed queue (see
+    /// [`ChannelSource::with_routed`]): look at it.
+    Wake,
     Stop(StopRequest),
+}
+
+/// Which of a partition's two inputs a record comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The requests topic: events as gateways published them.
+    Requests,
+    /// The repartition topic: events of unaligned limits routed here, the
+    /// home of their key (see `quotaflow_core::pipeline::repartition`).
+    Repartition,
 }
 
 /// Asks a worker to drain, write a final checkpoint and stop, and carries
@@ -79,36 +93,88 @@ pub enum Control {
 }
 
 /// Where a partition's records come from. `poll` waits at most `timeout`
-/// for records and lends each, in offset order and without a copy, to `f`.
+/// for records and lends each, in offset order per stream and without a
+/// copy, to `f` (the two streams interleave in any order: each moves only
+/// its own side of the partition).
 pub trait Source: Send + 'static {
-    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control;
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control;
 }
 
 /// Records pushed through the worker's own channel (the embedded bus).
-pub struct ChannelSource(Receiver<Msg>);
+pub struct ChannelSource {
+    rx: Receiver<Msg>,
+    /// Repartition records: an unbounded queue of their own, so that a
+    /// worker routing to another never blocks on it (two workers each
+    /// blocked on the other's full channel would never wake); the bus's
+    /// requests channels still bound what is in flight.
+    routed: Option<Receiver<BusRecord>>,
+}
+
+/// Requests records taken before the routed queue is looked at again,
+/// so a steady stream of requests cannot starve it.
+const ROUTED_EVERY: usize = 256;
 
 impl ChannelSource {
     pub fn new(rx: Receiver<Msg>) -> Self {
-        Self(rx)
+        Self { rx, routed: None }
     }
-}
 
-impl Source for ChannelSource {
-    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(InputRecord<'_>)) -> Control {
-        let mut next = self.0.recv_timeout(timeout);
-        loop {
-            match next {
-                Ok(Msg::Record(r)) => f(InputRecord {
+    /// Also read repartition records from `routed`; a [`Msg::Wake`] on the
+    /// channel says some arrived.
+    pub fn with_routed(rx: Receiver<Msg>, routed: Receiver<BusRecord>) -> Self {
+        Self {
+            rx,
+            routed: Some(routed),
+        }
+    }
+
+    fn drain_routed(&mut self, f: &mut dyn FnMut(Stream, InputRecord<'_>)) {
+        let Some(routed) = &self.routed else { return };
+        while let Ok(r) = routed.try_recv() {
+            f(
+                Stream::Repartition,
+                InputRecord {
                     offset: r.offset,
                     broker_ts_ms: r.broker_ts_ms,
                     key: r.key.as_deref(),
                     payload: &r.payload,
-                }),
-                Ok(Msg::Stop(ack)) => return Control::Stop(ack),
+                },
+            );
+        }
+    }
+}
+
+impl Source for ChannelSource {
+    fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control {
+        self.drain_routed(f);
+        let mut next = self.rx.recv_timeout(timeout);
+        let mut taken = 0usize;
+        loop {
+            match next {
+                Ok(Msg::Record(r)) => {
+                    f(
+                        Stream::Requests,
+                        InputRecord {
+                            offset: r.offset,
+                            broker_ts_ms: r.broker_ts_ms,
+                            key: r.key.as_deref(),
+                            payload: &r.payload,
+                        },
+                    );
+                    taken += 1;
+                    if taken % ROUTED_EVERY == 0 {
+                        self.drain_routed(f);
+                    }
+                }
+                Ok(Msg::Wake) => self.drain_routed(f),
+                Ok(Msg::Stop(ack)) => {
+                    self.drain_routed(f);
+                    return Control::Stop(ack);
+                }
                 Err(RecvTimeoutError::Timeout) => return Control::Continue,
                 Err(RecvTimeoutError::Disconnected) => return Control::Closed,
             }
-            next = match self.0.try_recv() {
+            next = match self.rx.try_recv() {
                 Ok(m) => Ok(m),
                 Err(TryRecvError::Empty) => return Control::Continue,
                 Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
@@ -191,6 +257,8 @@ pub struct Worker {
     tx: SyncSender<Msg>,
     progress: Arc<Progress>,
     store: Arc<KeyedStore>,
+    /// The home side's state: the unaligned limits' keys homed here.
+    home_store: Arc<KeyedStore>,
     join: JoinHandle<()>,
 }
 
@@ -212,12 +280,21 @@ struct Progress {
 #[derive(Clone)]
 pub struct SyncTarget {
     store: Arc<KeyedStore>,
+    home_store: Arc<KeyedStore>,
     progress: Arc<Progress>,
 }
 
 impl SyncTarget {
+    /// The arrival side's state: keys of limits aligned with the
+    /// partition key, counted where their events arrive.
     pub fn store(&self) -> &KeyedStore {
         &self.store
+    }
+
+    /// The home side's state: keys of unaligned limits whose home is this
+    /// partition, counted from the repartition topic.
+    pub fn home_store(&self) -> &KeyedStore {
+        &self.home_store
     }
 
     /// Record that a synchronous hit changed the state: it goes into the
@@ -250,16 +327,30 @@ impl Worker {
             ctx.processing.shards,
             ctx.processing.key_cap,
         ));
+        let home_store = Arc::new(KeyedStore::with_cap(
+            ctx.processing.shards,
+            ctx.processing.key_cap,
+        ));
         let epoch = Arc::new(AtomicU64::new(epoch));
         let checkpointer =
             Checkpointer::spawn(ctx.clone(), partition, epoch.clone(), progress.clone())?;
-        let (theirs, st) = (progress.clone(), store.clone());
+        let (theirs, st, hst) = (progress.clone(), store.clone(), home_store.clone());
         let owned = ctx.metrics.stream.partitions_owned.clone();
         // Counted here, and uncounted as the worker's thread ends.
         owned.inc();
         let join = std::thread::Builder::new()
             .name(format!("quotaflow-p{partition}"))
-            .spawn(move || run(ctx, partition, st, restored, source, &theirs, checkpointer))
+            .spawn(move || {
+                run(
+                    ctx,
+                    partition,
+                    [st, hst],
+                    restored,
+                    source,
+                    &theirs,
+                    checkpointer,
+                )
+            })
             .inspect_err(|_| owned.dec())?;
         Ok(Self {
             partition,
@@ -267,6 +358,7 @@ impl Worker {
             tx,
             progress,
             store,
+            home_store,
             join,
         })
     }
@@ -293,8 +385,16 @@ impl Worker {
             .load(Ordering::Acquire)
             .then(|| SyncTarget {
                 store: self.store.clone(),
+                home_store: self.home_store.clone(),
                 progress: self.progress.clone(),
             })
+    }
+
+    /// The home side's keyed state: the keys of unaligned limits whose home
+    /// is this partition (`Routing::home`); only this worker writes events
+    /// into it.
+    pub fn home_store(&self) -> &Arc<KeyedStore> {
+        &self.home_store
     }
 
     /// The offset of the next record the worker expects.
@@ -387,26 +487,40 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// The checkpoint of both sides of a partition.
+fn both_sides(proc: &PartitionProcessor, home: &PartitionProcessor, version: u64) -> Checkpoint {
+    let mut cp = proc.checkpoint(version);
+    cp.home = home.home_state();
+    cp
+}
+
 fn run<S: Source>(
     ctx: Arc<WorkerContext>,
     partition: i32,
-    store: Arc<KeyedStore>,
+    [store, home_store]: [Arc<KeyedStore>; 2],
     restored: Option<Checkpoint>,
     mut source: S,
     progress: &Progress,
     checkpointer: Checkpointer,
 ) {
+    let mut home = PartitionProcessor::home(
+        ctx.processing.processor.clone(),
+        partition,
+        home_store,
+        restored.as_ref(),
+    );
     let mut proc = PartitionProcessor::new(
         ctx.processing.processor.clone(),
         partition,
         store.clone(),
         restored,
     );
-    if proc.foreign_keys() > 0 {
+    let foreign = proc.foreign_keys() + home.foreign_keys();
+    if foreign > 0 {
         tracing::error!(
             event = "checkpoint_key_mismatch",
             partition,
-            keys = proc.foreign_keys(),
+            keys = foreign,
             "the checkpoint's key ids were made under another security.fingerprint_key: \
              its counts restart from zero (offsets and open alerts are kept); set the same \
              fingerprint_key on every instance"
@@ -460,6 +574,8 @@ fn run<S: Source>(
     // Every record is decoded into this one event, reusing its strings.
     let mut decoded = RequestEvent::default();
     let mut delivery = Arc::new(Delivery::default());
+    // Repartition records of this poll, one batch per home partition.
+    let mut routed_batches: Vec<(i32, Vec<u8>)> = Vec::new();
     // Partitions start their checkpoint timers out of phase (spread over
     // the interval by the golden ratio), so that partitions assigned
     // together do not all snapshot and save at the same moment.
@@ -476,7 +592,51 @@ fn run<S: Source>(
             .checkpoints
             .interval
             .saturating_sub(last_checkpoint.elapsed());
-        let control = source.poll(wait, &mut |r| {
+        let control = source.poll(wait, &mut |stream, r| {
+            if stream == Stream::Repartition {
+                if !home.start_routed(r.offset) {
+                    return;
+                }
+                let batch = decode_batch(r.payload).unwrap_or_else(|e| {
+                    tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %e, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+                    ctx.metrics
+                        .stream
+                        .repartition_records
+                        .with_label_values(&["invalid"])
+                        .inc();
+                    Vec::new()
+                });
+                for routed in &batch {
+                    let event = ctx
+                        .processing
+                        .codec
+                        .decode_request_into(&routed.payload, &mut decoded)
+                        .map(|()| &decoded)
+                        .map_err(|e| format!("undecodable: {e}"));
+                    let outcome =
+                        home.process_routed(&ctx.processing.limiter, routed, event, &mut out);
+                    let label = match &outcome {
+                        Routed::Applied => "applied",
+                        Routed::Duplicate => "duplicate",
+                        Routed::Invalid(reason) => {
+                            tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+                            "invalid"
+                        }
+                    };
+                    ctx.metrics
+                        .stream
+                        .repartition_records
+                        .with_label_values(&[label])
+                        .inc();
+                }
+                if !out.is_empty() {
+                    count_outputs(&ctx.metrics, &out, false);
+                    publish(&ctx, partition, &out, &delivery);
+                    out.clear();
+                }
+                dirty = true;
+                return;
+            }
             if let Some(at) = resume_at.take().filter(|&at| r.offset > at) {
                 let skipped = r.offset - at;
                 ctx
@@ -495,6 +655,13 @@ fn run<S: Source>(
                 .map_err(|e| format!("undecodable: {e}"));
             let decided = event.as_ref().ok().copied();
             proc.process(&ctx.processing.limiter, r, event, &mut out);
+            stage_routed(&ctx, &mut out, &mut routed_batches);
+            if routed_batches
+                .iter()
+                .any(|(_, b)| b.len() >= ROUTED_BATCH_BYTES)
+            {
+                flush_routed(&ctx, partition, &mut routed_batches, &delivery);
+            }
             progress.position.store(r.offset + 1, Ordering::Relaxed);
             if r.offset + 1 >= replay_until {
                 progress.serving.store(true, Ordering::Release);
@@ -510,6 +677,9 @@ fn run<S: Source>(
             }
             dirty = true;
         });
+        // Before anything may snapshot: a checkpoint covers only events
+        // whose repartition records are queued in its delivery generation.
+        flush_routed(&ctx, partition, &mut routed_batches, &delivery);
         match control {
             Control::Continue => {}
             Control::Stop(ack) => break End::Stop(ack),
@@ -526,11 +696,13 @@ fn run<S: Source>(
         }
         if last_checkpoint.elapsed() >= ctx.checkpoints.interval {
             last_checkpoint = Instant::now();
-            ctx.metrics.keys_expired.inc_by(proc.take_expired());
+            ctx.metrics
+                .keys_expired
+                .inc_by(proc.take_expired() + home.take_expired());
             if dirty && checkpointer.idle() {
                 let generation = std::mem::take(&mut delivery);
                 checkpointer.submit(
-                    proc.checkpoint(ctx.processing.limiter.rules().version),
+                    both_sides(&proc, &home, ctx.processing.limiter.rules().version),
                     generation,
                 );
                 dirty = false;
@@ -538,7 +710,7 @@ fn run<S: Source>(
         }
     };
     let snapshot = |proc: &PartitionProcessor, delivery: &mut Arc<Delivery>| {
-        let cp = proc.checkpoint(ctx.processing.limiter.rules().version);
+        let cp = both_sides(proc, &home, ctx.processing.limiter.rules().version);
         (cp, std::mem::take(delivery))
     };
     let answer = match end {
@@ -592,10 +764,15 @@ impl<'a> ShadowRun<'a> {
             ctx.processing.shards,
             ctx.processing.key_cap,
         ));
+        // A shadow config counts every limit where the event arrives: it
+        // has no repartition topic of its own (docs/stream.md).
+        let cfg = Arc::new(ProcessorConfig {
+            routing: None,
+            ..(*ctx.processing.processor).clone()
+        });
         Self {
             shadow,
-            proc: PartitionProcessor::new(ctx.processing.processor.clone(), partition, store, None)
-                .shadow(),
+            proc: PartitionProcessor::new(cfg, partition, store, None).shadow(),
             out: Vec::new(),
             delivery: Arc::new(Delivery::default()),
             last_warning: None,
@@ -652,6 +829,61 @@ enum End {
     CheckpointsStopped,
 }
 
+/// A home's batch is published once this large even within a poll (a
+/// source whose poll keeps finding records, as the embedded bus's can):
+/// well under Kafka's default 1 MB message size.
+const ROUTED_BATCH_BYTES: usize = 256 * 1024;
+
+/// Move the repartition records out of `out` into their home's batch.
+fn stage_routed(ctx: &WorkerContext, out: &mut Vec<Output>, batches: &mut Vec<(i32, Vec<u8>)>) {
+    if !out.iter().any(|o| matches!(o, Output::Repartition { .. })) {
+        return;
+    }
+    let routed = ctx
+        .metrics
+        .stream
+        .repartition_records
+        .with_label_values(&["routed"]);
+    out.retain(|o| {
+        let Output::Repartition { home, record } = o else {
+            return true;
+        };
+        let at = match batches.iter().position(|(h, _)| h == home) {
+            Some(i) => i,
+            None => {
+                batches.push((*home, Vec::new()));
+                batches.len() - 1
+            }
+        };
+        if let Some((_, batch)) = batches.get_mut(at) {
+            append_to_batch(batch, record);
+        }
+        routed.inc();
+        false
+    });
+}
+
+/// Publish each home's batch (retrying as [`publish`] does), in home
+/// order: one Kafka message per home per poll, not one per event.
+fn flush_routed(
+    ctx: &WorkerContext,
+    partition: i32,
+    batches: &mut Vec<(i32, Vec<u8>)>,
+    delivery: &Arc<Delivery>,
+) {
+    for (home, batch) in batches.drain(..) {
+        let mut backoff = Duration::from_millis(5);
+        while let Err(e) = ctx
+            .sink
+            .publish_repartition(partition, home, &batch, delivery)
+        {
+            tracing::warn!(event = "publish_retry", partition, error = %e, "output sink refused; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
 fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<Delivery>) {
     // A sink refuses only when it cannot queue; keep trying, the source is
     // backpressured meanwhile and nothing is dropped. Outputs queued before
@@ -668,11 +900,14 @@ fn publish(ctx: &WorkerContext, partition: i32, out: &[Output], delivery: &Arc<D
 fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
     let m = &metrics.stream;
     for o in out {
+        if let Output::Repartition { .. } = o {
+            continue;
+        }
         if republished {
             let kind = match o {
                 Output::Decision(_) => "decision",
                 Output::Alert(_) => "alert",
-                Output::DeadLetter { .. } => "dead_letter",
+                Output::DeadLetter { .. } | Output::Repartition { .. } => "dead_letter",
             };
             m.outputs_republished.with_label_values(&[kind]).inc();
         }
@@ -690,6 +925,7 @@ fn count_outputs(metrics: &Metrics, out: &[Output], republished: bool) {
                 };
                 m.alerts.with_label_values(&[sev]).inc();
             }
+            Output::Repartition { .. } => {}
             Output::DeadLetter { reason, .. } => {
                 let kind = if reason.starts_with("undecodable") {
                     "decode"

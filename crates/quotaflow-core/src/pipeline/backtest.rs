@@ -94,7 +94,8 @@ impl Tally {
                     *n += 1;
                 }
                 Output::Alert(_) => self.alerts += 1,
-                Output::DeadLetter { .. } => {}
+                // A backtest decides every limit in one place (no routing).
+                Output::DeadLetter { .. } | Output::Repartition { .. } => {}
             }
         }
     }
@@ -438,6 +439,7 @@ mod tests {
             every_event: false,
             sweep_interval_ms: 5_000,
             key_check: 1,
+            routing: None,
         })
     }
 

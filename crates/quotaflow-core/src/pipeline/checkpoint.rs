@@ -15,9 +15,13 @@ use super::alerts::AlertAgg;
 use crate::state::{KeyId, StoredKey};
 
 /// Format version of the encoded checkpoint, first byte of every blob.
+/// 3: adds the home side ([`HomeState`]: the repartition topic's position,
+/// the applied marks and the state of unaligned keys); format 2 is still
+/// read, as a checkpoint with an empty home side.
 /// 2: keys are 128-bit ids and the blob carries the secret's check value
 /// (format 1 held key texts).
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
+const FORMAT_2: u8 = 2;
 
 /// Everything needed to resume a partition exactly where it was.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +39,47 @@ pub struct Checkpoint {
     pub keys: Vec<StoredKey>,
     /// Open alert windows: (window start, state key, aggregate).
     pub alerts: Vec<(u64, KeyId, AlertAgg)>,
+    /// The partition's home side: the events other partitions routed here
+    /// (unaligned limits), saved with the arrival side so that both
+    /// positions move together under one epoch.
+    pub home: HomeState,
+}
+
+/// The home side of a partition: partition q of the repartition topic,
+/// consumed by the owner of partition q of the requests topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeState {
+    /// The offset of the first repartition record not reflected here.
+    pub next_offset: i64,
+    /// Per source partition, the last (source offset, seq) applied: a
+    /// record at or below it is a copy published again by a replaying
+    /// source, and is skipped.
+    pub applied: Vec<Applied>,
+    pub watermark_ms: u64,
+    pub horizon_ms: u64,
+    pub keys: Vec<StoredKey>,
+    pub alerts: Vec<(u64, KeyId, AlertAgg)>,
+}
+
+/// The last repartition record applied from one source partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub seq: u16,
+}
+
+/// A format-2 checkpoint, as it was written: read into a [`Checkpoint`]
+/// with an empty home side.
+#[derive(Deserialize)]
+struct CheckpointV2 {
+    next_offset: i64,
+    config_version: u64,
+    key_check: u64,
+    watermark_ms: u64,
+    horizon_ms: u64,
+    keys: Vec<StoredKey>,
+    alerts: Vec<(u64, KeyId, AlertAgg)>,
 }
 
 impl Checkpoint {
@@ -48,6 +93,20 @@ impl Checkpoint {
         match bytes.split_first() {
             Some((&FORMAT, body)) => {
                 postcard::from_bytes(body).map_err(|e| CheckpointError::Corrupt(e.to_string()))
+            }
+            Some((&FORMAT_2, body)) => {
+                let v2: CheckpointV2 = postcard::from_bytes(body)
+                    .map_err(|e| CheckpointError::Corrupt(e.to_string()))?;
+                Ok(Checkpoint {
+                    next_offset: v2.next_offset,
+                    config_version: v2.config_version,
+                    key_check: v2.key_check,
+                    watermark_ms: v2.watermark_ms,
+                    horizon_ms: v2.horizon_ms,
+                    keys: v2.keys,
+                    alerts: v2.alerts,
+                    home: HomeState::default(),
+                })
             }
             Some((1, _)) => Err(CheckpointError::Corrupt(
                 "checkpoint format 1 (key texts, quotaflow before key ids) is not read by this \
@@ -328,6 +387,15 @@ mod tests {
                 refused: 1,
             }],
             alerts: Vec::new(),
+            home: HomeState {
+                next_offset: 9,
+                applied: vec![Applied {
+                    source_partition: 2,
+                    source_offset: 77,
+                    seq: 1,
+                }],
+                ..HomeState::default()
+            },
         };
         assert_eq!(Checkpoint::decode(&cp.encode().unwrap()).unwrap(), cp);
         assert!(Checkpoint::decode(&[FORMAT, 0xff, 0xff]).is_err());
@@ -335,5 +403,55 @@ mod tests {
         let old = Checkpoint::decode(&[1, 0]).unwrap_err().to_string();
         assert!(old.contains("format 1"), "{old}");
         assert!(Checkpoint::decode(&[]).is_err());
+    }
+
+    /// A checkpoint written before the home side existed restores, with
+    /// nothing routed to the partition yet.
+    #[test]
+    fn a_format_2_checkpoint_restores_with_an_empty_home_side() {
+        #[derive(Serialize)]
+        struct V2<'a> {
+            next_offset: i64,
+            config_version: u64,
+            key_check: u64,
+            watermark_ms: u64,
+            horizon_ms: u64,
+            keys: &'a [StoredKey],
+            alerts: Vec<(u64, KeyId, AlertAgg)>,
+        }
+        let keys = [StoredKey {
+            key: KeyId(5),
+            state: [1, 2, 3],
+            expires_at_ms: 7,
+            refused: 0,
+        }];
+        let mut bytes = vec![2u8];
+        postcard::to_io(
+            &V2 {
+                next_offset: 42,
+                config_version: 3,
+                key_check: 9,
+                watermark_ms: 99,
+                horizon_ms: 90,
+                keys: &keys,
+                alerts: Vec::new(),
+            },
+            &mut bytes,
+        )
+        .unwrap();
+        let cp = Checkpoint::decode(&bytes).unwrap();
+        assert_eq!(
+            cp,
+            Checkpoint {
+                next_offset: 42,
+                config_version: 3,
+                key_check: 9,
+                watermark_ms: 99,
+                horizon_ms: 90,
+                keys: keys.to_vec(),
+                alerts: Vec::new(),
+                home: HomeState::default(),
+            }
+        );
     }
 }

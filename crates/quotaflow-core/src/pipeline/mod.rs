@@ -7,12 +7,17 @@ pub mod alerts;
 pub mod backtest;
 pub mod checkpoint;
 pub mod delivery;
+#[cfg(test)]
+mod home_tests;
 pub mod partition;
 pub mod partitioner;
 pub mod records;
+pub mod repartition;
 pub mod routing;
 
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, MemoryCheckpoints};
+pub use checkpoint::{
+    Applied, Checkpoint, CheckpointError, CheckpointStore, HomeState, MemoryCheckpoints,
+};
 pub use delivery::Delivery;
 pub use partition::{Output, PartitionProcessor, ProcessorConfig};
 
@@ -31,6 +36,23 @@ pub trait OutputSink: Send + Sync {
         outputs: &[Output],
         delivery: &Arc<Delivery>,
     ) -> Result<(), SinkError>;
+
+    /// Queue `batch` (repartition records of source `partition`, see
+    /// [`repartition::append_to_batch`]) for partition `home` of the
+    /// repartition topic, counted on `delivery` as `publish` counts
+    /// outputs. A sink without a repartition topic refuses.
+    fn publish_repartition(
+        &self,
+        partition: i32,
+        home: i32,
+        batch: &[u8],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        let _ = (batch, delivery);
+        Err(SinkError(format!(
+            "no repartition topic for partition {partition}'s records to {home}"
+        )))
+    }
 }
 
 /// An output that could not be queued or delivered.

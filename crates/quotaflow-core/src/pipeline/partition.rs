@@ -13,13 +13,15 @@ use hashbrown::HashMap;
 use super::alerts::{
     dim_value, AlertAgg, DimValues, OpenAlert, MAX_OFFENDERS, OFFENDER_DIMENSIONS, TOP_OFFENDERS,
 };
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Applied, Checkpoint, HomeState};
 use super::records::{
     Action, BreachAlert, DecisionRecord, KeyPart, Offender, RequestEvent, Severity,
 };
+use super::repartition::Repartitioned;
+use super::routing::Routing;
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::{BreachEvent, Decision, Limiter};
-use crate::rules::{Limit, Request, Rules};
+use crate::rules::{Dimension, Limit, Request, Rules};
 use crate::state::{KeyId, KeyedStore};
 
 /// What a partition processor needs to know beyond the rules.
@@ -42,6 +44,12 @@ pub struct ProcessorConfig {
     /// [`Fingerprinter::check_value`] of the secret the state's key ids are
     /// made with: written into checkpoints, compared on restore.
     pub key_check: u64,
+    /// Where each limit's key is counted. `None`: every limit is counted
+    /// where the event arrives (the backtest, a shadow config). `Some`:
+    /// unaligned limits are routed to their key's home partition as
+    /// [`Output::Repartition`] records, and counted there by the home side
+    /// ([`PartitionProcessor::home`]).
+    pub routing: Option<Routing>,
 }
 
 /// One input record as the processor sees it.
@@ -66,6 +74,34 @@ pub enum Output {
         payload: Vec<u8>,
         reason: String,
     },
+    /// An event for the home partition `home` of one of its unaligned key
+    /// shapes (to the repartition topic's partition `home`).
+    Repartition {
+        home: i32,
+        record: Repartitioned,
+    },
+}
+
+/// What the home side did with one repartition record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed {
+    /// Counted.
+    Applied,
+    /// A copy of a record already applied (its source replayed): skipped.
+    Duplicate,
+    /// Its event could not be read; skipped (the arrival partition read it,
+    /// so only a foreign writer to the repartition topic gets here).
+    Invalid(String),
+}
+
+/// Where an output comes from, for its id and source fields: the arrival
+/// record, or, on the home side, the source event of the repartition
+/// record and its key shape (so a replay, on either side, yields the same
+/// ids: they never depend on repartition-topic offsets).
+struct Origin<'a> {
+    partition: i32,
+    offset: i64,
+    shape: Option<&'a str>,
 }
 
 /// The state and logic of one owned partition.
@@ -98,6 +134,11 @@ pub struct PartitionProcessor {
     /// The kind part of decision ids: `decision`, or `shadow-decision` for
     /// a shadow config's processor, so the two are never taken for each other.
     decision_kind: &'static str,
+    /// On a home side, per source partition, the last (offset, seq)
+    /// applied; `None` on an arrival side.
+    applied: Option<BTreeMap<i32, (i64, u16)>>,
+    /// Scratch for home partitions' keys.
+    route_buf: Vec<u8>,
 }
 
 impl PartitionProcessor {
@@ -122,6 +163,8 @@ impl PartitionProcessor {
             expired: 0,
             foreign_keys: 0,
             decision_kind: "decision",
+            applied: None,
+            route_buf: Vec::new(),
         };
         if let Some(cp) = restored {
             p.next_offset = cp.next_offset;
@@ -143,6 +186,65 @@ impl PartitionProcessor {
             p.store.import(Vec::new());
         }
         p
+    }
+
+    /// The home side of `partition`: it counts the repartition records
+    /// other partitions (and this one) route here, against the unaligned
+    /// limits, with its own state and position, restored from `restored`'s
+    /// home part. Only the arrival side's records move the arrival side and
+    /// only repartition records move this one, so each is a deterministic
+    /// function of its own input whatever the two inputs' interleaving.
+    pub fn home(
+        cfg: Arc<ProcessorConfig>,
+        partition: i32,
+        store: Arc<KeyedStore>,
+        restored: Option<&Checkpoint>,
+    ) -> Self {
+        let as_checkpoint = restored.map(|cp| Checkpoint {
+            next_offset: cp.home.next_offset,
+            config_version: cp.config_version,
+            key_check: cp.key_check,
+            watermark_ms: cp.home.watermark_ms,
+            horizon_ms: cp.home.horizon_ms,
+            keys: cp.home.keys.clone(),
+            alerts: cp.home.alerts.clone(),
+            home: HomeState::default(),
+        });
+        let mut p = Self::new(cfg, partition, store, as_checkpoint);
+        p.applied = Some(
+            restored
+                .map(|cp| {
+                    cp.home
+                        .applied
+                        .iter()
+                        .map(|a| (a.source_partition, (a.source_offset, a.seq)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        p
+    }
+
+    /// The home side's part of a checkpoint.
+    pub fn home_state(&self) -> HomeState {
+        let cp = self.checkpoint(0);
+        HomeState {
+            next_offset: cp.next_offset,
+            applied: self
+                .applied
+                .iter()
+                .flatten()
+                .map(|(&source_partition, &(source_offset, seq))| Applied {
+                    source_partition,
+                    source_offset,
+                    seq,
+                })
+                .collect(),
+            watermark_ms: cp.watermark_ms,
+            horizon_ms: cp.horizon_ms,
+            keys: cp.keys,
+            alerts: cp.alerts,
+        }
     }
 
     /// This processor as a shadow config's: its decision ids read
@@ -185,6 +287,7 @@ impl PartitionProcessor {
             horizon_ms: self.horizon_ms,
             keys: self.store.export(),
             alerts,
+            home: HomeState::default(),
         }
     }
 
@@ -255,17 +358,142 @@ impl PartitionProcessor {
             .event_time(timestamp_ms, rec.broker_ts_ms)
             .max(self.horizon_ms);
         self.watermark_ms = self.watermark_ms.max(now);
-        self.close_alert_windows(rec.offset, out);
+        let origin = Origin {
+            partition: self.partition,
+            offset: rec.offset,
+            shape: None,
+        };
+        self.close_alert_windows(&origin, out);
         self.sweep_if_due();
 
         let store = self.store.clone();
         let fp = limiter.fingerprinter();
-        limiter.check_against(&store, &req, now, |rules, d| {
-            self.decisions(rules, d, &req, fp, now, rec.offset, out);
+        let cfg = self.cfg.clone();
+        match &cfg.routing {
+            None => limiter.check_against(&store, &req, now, |rules, d| {
+                self.decisions(rules, d, &req, fp, now, &origin, out);
+                self.count_refusals(rules, d, &req, fp, now);
+                observe(rules, d, now);
+            }),
+            Some(routing) => limiter.check_against_only(
+                &store,
+                &req,
+                now,
+                |l| routing.is_aligned(l),
+                |rules, d| {
+                    self.decisions(rules, d, &req, fp, now, &origin, out);
+                    self.count_refusals(rules, d, &req, fp, now);
+                    observe(rules, d, now);
+                    if !d.whitelisted {
+                        self.route(rules, routing, &req, fp, rec, now, out);
+                    }
+                },
+            ),
+        }
+        self.scratch_req = req;
+    }
+
+    /// Send the event to the home partition of each key shape of the
+    /// unaligned limits it falls under: one record per shape (every limit
+    /// of a shape shares its home), numbered in the rules' order, at the
+    /// event time applied here.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &mut self,
+        rules: &Rules,
+        routing: &Routing,
+        req: &Request,
+        fp: &Fingerprinter,
+        rec: InputRecord<'_>,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let mut shapes: smallvec::SmallVec<[&[Dimension]; 4]> = smallvec::SmallVec::new();
+        for limit in &rules.limits {
+            if !routing.is_aligned(limit)
+                && limit.applies(req)
+                && !shapes.contains(&limit.key.as_slice())
+            {
+                shapes.push(&limit.key);
+            }
+        }
+        for (seq, shape) in shapes.into_iter().enumerate() {
+            let home = routing.shape_home(shape, req, fp, &mut self.route_buf);
+            out.push(Output::Repartition {
+                home,
+                record: Repartitioned {
+                    source_partition: self.partition,
+                    source_offset: rec.offset,
+                    // At most one per distinct key shape: far below u16::MAX.
+                    seq: u16::try_from(seq).unwrap_or(u16::MAX),
+                    event_time_ms: now,
+                    shape: shape.to_vec(),
+                    payload: rec.payload.to_vec(),
+                },
+            });
+        }
+    }
+
+    /// Take the repartition-topic message at `offset` (one record or a
+    /// batch): `false` if it is below the position restored, already in the
+    /// state (skip its records); else the position moves past it and each
+    /// of its records goes to [`PartitionProcessor::process_routed`].
+    pub fn start_routed(&mut self, offset: i64) -> bool {
+        if offset < self.next_offset {
+            return false;
+        }
+        self.next_offset = offset.saturating_add(1);
+        true
+    }
+
+    /// Count one repartition record on this home side: against the
+    /// unaligned limits of its shape, at the event time the arrival
+    /// partition applied (never before this side's sweep horizon). `event`
+    /// is its payload decoded.
+    pub fn process_routed(
+        &mut self,
+        limiter: &Limiter,
+        r: &Repartitioned,
+        event: Result<&RequestEvent, String>,
+        out: &mut Vec<Output>,
+    ) -> Routed {
+        let mark = (r.source_offset, r.seq);
+        let applied = self.applied.get_or_insert_with(BTreeMap::new);
+        if applied.get(&r.source_partition).is_some_and(|&m| mark <= m) {
+            return Routed::Duplicate;
+        }
+        applied.insert(r.source_partition, mark);
+        let event = match event {
+            Ok(e) => e,
+            Err(reason) => return Routed::Invalid(reason),
+        };
+        let mut req = std::mem::take(&mut self.scratch_req);
+        if let Err(reason) = event.request_into(&mut req) {
+            self.scratch_req = req;
+            return Routed::Invalid(format!("invalid event: {reason}"));
+        }
+        limiter.canonicalize_path(&mut req);
+        let now = r.event_time_ms.max(self.horizon_ms);
+        self.watermark_ms = self.watermark_ms.max(now);
+        let shape = Repartitioned::shape_name(&r.shape);
+        let origin = Origin {
+            partition: r.source_partition,
+            offset: r.source_offset,
+            shape: Some(&shape),
+        };
+        self.close_alert_windows(&origin, out);
+        self.sweep_if_due();
+        let store = self.store.clone();
+        let fp = limiter.fingerprinter();
+        let cfg = self.cfg.clone();
+        let unaligned =
+            |l: &Limit| l.key == r.shape && cfg.routing.as_ref().is_none_or(|rt| !rt.is_aligned(l));
+        limiter.check_against_only(&store, &req, now, unaligned, |rules, d| {
+            self.decisions(rules, d, &req, fp, now, &origin, out);
             self.count_refusals(rules, d, &req, fp, now);
-            observe(rules, d, now);
         });
         self.scratch_req = req;
+        Routed::Applied
     }
 
     /// Expiry runs at event-time boundaries, not on a wall-clock timer, so
@@ -299,17 +527,15 @@ impl PartitionProcessor {
         req: &Request,
         fp: &Fingerprinter,
         now: u64,
-        offset: i64,
+        origin: &Origin<'_>,
         out: &mut Vec<Output>,
     ) {
         let mut n = 0;
+        let offset = origin.offset;
         let mut push = |action: Action, limit: &Limit, until: Option<u64>, reason: String| {
             let dims = dimensions(limit, req, fp);
             out.push(Output::Decision(DecisionRecord {
-                decision_id: format!(
-                    "{}:{}:{offset}:{}:{n}",
-                    self.cfg.topic, self.partition, self.decision_kind
-                ),
+                decision_id: output_id(&self.cfg.topic, origin, self.decision_kind, n),
                 action,
                 limit: limit.name.clone(),
                 key: render_key(&limit.name, &dims),
@@ -319,7 +545,7 @@ impl PartitionProcessor {
                 quota: limit.shape.quota as i64,
                 event_time_ms: now as i64,
                 source_topic: self.cfg.topic.clone(),
-                source_partition: self.partition,
+                source_partition: origin.partition,
                 source_offset: offset,
                 config_version: d.version as i64,
             }));
@@ -437,7 +663,7 @@ impl PartitionProcessor {
     }
 
     /// Emit the alerts of every window that ended at or before the watermark.
-    fn close_alert_windows(&mut self, offset: i64, out: &mut Vec<Output>) {
+    fn close_alert_windows(&mut self, origin: &Origin<'_>, out: &mut Vec<Output>) {
         let w = self.cfg.alert_window_ms.max(1);
         let mut n = 0;
         while let Some(entry) = self.alerts.first_entry() {
@@ -474,7 +700,7 @@ impl PartitionProcessor {
                         .then_with(|| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)))
                 });
                 out.push(Output::Alert(BreachAlert {
-                    alert_id: format!("{}:{}:{offset}:alert:{n}", self.cfg.topic, self.partition),
+                    alert_id: output_id(&self.cfg.topic, origin, "alert", n),
                     limit: agg.limit,
                     key,
                     dimensions: agg.dimensions,
@@ -500,12 +726,25 @@ impl PartitionProcessor {
                         })
                         .collect(),
                     source_topic: self.cfg.topic.clone(),
-                    source_partition: self.partition,
-                    source_offset: offset,
+                    source_partition: origin.partition,
+                    source_offset: origin.offset,
                 }));
                 n += 1;
             }
         }
+    }
+}
+
+/// An output's deterministic id: `topic:partition:offset:kind:n` for the
+/// arrival side; on the home side `topic:partition:offset:kind/shape:n`,
+/// named by the source event and the shape it was routed for.
+fn output_id(topic: &str, origin: &Origin<'_>, kind: &str, n: usize) -> String {
+    match origin.shape {
+        None => format!("{topic}:{}:{}:{kind}:{n}", origin.partition, origin.offset),
+        Some(shape) => format!(
+            "{topic}:{}:{}:{kind}/{shape}:{n}",
+            origin.partition, origin.offset
+        ),
     }
 }
 
@@ -560,6 +799,7 @@ mod tests {
             every_event: false,
             sweep_interval_ms: 3_600_000,
             key_check: 1,
+            routing: None,
         })
     }
 
@@ -844,6 +1084,7 @@ mod tests {
         );
         let other = Arc::new(ProcessorConfig {
             key_check: 2,
+            routing: None,
             ..(*cfg()).clone()
         });
         let moved =

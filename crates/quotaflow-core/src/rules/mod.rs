@@ -313,7 +313,9 @@ impl Limit {
             .then(|| self.fingerprinter.key_id(buf.as_bytes()))
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    /// Whether the limit counts `req`: its match selects it and it carries
+    /// every dimension of the key.
+    pub fn applies(&self, req: &Request) -> bool {
         self.matcher.matches(req) && self.key.iter().all(|d| req.has(*d))
     }
 }
