@@ -47,6 +47,8 @@
 #   KEEP=1      keep topics and Redis keys
 #   SERVER_THREADS=N  a diagnostic: the servers' tokio worker threads
 #               (TOKIO_WORKER_THREADS; default: one per core)
+#   PERF=1      also count each server's context switches per check
+#               (`perf stat -e context-switches -p PID` over each case)
 # Results: target/bench-group/ (under CARGO_TARGET_DIR when set):
 # results.tsv (one line per case and round), summary.md, each run's JSON,
 # the servers' logs, machine.txt. See docs/benchmarks.md (section 9).
@@ -58,6 +60,7 @@ RATE="${RATE:-3000}"
 ROUNDS="${ROUNDS:-3}"
 EXTRA_RATES="${EXTRA_RATES-10000}"
 SERVER_THREADS="${SERVER_THREADS:-}"
+PERF="${PERF:-0}"
 USERS="${USERS:-10000}"
 CONNECTIONS="${CONNECTIONS:-32}"
 WARMUP="${WARMUP:-3}"
@@ -156,6 +159,7 @@ fi
 command -v jq >/dev/null || apt_install jq
 command -v curl >/dev/null || apt_install curl
 command -v python3 >/dev/null || apt_install python3
+if [[ $PERF == 1 ]] && ! command -v perf >/dev/null; then die "PERF=1 needs perf"; fi
 say "starting Kafka and Redis (scripts/services.sh up)"
 env_lines=$(scripts/services.sh up) || die "scripts/services.sh up failed"
 eval "$env_lines"
@@ -283,7 +287,7 @@ first_check "$E_ADDR" warmup
 
 # ---------------------------------------------------------------- cases
 RESULTS="$OUT/results.tsv"
-printf 'case\tround\trate\trequests\tp50_ms\tp99_ms\tmax_ms\tservice_p50_ms\tservice_p99_ms\tsend_lag_p99_ms\tcpu_a_us\tcpu_b_us\tcpu_ab_us\tcpu_e_us\towner_calls\tdegraded\tstatuses\terrors\n' >"$RESULTS"
+printf 'case\tround\trate\trequests\tp50_ms\tp99_ms\tmax_ms\tservice_p50_ms\tservice_p99_ms\tsend_lag_p99_ms\tcpu_a_us\tcpu_b_us\tcpu_ab_us\tcpu_e_us\towner_calls\tdegraded\tstatuses\terrors\tcs_a\tcs_b\tcs_e\n' >"$RESULTS"
 
 # run_case CASE ROUND RATE SECONDS [record]: one loadgen run, CPU deltas
 # of A, B and E, A's owner-call delta; appends a line to results.tsv when
@@ -300,16 +304,31 @@ run_case() {
   local calls0 deg0 a0 b0 e0 a1 b1 e1 calls1 deg1
   calls0=$(scrape owner_calls_total "$A_ADDR")
   deg0=$(scrape degraded_answers_total "$A_ADDR")
+  local perfs=() who
+  if [[ $PERF == 1 && -n $record ]]; then
+    for who in A B E; do
+      pid_of="${who}_PID"
+      perf stat -x, -e context-switches -p "${!pid_of}" -o "$OUT/$c-$rate-$round.perf-$who" 2>/dev/null &
+      perfs+=($!)
+    done
+  fi
   a0=$(cpu_secs "$A_PID") b0=$(cpu_secs "$B_PID") e0=$(cpu_secs "$E_PID")
   GOGC=off run timeout $((secs + 60)) "$LOADGEN" -addr "$addr" -rate "$rate" -duration "${secs}s" \
     -conns "$CONNECTIONS" -users "$USERS" -hot-every 0 "${args[@]}" -json "$json" >"$OUT/$c-$rate-$round.txt"
   a1=$(cpu_secs "$A_PID") b1=$(cpu_secs "$B_PID") e1=$(cpu_secs "$E_PID")
+  for who in "${perfs[@]}"; do kill -INT "$who" 2>/dev/null || true; done
+  for who in "${perfs[@]}"; do wait "$who" 2>/dev/null || true; done
   calls1=$(scrape owner_calls_total "$A_ADDR")
   deg1=$(scrape degraded_answers_total "$A_ADDR")
   [[ -n $record ]] || return 0
-  local n
+  local n cs=()
   n=$(jq -r '.requests' "$json")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "$rate" "$n" \
+  for who in A B E; do
+    # Context switches of the server's threads per check (perf's CSV: value,unit,event,...).
+    cs+=("$(awk -F, -v n="$n" '$3 == "context-switches" && $1 ~ /^[0-9]+$/ {printf "%.2f", $1 / n; f = 1} END {if (!f) print "n/a"}' \
+      "$OUT/$c-$rate-$round.perf-$who" 2>/dev/null || echo n/a)")
+  done
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "$rate" "$n" \
     "$(jq -r '.p50_ms' "$json")" "$(jq -r '.p99_ms' "$json")" "$(jq -r '.max_ms' "$json")" \
     "$(jq -r '.service_p50_ms' "$json")" "$(jq -r '.service_p99_ms' "$json")" "$(jq -r '.send_lag_p99_ms' "$json")" \
     "$(per_req_us "$a0" "$a1" "$n")" "$(per_req_us "$b0" "$b1" "$n")" \
@@ -317,7 +336,7 @@ run_case() {
     "$(per_req_us "$e0" "$e1" "$n")" \
     "$((calls1 - calls0))" "$((deg1 - deg0))" \
     "$(jq -r '.status_codes | to_entries | map("\(.key):\(.value)") | join(" ")' "$json")" \
-    "$(jq -r '[.errors[]] | add // 0' "$json")" >>"$RESULTS"
+    "$(jq -r '[.errors[]] | add // 0' "$json")" "${cs[@]}" >>"$RESULTS"
   say "$(tail -n1 "$RESULTS" | awk -F'\t' '{printf "%s round %s at %s/s: p50 %s p99 %s max %s ms (service p50 %s p99 %s); CPU/check A %s, A+B %s, E %s us; owner calls %s; degraded %s; %s", $1, $2, $3, $5, $6, $7, $8, $9, $11, $13, $14, $15, $16, $17}')"
 }
 
@@ -410,6 +429,10 @@ print(f"   reference: embedded mode at {int(rate):,}/s p99 {e_p99:.3f} ms, {e_cp
 for x in extra_rates:
     print(f"   at {int(x):,}/s: L {med('L', x, 'cpu_a_us'):.1f} µs/check (p99 {med('L', x, 'p99_ms'):.3f} ms), "
           f"E {med('E', x, 'cpu_e_us'):.1f} µs/check (p99 {med('E', x, 'p99_ms'):.3f} ms)")
+if any(x["cs_a"] not in ("n/a", "") for x in rows):
+    print("\ncontext switches per check (perf stat), medians: " + "; ".join(
+        f"{c} at {int(r):,}/s: " + (f"E {med(c, r, 'cs_e'):.2f}" if c == "E" else f"A {med(c, r, 'cs_a'):.2f}, B {med(c, r, 'cs_b'):.2f}")
+        for r in [rate] + extra_rates for c in "LRE" if per_round(c, r, "cs_a")))
 bad = [x for x in rows if x["errors"] not in ("0", "") or x["degraded"] not in ("0", "")]
 if bad:
     print(f"   WARNING: errors or degraded answers in {len(bad)} case(s); see results.tsv")
