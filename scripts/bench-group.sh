@@ -142,7 +142,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir -p "$OUT"
-rm -f "$OUT"/*.log "$OUT"/*.stderr "$OUT"/*.json "$OUT"/*.txt "$OUT"/*.tsv "$OUT"/*.md
+rm -f "$OUT"/*.log "$OUT"/*.stderr "$OUT"/*.json "$OUT"/*.txt "$OUT"/*.tsv "$OUT"/*.md "$OUT"/*.perf-*
 
 AUTOGROUP=""
 AUTOGROUP_BEFORE=""
@@ -324,6 +324,7 @@ run_case() {
   local n cs=()
   n=$(jq -r '.requests' "$json")
   for who in A B E; do
+    [[ $PERF == 1 ]] || { cs+=(n/a); continue; }
     # Context switches of the server's threads per check (perf's CSV: value,unit,event,...).
     cs+=("$(awk -F, -v n="$n" '$3 == "context-switches" && $1 ~ /^[0-9]+$/ {printf "%.2f", $1 / n; f = 1} END {if (!f) print "n/a"}' \
       "$OUT/$c-$rate-$round.perf-$who" 2>/dev/null || echo n/a)")
