@@ -54,13 +54,13 @@ type h2conn struct {
 // grpcBodies pre-serialises one cycle of length-prefixed RateLimitRequest
 // messages, the same user mix as buildRequests: domain "bench", one
 // descriptor with the entry user_id = the user.
-func grpcBodies(users, hotEvery int) [][]byte {
+func grpcBodies(users []string, hotUser string, hotEvery int) [][]byte {
 	n := 20000
 	out := make([][]byte, n)
 	for i := 0; i < n; i++ {
-		user := fmt.Sprintf("user-%05d", i%users)
+		user := users[i%len(users)]
 		if hotEvery > 0 && i%hotEvery == hotEvery-1 {
-			user = "hot-user"
+			user = hotUser
 		}
 		entry := appendField(appendField(nil, 1, []byte("user_id")), 2, []byte(user))
 		descriptor := appendField(nil, 1, entry)

@@ -23,6 +23,10 @@
 // (p50/p99/max, statuses, errors), written at the end, for a soak's
 // per-interval p99.
 //
+// Partitions (-partitions N -only P,...): only users whose Kafka partition
+// (murmur2 of the user id, partition.go) is one of P, for a Kafka-mode group
+// loaded with keys of one owner (scripts/bench-group.sh).
+//
 // Loopback only: -addr must be a 127.0.0.0/8 address or [::1]. Linux only
 // (the pacing thread uses nanosleep).
 package main
@@ -94,6 +98,9 @@ func main() {
 		"(0: one hot user throughout)")
 	interval := flag.Duration("interval", 0, "with -slices: report every interval of due time")
 	slicesOut := flag.String("slices", "", "write one JSON line per -interval to this file at the end")
+	partitions := flag.Int("partitions", 0, "with -only: the requests topic's partition count")
+	only := flag.String("only", "", "send only users whose Kafka partition (murmur2 of the user id, "+
+		"as Java clients partition) is one of these, comma-separated, of -partitions")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(*addr)
@@ -116,6 +123,17 @@ func main() {
 	if *churn > 0 && *proto == "grpc" {
 		fail("-churn builds HTTP/1.1 requests: not with -proto grpc")
 	}
+	filter, err := parsePartitionFilter(*partitions, *only)
+	if err != nil {
+		fail("%v", err)
+	}
+	if *churn > 0 && filter.only != nil {
+		fail("-only picks a fixed set of users: not with -churn")
+	}
+	if *users < 1 {
+		fail("need -users >= 1")
+	}
+	names, hot := userNames(*users, filter)
 
 	if *bodyKind != "quotaflow" && *bodyKind != "envoy" {
 		fail("-body must be quotaflow or envoy, got %q", *bodyKind)
@@ -123,9 +141,9 @@ func main() {
 	var reqs [][]byte
 	switch *proto {
 	case "http1":
-		reqs = buildRequests(*addr, *path, *users, *hotEvery, *bodyKind)
+		reqs = buildRequests(*addr, *path, names, hot, *hotEvery, *bodyKind)
 	case "grpc":
-		reqs = grpcBodies(*users, *hotEvery)
+		reqs = grpcBodies(names, hot, *hotEvery)
 	default:
 		fail("-proto must be http1 or grpc, got %q", *proto)
 	}
@@ -360,17 +378,18 @@ func quantile(v []time.Duration, p float64) float64 {
 }
 
 // buildRequests pre-serialises one cycle of the body mix: ordinary users in
-// turn, and the hot user on every hotEvery-th request. kind "quotaflow" is
+// turn, and the hot user on every hotEvery-th request (userNames: with
+// -only, only users of the given partitions). kind "quotaflow" is
 // the body of quotaflow's POST /check; kind "envoy" is the same user in the
 // body of envoyproxy/ratelimit's HTTP /json endpoint (a RateLimitRequest of
 // domain "bench" with one descriptor entry user_id = the user).
-func buildRequests(addr, path string, users, hotEvery int, kind string) [][]byte {
+func buildRequests(addr, path string, users []string, hotUser string, hotEvery int, kind string) [][]byte {
 	n := 20000
 	out := make([][]byte, n)
 	for i := 0; i < n; i++ {
-		user := fmt.Sprintf("user-%05d", i%users)
+		user := users[i%len(users)]
 		if hotEvery > 0 && i%hotEvery == hotEvery-1 {
-			user = "hot-user"
+			user = hotUser
 		}
 		body := fmt.Sprintf(`{"user_id":%q,"method":"GET","path":"/orders"}`, user)
 		if kind == "envoy" {
