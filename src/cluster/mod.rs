@@ -89,6 +89,26 @@ pub struct Cluster {
     address: String,
 }
 
+/// An internal call within the budget: its answer, or `Elapsed`.
+type Timed = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<Result<Reply, OwnerUnavailable>, tokio::time::error::Elapsed>,
+            > + Send,
+    >,
+>;
+
+/// An internal call of one round: awaited in place, or on a task of its own.
+enum Call {
+    Pending(Timed),
+    Spawned(
+        tokio::task::JoinHandle<
+            Result<Result<Reply, OwnerUnavailable>, tokio::time::error::Elapsed>,
+        >,
+    ),
+    Done,
+}
+
 /// Per probe: its outcome, or why its home could not give one.
 type Outcomes = SmallVec<[Result<Probed, OwnerUnavailable>; 4]>;
 
@@ -308,7 +328,7 @@ impl Cluster {
         if remote.is_empty() {
             return outcomes;
         }
-        let calls: Vec<_> = remote
+        let mut calls: SmallVec<[Call; 2]> = remote
             .iter()
             .map(|(group, _, address)| {
                 let body = serde_json::to_vec(&Ask {
@@ -317,21 +337,34 @@ impl Cluster {
                     request: req.clone(),
                 })
                 .unwrap_or_default();
-                tokio::spawn(tokio::time::timeout_at(
+                Call::Pending(Box::pin(tokio::time::timeout_at(
                     deadline.into(),
                     self.call(address, body),
-                ))
+                )))
             })
             .collect();
+        // One owner (every check whose limits are all aligned): awaited in
+        // place. Several: spawned, so they run at once.
+        if calls.len() > 1 {
+            for c in calls.iter_mut() {
+                if let Call::Pending(f) = std::mem::replace(c, Call::Done) {
+                    *c = Call::Spawned(tokio::spawn(f));
+                }
+            }
+        }
         let phase_label = match phase {
             Phase::Apply => "apply",
             Phase::Peek => "peek",
         };
         for ((_, idx, _), call) in remote.iter().zip(calls) {
-            let reply = match call.await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(OwnerUnavailable::Timeout),
-                Err(_) => Err(OwnerUnavailable::Unreachable),
+            let reply = match call {
+                Call::Pending(f) => f.await.unwrap_or(Err(OwnerUnavailable::Timeout)),
+                Call::Spawned(h) => match h.await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(OwnerUnavailable::Timeout),
+                    Err(_) => Err(OwnerUnavailable::Unreachable),
+                },
+                Call::Done => Err(OwnerUnavailable::Unreachable),
             };
             let outcome = if reply.is_ok() {
                 "answered"
