@@ -80,81 +80,8 @@ pub async fn serve(
     metrics: Arc<quotaflow_adapters::metrics::Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    serve_with(listener, router, limits, metrics, permits, shutdown, true).await;
-}
-
-/// Threads of the HTTP server at most (`server.threads`).
-pub const MAX_THREADS: usize = 256;
-
-/// Threads serving one listener, each on a single-threaded runtime of its
-/// own: a request is read, decided and answered on the thread that owns
-/// its connection, with no wake-up of another thread.
-pub struct Threads {
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Threads {
-    /// Wait for every thread, once `shutdown` has completed for each.
-    pub fn join(self) {
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Serve `router` on `n` threads sharing `listener` and one connection cap
-/// (see [`Threads`]), each until its `shutdown()` completes.
-pub fn serve_on_threads<F, S>(
-    listener: std::net::TcpListener,
-    router: Router,
-    limits: Limits,
-    metrics: Arc<quotaflow_adapters::metrics::Metrics>,
-    shutdown: F,
-    n: usize,
-) -> std::io::Result<Threads>
-where
-    F: Fn() -> S,
-    S: Future<Output = ()> + Send + 'static,
-{
-    listener.set_nonblocking(true)?;
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut threads = Vec::with_capacity(n);
-    for i in 0..n.max(1) {
-        let listener = listener.try_clone()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (router, metrics, permits, stop) =
-            (router.clone(), metrics.clone(), permits.clone(), shutdown());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(l) => serve_with(l, router, limits, metrics, permits, stop, i == 0).await,
-                            Err(e) => tracing::error!(event = "accept_failed", error = %e, "an HTTP thread cannot use the listener"),
-                        }
-                    });
-                })?,
-        );
-    }
-    Ok(Threads { threads })
-}
-
-/// The accept loop: `permits` is the connection cap, shared by every
-/// thread serving the listener; `announce` logs the drain (once for all).
-async fn serve_with(
-    listener: TcpListener,
-    router: Router,
-    limits: Limits,
-    metrics: Arc<quotaflow_adapters::metrics::Metrics>,
-    permits: Arc<Semaphore>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    announce: bool,
-) {
     let router = with_request_timeout(router, limits.request_timeout);
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -219,14 +146,12 @@ async fn serve_with(
     }
     drop(listener);
     let in_flight = permits.available_permits();
-    if announce {
-        tracing::info!(
-            event = "http_draining",
-            open_connections = limits.max_connections.saturating_sub(in_flight),
-            grace_ms = limits.shutdown_grace.as_millis() as u64,
-            "no longer accepting; letting requests in flight finish"
-        );
-    }
+    tracing::info!(
+        event = "http_draining",
+        open_connections = limits.max_connections.saturating_sub(in_flight),
+        grace_ms = limits.shutdown_grace.as_millis() as u64,
+        "no longer accepting; letting requests in flight finish"
+    );
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
         .await
         .is_err()

@@ -493,22 +493,7 @@ pub async fn serve(
         shutdown_grace: settings.server.shutdown_grace,
     };
     let metrics = state.metrics.clone();
-    if settings.server.threads == 0 {
-        http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
-    } else {
-        let listener = listener.into_std().context("the HTTP listener")?;
-        let threads = http_server::serve_on_threads(
-            listener,
-            api::router(state),
-            limits,
-            metrics,
-            &stopped,
-            settings.server.threads.min(http_server::MAX_THREADS),
-        )
-        .context("starting the HTTP threads")?;
-        stopped().await;
-        let _ = tokio::task::spawn_blocking(move || threads.join()).await;
-    }
+    http_server::serve(listener, api::router(state), limits, metrics, stopped()).await;
     if let Some(c) = &cluster {
         // Off the runtime: it waits for the registry's last Redis call.
         let c = c.clone();

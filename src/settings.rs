@@ -85,10 +85,6 @@ pub struct ServerSettings {
     /// their connections are closed (the stream's final checkpoints follow).
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
-    /// Threads serving HTTP, each a single-threaded runtime owning the
-    /// connections it accepts (as `grpc.threads`); 0 serves on the shared
-    /// runtime instead.
-    pub threads: usize,
 }
 
 impl Default for ServerSettings {
@@ -108,7 +104,6 @@ impl Default for ServerSettings {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 10_000,
-            threads: 0,
             shutdown_grace: Duration::from_secs(10),
             admin_tokens_file: None,
         }

@@ -743,61 +743,53 @@ request_timeout = "500ms"
 
     #[test]
     fn past_the_connection_cap_new_connections_are_closed_and_health_recovers() {
-        // On the shared runtime, and on two threads of their own sharing
-        // one cap.
-        for threads in ["", "threads = 2\n"] {
-            let config =
-                format!("[server]\nheader_timeout = \"30s\"\nmax_connections = 4\n{threads}");
-            let s = Server::start(Some(&config), &[]);
-            let held: Vec<TcpStream> = (0..4).map(|_| connect(&s)).collect();
-            // Give the server a moment to accept all four.
-            std::thread::sleep(Duration::from_millis(200));
-            let (took, text) = until_closed(connect(&s));
-            assert!(text.is_empty(), "{text}");
-            assert!(
-                took < Duration::from_secs(1),
-                "refused connection open {took:?}"
-            );
-            drop(held);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let text = healthz(&s);
-                if text.starts_with("HTTP/1.1 200") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "health did not recover: {text}");
-                std::thread::sleep(Duration::from_millis(50));
+        let config = "[server]\nheader_timeout = \"30s\"\nmax_connections = 4\n";
+        let s = Server::start(Some(config), &[]);
+        let held: Vec<TcpStream> = (0..4).map(|_| connect(&s)).collect();
+        // Give the server a moment to accept all four.
+        std::thread::sleep(Duration::from_millis(200));
+        let (took, text) = until_closed(connect(&s));
+        assert!(text.is_empty(), "{text}");
+        assert!(
+            took < Duration::from_secs(1),
+            "refused connection open {took:?}"
+        );
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = healthz(&s);
+            if text.starts_with("HTTP/1.1 200") {
+                break;
             }
-            let refused = s.wait_log(Duration::from_secs(5), |v| {
-                v["event"] == "connections_refused"
-            });
-            assert_eq!(refused["max_connections"], 4);
+            assert!(Instant::now() < deadline, "health did not recover: {text}");
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let refused = s.wait_log(Duration::from_secs(5), |v| {
+            v["event"] == "connections_refused"
+        });
+        assert_eq!(refused["max_connections"], 4);
     }
 
     #[test]
     fn sigterm_does_not_wait_for_a_half_sent_request() {
-        for threads in ["", "threads = 2\n"] {
-            let config = format!(
-            "[server]\nheader_timeout = \"60s\"\nrequest_timeout = \"60s\"\nshutdown_grace = \"1s\"\n{threads}"
-        );
-            let mut s = Server::start(Some(&config), &[]);
-            let mut c = connect(&s);
-            c.write_all(
+        let config =
+            "[server]\nheader_timeout = \"60s\"\nrequest_timeout = \"60s\"\nshutdown_grace = \"1s\"\n";
+        let mut s = Server::start(Some(config), &[]);
+        let mut c = connect(&s);
+        c.write_all(
             b"POST /check HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
         )
         .expect("write");
-            std::thread::sleep(Duration::from_millis(200));
-            let started = Instant::now();
-            let status = s.terminate();
-            let took = started.elapsed();
-            assert!(status.success(), "{status:?}");
-            assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
-            s.wait_log(Duration::from_secs(1), |v| {
-                v["event"] == "http_drain_timeout"
-            });
-            s.wait_log(Duration::from_secs(1), |v| v["event"] == "stopped");
-        }
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let status = s.terminate();
+        let took = started.elapsed();
+        assert!(status.success(), "{status:?}");
+        assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+        s.wait_log(Duration::from_secs(1), |v| {
+            v["event"] == "http_drain_timeout"
+        });
+        s.wait_log(Duration::from_secs(1), |v| v["event"] == "stopped");
     }
 }
 
