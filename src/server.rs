@@ -125,7 +125,12 @@ pub fn build_state(settings: &Settings, admin_token: Option<String>) -> anyhow::
 /// The running stream processor, in either mode.
 pub enum Pipeline {
     Embedded(Arc<Embedded>),
-    Kafka(KafkaProcessor),
+    Kafka {
+        processor: KafkaProcessor,
+        /// The requests topic's partitions at start: what checks are
+        /// routed by, as producers key events by it.
+        partitions: u32,
+    },
 }
 
 impl Pipeline {
@@ -135,14 +140,14 @@ impl Pipeline {
             Pipeline::Embedded(e) => {
                 e.bus.stop();
             }
-            Pipeline::Kafka(k) => k.stop(),
+            Pipeline::Kafka { processor, .. } => processor.stop(),
         }
     }
 
     pub fn mode(&self) -> &'static str {
         match self {
             Pipeline::Embedded(_) => "embedded",
-            Pipeline::Kafka(_) => "kafka",
+            Pipeline::Kafka { .. } => "kafka",
         }
     }
 }
@@ -271,11 +276,10 @@ pub fn start_pipeline(settings: &Settings, state: &mut AppState) -> anyhow::Resu
         let sink = KafkaSink::new(k, codec.clone())?;
         let coordinator = coordinator(Arc::new(sink), Arc::new(checkpoints), partitions);
         state.coordinator = Some(coordinator.clone());
-        Ok(Pipeline::Kafka(KafkaProcessor::start(
-            coordinator,
-            k,
-            state.ready.clone(),
-        )?))
+        Ok(Pipeline::Kafka {
+            processor: KafkaProcessor::start(coordinator, k, state.ready.clone())?,
+            partitions,
+        })
     }
 }
 
@@ -461,8 +465,8 @@ pub async fn serve(
     // Bound (and announced) before `listening`, so a client that saw the
     // HTTP listener finds the gRPC one too.
     let cluster = match &pipeline {
-        Pipeline::Kafka(k) => {
-            start_cluster(&settings, &mut state, k.partitions(), &stopped).await?
+        Pipeline::Kafka { partitions, .. } => {
+            start_cluster(&settings, &mut state, *partitions, &stopped).await?
         }
         Pipeline::Embedded(_) => None,
     };

@@ -11,8 +11,8 @@ use super::{AppState, RedisMode};
 use quotaflow_adapters::clock::now_ms;
 use quotaflow_adapters::redis_state::Unavailable;
 use quotaflow_core::limiter::{Decision, Matched};
-use quotaflow_core::rules::{FailureMode, Request, RequestError, Rules};
-use quotaflow_core::state::{Probe, Probed};
+use quotaflow_core::rules::{Request, RequestError, Rules};
+use quotaflow_core::state::Probed;
 
 /// A decision with what a transport needs to state it.
 pub struct Answer<'a> {
@@ -112,54 +112,12 @@ async fn decide_in_redis(
                 .degraded
                 .with_label_values(&[why.reason()])
                 .inc();
-            let probed = fallback(app, rules, &m, req, mode.failure_mode);
+            // Redis answered none of the probes.
+            let failed: SmallVec<[Result<Probed, ()>; 4]> =
+                m.probes.iter().map(|_| Err(())).collect();
+            let probed =
+                crate::cluster::settle(app, rules, &m, &failed, mode.failure_mode, req, true);
             (m.decision(rules.version, &probed), Some(why.reason()))
         }
     }
-}
-
-/// Every limit's answer without the shared state: its failure mode's;
-/// `local` limits are decided on this instance's own state.
-fn fallback(
-    app: &AppState,
-    rules: &Rules,
-    m: &Matched<'_>,
-    req: &Request,
-    default: FailureMode,
-) -> SmallVec<[Probed; 4]> {
-    let mode = |i: usize| {
-        rules
-            .limits
-            .get(i)
-            .and_then(|l| l.failure_mode)
-            .unwrap_or(default)
-    };
-    let local: SmallVec<[Probe<'_>; 4]> = m
-        .limits
-        .iter()
-        .zip(&m.probes)
-        .filter(|(&i, _)| mode(i) == FailureMode::Local)
-        .map(|(_, p)| *p)
-        .collect();
-    let mut locally: SmallVec<[Probed; 4]> = SmallVec::new();
-    if !local.is_empty() {
-        app.limiter
-            .store()
-            .apply(&local, now_ms(), req.cost, &mut locally);
-    }
-    let mut next = locally.into_iter();
-    m.limits
-        .iter()
-        .map(|&i| match mode(i) {
-            FailureMode::Local => next
-                .next()
-                .unwrap_or_else(|| by_failure_mode(rules, i, FailureMode::Open)),
-            other => by_failure_mode(rules, i, other),
-        })
-        .collect()
-}
-
-/// A limit's answer without its state: its failure mode's (`open` or `closed`).
-fn by_failure_mode(rules: &Rules, limit: usize, mode: FailureMode) -> Probed {
-    crate::cluster::by_failure_mode(rules, limit, mode)
 }

@@ -109,6 +109,9 @@ enum Call {
     Done,
 }
 
+/// Homes grouped by where they are decided.
+type Owners = SmallVec<[(Via, SmallVec<[i32; 4]>); 4]>;
+
 /// Per probe: its outcome, or why its home could not give one.
 type Outcomes = SmallVec<[Result<Probed, OwnerUnavailable>; 4]>;
 
@@ -189,13 +192,14 @@ impl Cluster {
         distinct.sort_unstable();
         distinct.dedup();
         let deadline = Instant::now() + self.budget;
-        let outcomes = if self.owners_of(&distinct).len() > 1 {
+        let owners = self.owners_of(&distinct);
+        let outcomes = if owners.len() > 1 {
             // Probe every home; apply only if none refuses.
             let mut outcomes = self
                 .round(
                     app,
                     Phase::Peek,
-                    &distinct,
+                    owners.clone(),
                     &homes,
                     &m,
                     rules,
@@ -221,11 +225,21 @@ impl Cluster {
                         .any(|(home, o)| home == h && o.is_ok())
                 })
                 .collect();
+            let answering_owners = owners
+                .into_iter()
+                .filter_map(|(via, group)| {
+                    let group: SmallVec<[i32; 4]> = group
+                        .into_iter()
+                        .filter(|h| answering.contains(h))
+                        .collect();
+                    (!group.is_empty()).then_some((via, group))
+                })
+                .collect();
             let applied = self
                 .round(
                     app,
                     Phase::Apply,
-                    &answering,
+                    answering_owners,
                     &homes,
                     &m,
                     rules,
@@ -242,17 +256,8 @@ impl Cluster {
             }
             outcomes
         } else {
-            self.round(
-                app,
-                Phase::Apply,
-                &distinct,
-                &homes,
-                &m,
-                rules,
-                req,
-                deadline,
-            )
-            .await
+            self.round(app, Phase::Apply, owners, &homes, &m, rules, req, deadline)
+                .await
         };
         let probed = settle(app, rules, &m, &outcomes, self.failure_mode, req, true);
         finish(app, rules, &m, &outcomes, probed)
@@ -260,8 +265,8 @@ impl Cluster {
 
     /// Where each of `homes` is decided: here, at an owner's address, or
     /// nowhere now (why). Homes with one owner are decided together.
-    fn owners_of(&self, homes: &[i32]) -> SmallVec<[(Via, SmallVec<[i32; 4]>); 4]> {
-        let mut by: SmallVec<[(Via, SmallVec<[i32; 4]>); 4]> = SmallVec::new();
+    fn owners_of(&self, homes: &[i32]) -> Owners {
+        let mut by = Owners::new();
         for &home in homes {
             let via = if self.coordinator.sync_target(home).is_some() {
                 Via::Here
@@ -280,16 +285,16 @@ impl Cluster {
         by
     }
 
-    /// Ask the owners of the homes in `ask` for their probes' outcomes, one
+    /// Ask `owners` for the outcomes of their homes' probes, one
     /// call per owner, all at once, within `deadline`; each owner decides
     /// its homes together (atomically for `apply`). Probes whose home is
-    /// not in `ask` are `Err(Moving)` placeholders the caller overwrites.
+    /// not in `owners` are `Err(Moving)` placeholders the caller overwrites.
     #[allow(clippy::too_many_arguments)]
     async fn round(
         &self,
         app: &AppState,
         phase: Phase,
-        ask: &[i32],
+        owners: Owners,
         homes: &[i32],
         m: &Matched<'_>,
         rules: &Rules,
@@ -301,7 +306,7 @@ impl Cluster {
             .map(|_| Err(OwnerUnavailable::Moving))
             .collect();
         let mut remote = Vec::new();
-        for (via, group) in self.owners_of(ask) {
+        for (via, group) in owners {
             let idx: SmallVec<[usize; 4]> = (0..homes.len())
                 .filter(|&i| group.contains(&homes[i]))
                 .collect();
@@ -589,14 +594,16 @@ fn run_phase(
     }
 }
 
-/// Every probe's outcome: its home's, or its failure mode's. `local`
+/// Every probe's outcome: its state's, or its failure mode's. `local`
 /// limits whose home failed are decided on this instance's own state,
 /// applied when `apply` (else only probed).
-fn settle(
+/// Shared with the Redis state mode (`api::decide`), whose failures carry
+/// its own reasons.
+pub(crate) fn settle<E>(
     app: &AppState,
     rules: &Rules,
     m: &Matched<'_>,
-    outcomes: &Outcomes,
+    outcomes: &[Result<Probed, E>],
     default: FailureMode,
     req: &Request,
     apply: bool,

@@ -289,8 +289,6 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A running consumer-group member.
 pub struct KafkaProcessor {
     coordinator: Arc<Coordinator>,
-    /// Partitions of the requests topic when the processor started.
-    partitions: u32,
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
 }
@@ -321,7 +319,6 @@ impl KafkaProcessor {
                 .context("creating the Kafka consumer")?,
         );
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-        let partitions = partition_count(&consumer, &settings.requests_topic)?;
         consumer
             .subscribe(&[&settings.requests_topic])
             .with_context(|| format!("subscribing to {}", settings.requests_topic))?;
@@ -332,16 +329,9 @@ impl KafkaProcessor {
             .context("starting the consumer thread")?;
         Ok(Self {
             coordinator,
-            partitions,
             stop,
             join: Some(join),
         })
-    }
-
-    /// Partitions of the requests topic when the processor started: what
-    /// `/check` routes keys by, as producers key events by it.
-    pub fn partitions(&self) -> u32 {
-        self.partitions
     }
 
     /// Stop consuming: every partition drains and writes a final checkpoint
@@ -355,20 +345,6 @@ impl KafkaProcessor {
             let _ = j.join();
         }
     }
-}
-
-/// How many partitions `topic` has, from the broker's metadata.
-fn partition_count(consumer: &BaseConsumer<ConsumerCtx>, topic: &str) -> anyhow::Result<u32> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("reading the metadata of topic `{topic}`"))?;
-    let n = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
-    anyhow::ensure!(n > 0, "topic `{topic}` does not exist or has no partitions");
-    u32::try_from(n).context("partition count")
 }
 
 const STATISTICS_INTERVAL: &str = "statistics.interval.ms";
