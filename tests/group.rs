@@ -492,10 +492,41 @@ async fn the_internal_listener_refuses_calls_without_the_group_token() {
         .status()
         .as_u16();
     assert_eq!(status, 404);
+    // With the group's token: a malformed body is refused with 400, and an
+    // ask for partitions this instance does not own counts nothing and says
+    // which ones.
+    let token =
+        quotaflow_core::fingerprint::Fingerprinter::from_secret(common::stream::FINGERPRINT_KEY)
+            .hex(b"quotaflow internal group token v1");
+    for body in ["{", "[]", "{\"phase\": \"apply\"}"] {
+        let status = c
+            .post(&url)
+            .header("x-quotaflow-group-token", &token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("answered")
+            .status()
+            .as_u16();
+        assert_eq!(status, 400, "body {body}");
+    }
+    let reply: Value = c
+        .post(&url)
+        .header("x-quotaflow-group-token", &token)
+        .json(&json!({"phase": "apply", "homes": [7, 9], "request": {"user_id": "x", "path": "/open"}}))
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(reply, json!({"outcomes": [], "not_owned": [7, 9]}));
     // The token is derived from the secret, never the secret itself, and
     // neither is logged.
     for line in member.server.logs() {
         assert!(!line.contains(common::stream::FINGERPRINT_KEY), "{line}");
+        assert!(!line.contains(&token), "{line}");
     }
 }
 
