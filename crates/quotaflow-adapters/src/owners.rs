@@ -56,7 +56,13 @@ pub struct OwnerRegistry {
     owners: Arc<ArcSwap<HashMap<i32, Owner>>>,
     stop: Arc<AtomicBool>,
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    /// Closed when the thread ends: a stop waits for it a bounded time.
+    ended: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long a stop waits for the last round (withdrawing this instance's
+/// entries): a stalled Redis must not hold up a shutdown's drain.
+const STOP_WAIT: Duration = Duration::from_millis(500);
 
 impl OwnerRegistry {
     /// Announce `owned()` under `address` and follow everyone's entries,
@@ -74,9 +80,11 @@ impl OwnerRegistry {
         let owners = Arc::new(ArcSwap::from_pointee(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (theirs, stopping) = (owners.clone(), stop.clone());
+        let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("quotaflow-owners".into())
             .spawn(move || {
+                let _ended = ended_tx;
                 let mut follower = Follower {
                     client,
                     conn: None,
@@ -106,6 +114,7 @@ impl OwnerRegistry {
             owners,
             stop,
             thread: parking_lot::Mutex::new(Some(thread)),
+            ended: parking_lot::Mutex::new(ended),
         })
     }
 
@@ -119,12 +128,18 @@ impl OwnerRegistry {
         self.owners.load_full()
     }
 
-    /// Withdraw this instance's entries and stop following.
+    /// Withdraw this instance's entries and stop following. Waits at most
+    /// [`STOP_WAIT`]: with Redis stalled the thread is left to finish (or
+    /// die with the process) and the entries to be replaced by the next
+    /// owners.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.lock().take() {
             t.thread().unpark();
-            let _ = t.join();
+            let ended = self.ended.lock().recv_timeout(STOP_WAIT);
+            if matches!(ended, Err(std::sync::mpsc::RecvTimeoutError::Disconnected)) {
+                let _ = t.join();
+            }
         }
     }
 }
