@@ -9,11 +9,11 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::services::{end_offsets, kafka, read_until};
 use common::stream::{event, ExpectedDecision, Fixture, Oracle, Sent, FINGERPRINT_KEY};
-use common::Server;
+use common::{wait_for, Server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::pipeline::records::{DecisionRecord, RequestEvent};
 use quotaflow_core::pipeline::Checkpoint;
@@ -176,14 +176,6 @@ fn groups_with_offsets_on(names: &BTreeSet<String>, topic: &str, partitions: i32
         })
         .cloned()
         .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Every limit aligned with the partition key (`user_id`): the backtest

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::services::read_until;
 use common::stream::{event, Fixture, Sent, FINGERPRINT_KEY};
-use common::{client, Server};
+use common::{client, metric, wait_for, Server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::pipeline::routing::Routing;
 use quotaflow_core::rules::{Dimension, Request, Rules, RulesDoc};
@@ -18,30 +18,6 @@ use quotaflow_core::state::KeyId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-
-fn scrape(server: &Server) -> String {
-    std::process::Command::new("curl")
-        .args(["-s", &server.url("/metrics")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn metric(server: &Server, name: &str) -> f64 {
-    scrape(server)
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 const GLOBAL_25: &str = r#"
 [stream]

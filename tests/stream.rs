@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::services::read_until;
 use common::stream::{event, Fixture, Oracle, Sent, FINGERPRINT_KEY};
-use common::Server;
+use common::{metric, scrape, wait_for, Server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::pipeline::partitioner::partition_for;
 use quotaflow_core::pipeline::records::DecisionRecord;
@@ -29,30 +29,6 @@ fn action(d: &DecisionRecord) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
-}
-
-fn scrape(server: &Server) -> String {
-    std::process::Command::new("curl")
-        .args(["-s", &server.url("/metrics")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn metric(server: &Server, name: &str) -> f64 {
-    scrape(server)
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 const PER_USER_5_PER_10S: &str = r#"

@@ -191,3 +191,30 @@ window = "1h"
 failure_mode = "closed"
 match = { path = "/closed" }
 "#;
+
+/// The server's `/metrics` text (empty if it cannot be read).
+pub fn scrape(server: &Server) -> String {
+    std::process::Command::new("curl")
+        .args(["-s", &server.url("/metrics")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The sum of every sample of `name` (all its label sets), 0 if none.
+pub fn metric(server: &Server, name: &str) -> f64 {
+    scrape(server)
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Poll `cond` every 100 ms until it holds, or panic naming `what`.
+pub fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
