@@ -55,6 +55,7 @@ fn main() {
         keys,
         alerts: Vec::new(),
         home: Default::default(),
+        pending_hits: Vec::new(),
     };
     let cfg = Arc::new(ProcessorConfig {
         topic: "requests".into(),

@@ -37,6 +37,7 @@ fn cp(next_offset: i64, keys: usize) -> Checkpoint {
             .collect(),
         alerts: Vec::new(),
         home: Default::default(),
+        pending_hits: Vec::new(),
     }
 }
 

@@ -37,8 +37,10 @@ use crate::api::AppState;
 use quotaflow_adapters::clock::now_ms;
 use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::owners::OwnerRegistry;
+use quotaflow_adapters::worker::SyncTarget;
 use quotaflow_core::algorithms::Verdict;
 use quotaflow_core::limiter::Matched;
+use quotaflow_core::pipeline::hits::{Charge, Side, SyncHit};
 use quotaflow_core::pipeline::routing::Routing;
 use quotaflow_core::rules::{FailureMode, Request, Rules};
 use quotaflow_core::state::{apply_across, Probe, Probed};
@@ -306,6 +308,7 @@ impl Cluster {
             .map(|_| Err(OwnerUnavailable::Moving))
             .collect();
         let mut remote = Vec::new();
+        let mut appending = Appending::new();
         for (via, group) in owners {
             let idx: SmallVec<[usize; 4]> = (0..homes.len())
                 .filter(|&i| group.contains(&homes[i]))
@@ -314,8 +317,9 @@ impl Cluster {
                 Via::Nowhere(why) => idx.iter().for_each(|&i| outcomes[i] = Err(why)),
                 Via::There(address) => remote.push((group, idx, address)),
                 Via::Here => {
-                    let decided = decide_here(
+                    let (decided, appends) = decide_here(
                         &self.coordinator,
+                        rules,
                         &self.aligned(rules, m),
                         phase,
                         &group,
@@ -324,6 +328,7 @@ impl Cluster {
                         m,
                         req.cost,
                     );
+                    appending.extend(start_appends(appends));
                     for (&i, o) in idx.iter().zip(decided) {
                         outcomes[i] = o;
                     }
@@ -331,6 +336,8 @@ impl Cluster {
             }
         }
         if remote.is_empty() {
+            self.settle_appends(app, appending, homes, &mut outcomes, deadline)
+                .await;
             return outcomes;
         }
         let mut calls: SmallVec<[Call; 2]> = remote
@@ -396,7 +403,32 @@ impl Cluster {
                 }
             }
         }
+        self.settle_appends(app, appending, homes, &mut outcomes, deadline)
+            .await;
         outcomes
+    }
+
+    /// Wait for the hits counted here to be in their partitions' logs; the
+    /// probes of a partition whose append was not acknowledged in time
+    /// follow the failure mode (`owner_timeout`).
+    async fn settle_appends(
+        &self,
+        app: &AppState,
+        appending: Appending,
+        homes: &[i32],
+        outcomes: &mut Outcomes,
+        deadline: Instant,
+    ) {
+        if appending.is_empty() {
+            return;
+        }
+        for p in unappended(app, appending, deadline).await {
+            for (i, &home) in homes.iter().enumerate() {
+                if home == p {
+                    outcomes[i] = Err(OwnerUnavailable::Timeout);
+                }
+            }
+        }
     }
 
     /// One internal call; 'static so the calls of one check run at once.
@@ -440,17 +472,18 @@ impl Cluster {
     /// is one of `ask.homes`, all together. An `apply` runs only if every
     /// one of those homes is owned here, so that it stays atomic; else the
     /// homes not owned come back and the caller follows the failure mode.
-    fn answer(&self, app: &AppState, mut ask: Ask) -> Reply {
+    async fn answer(&self, app: &AppState, mut ask: Ask) -> Option<Reply> {
+        let deadline = Instant::now() + self.budget;
         let mut reply = Reply::default();
         if ask.request.validate().is_err() {
-            return reply;
+            return Some(reply);
         }
         app.limiter.canonicalize_path(&mut ask.request);
         let req = &ask.request;
         let rules = app.limiter.rules();
         let m = app.limiter.matched(&rules, req);
         if m.whitelisted {
-            return reply;
+            return Some(reply);
         }
         reply.not_owned = ask
             .homes
@@ -459,7 +492,7 @@ impl Cluster {
             .filter(|&h| self.coordinator.sync_target(h).is_none())
             .collect();
         if ask.phase == Phase::Apply && !reply.not_owned.is_empty() {
-            return reply;
+            return Some(reply);
         }
         let fp = app.limiter.fingerprinter();
         let mut buf = Vec::new();
@@ -477,8 +510,9 @@ impl Cluster {
         let idx: SmallVec<[usize; 4]> = (0..homes.len())
             .filter(|&i| group.contains(&homes[i]))
             .collect();
-        let decided = decide_here(
+        let (decided, appends) = decide_here(
             &self.coordinator,
+            &rules,
             &self.aligned(&rules, &m),
             ask.phase,
             &group,
@@ -487,14 +521,26 @@ impl Cluster {
             &m,
             req.cost,
         );
-        for (&i, o) in idx.iter().zip(decided) {
-            if let Ok(p) = o {
-                reply
-                    .outcomes
-                    .push(WireOutcome::of(&rules.limits[m.limits[i]].name, &p));
-            }
+        let outcomes: SmallVec<[(usize, Probed); 4]> = idx
+            .iter()
+            .zip(decided)
+            .filter_map(|(&i, o)| Some((i, o.ok()?)))
+            .collect();
+        // Answered only once every hit is in its partition's log: the
+        // caller's own budget runs out first otherwise, and it follows the
+        // failure mode.
+        if !unappended(app, start_appends(appends), deadline)
+            .await
+            .is_empty()
+        {
+            return None;
         }
-        reply
+        for (i, p) in outcomes {
+            reply
+                .outcomes
+                .push(WireOutcome::of(&rules.limits[m.limits[i]].name, &p));
+        }
+        Some(reply)
     }
 }
 
@@ -527,6 +573,7 @@ enum Via {
 #[allow(clippy::too_many_arguments)]
 fn decide_here(
     coordinator: &Coordinator,
+    rules: &Rules,
     aligned: &[bool],
     phase: Phase,
     group: &[i32],
@@ -534,11 +581,14 @@ fn decide_here(
     homes: &[i32],
     m: &Matched<'_>,
     cost: u64,
-) -> SmallVec<[Result<Probed, OwnerUnavailable>; 4]> {
-    let targets: SmallVec<[(i32, Option<quotaflow_adapters::worker::SyncTarget>); 4]> = group
+) -> (SmallVec<[Result<Probed, OwnerUnavailable>; 4]>, Appends) {
+    let mut targets: SmallVec<[(i32, Option<SyncTarget>); 4]> = group
         .iter()
         .map(|&h| (h, coordinator.sync_target(h)))
         .collect();
+    // Gates are taken in partition order, whatever order a caller sent.
+    targets.sort_unstable_by_key(|(h, _)| *h);
+    targets.dedup_by_key(|(h, _)| *h);
     let target_of = |home: i32| {
         targets
             .iter()
@@ -546,21 +596,58 @@ fn decide_here(
             .and_then(|(_, t)| t.as_ref())
     };
     if idx.iter().any(|&i| target_of(homes[i]).is_none()) {
-        return idx.iter().map(|_| Err(OwnerUnavailable::Moving)).collect();
+        let moving = idx.iter().map(|_| Err(OwnerUnavailable::Moving)).collect();
+        return (moving, Appends::new());
     }
     let now = now_ms();
     let mut out: SmallVec<[Probed; 4]> = SmallVec::new();
+    let mut appends = Appends::new();
     match phase {
         Phase::Apply => {
             let parts: SmallVec<[(&quotaflow_core::state::KeyedStore, Probe<'_>); 4]> = idx
                 .iter()
                 .filter_map(|&i| Some((side(target_of(homes[i])?, aligned[i]), m.probes[i])))
                 .collect();
-            apply_across(&parts, now, cost, &mut out);
-            for (_, t) in &targets {
-                if let Some(t) = t {
-                    t.counted();
+            // In partition order, so that two checks and a snapshot never
+            // wait on each other's gates in a circle.
+            let gates: SmallVec<[_; 4]> = targets
+                .iter()
+                .filter_map(|(_, t)| t.as_ref().map(|t| t.counting()))
+                .collect();
+            if gates.iter().any(Option::is_none) {
+                // A partition is being handed back: counted nowhere here.
+                let moving = idx.iter().map(|_| Err(OwnerUnavailable::Moving)).collect();
+                return (moving, Appends::new());
+            }
+            let admitted = apply_across(&parts, now, cost, &mut out);
+            // A check of cost 0 counts nothing: there is nothing to log.
+            if admitted && cost > 0 {
+                for (home, t) in &targets {
+                    let Some(t) = t else { continue };
+                    let charges: Vec<Charge> = idx
+                        .iter()
+                        .zip(&out)
+                        .filter(|(&i, p)| homes[i] == *home && p.outcome.verdict.allowed)
+                        .filter_map(|(&i, _)| {
+                            Some(Charge {
+                                side: if aligned[i] {
+                                    Side::Arrival
+                                } else {
+                                    Side::Home
+                                },
+                                limit: rules.limits.get(m.limits[i])?.name.clone(),
+                                key: m.probes[i].key,
+                            })
+                        })
+                        .collect();
+                    if !charges.is_empty() {
+                        appends.push((t.clone(), t.log_hit(now, cost, charges)));
+                    }
                 }
+            }
+            drop(gates);
+            for t in targets.iter().filter_map(|(_, t)| t.as_ref()) {
+                t.counted();
             }
         }
         Phase::Peek => {
@@ -573,7 +660,47 @@ fn decide_here(
             }
         }
     }
-    out.into_iter().map(Ok).collect()
+    (out.into_iter().map(Ok).collect(), appends)
+}
+
+/// Hits counted on partitions owned here, with their records to append to
+/// the partitions' logs before they are answered.
+type Appends = SmallVec<[(SyncTarget, SyncHit); 2]>;
+
+/// Appends under way: per partition, the broker's acknowledgement to come.
+type Appending = SmallVec<[(i32, tokio::sync::oneshot::Receiver<bool>); 2]>;
+
+/// Start appending `appends` to their partitions' logs.
+fn start_appends(appends: Appends) -> Appending {
+    appends
+        .into_iter()
+        .map(|(t, hit)| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            t.append(&hit, move |ok| {
+                let _ = tx.send(ok);
+            });
+            (t.partition(), rx)
+        })
+        .collect()
+}
+
+/// The partitions whose appends were not acknowledged by `deadline`: a
+/// hit is answered only once its record is in the log (docs/group.md), so
+/// their probes follow the failure mode (the hits stay counted).
+async fn unappended(app: &AppState, appending: Appending, deadline: Instant) -> SmallVec<[i32; 2]> {
+    let mut failed = SmallVec::new();
+    for (partition, ack) in appending {
+        let ok = matches!(
+            tokio::time::timeout_at(deadline.into(), ack).await,
+            Ok(Ok(true))
+        );
+        let outcome = if ok { "appended" } else { "append_failed" };
+        app.metrics.sync_hits.with_label_values(&[outcome]).inc();
+        if !ok {
+            failed.push(partition);
+        }
+    }
+    failed
 }
 
 fn run_phase(
@@ -703,7 +830,9 @@ async fn decide_handler(
     let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let reply = cluster.answer(&app, ask);
+    let Some(reply) = cluster.answer(&app, ask).await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_vec(&reply).unwrap_or_default(),

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub keys_max: IntGauge,
     /// Kafka mode: internal calls to partition owners, by phase and outcome.
     pub owner_calls: IntCounterVec,
+    /// Kafka mode: synchronous hits in the partition log, by outcome.
+    pub sync_hits: IntCounterVec,
     /// Seconds the longest ongoing breach episode of one key has lasted;
     /// set when `/metrics` is scraped (an abuse signal without a per-key label).
     breach_longest: IntGauge,
@@ -556,9 +558,26 @@ impl Metrics {
             ),
             &["phase", "outcome"],
         )?;
+        let sync_hits = IntCounterVec::new(
+            Opts::new(
+                "sync_hits_logged_total",
+                "Kafka mode: synchronous hits appended to their partition's log, by outcome: appended (acknowledged, then answered), append_failed (not acknowledged within the budget: answered by the failure mode, still counted), read_back (the owner's worker read its own hit back: already counted), replayed (counted from the log after the owner that answered it crashed), fenced (logged by an owner that had lost the partition, after the take-over: not counted).",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in [
+            "appended",
+            "append_failed",
+            "read_back",
+            "replayed",
+            "fenced",
+        ] {
+            sync_hits.with_label_values(&[outcome]);
+        }
         reg.add(&ready)?;
         reg.add(&keys_max)?;
         reg.add(&owner_calls)?;
+        reg.add(&sync_hits)?;
         reg.add(&breach_longest)?;
         let mut catalog = reg.catalog;
         catalog.sort_by(|a, b| a.name.cmp(&b.name));
@@ -586,6 +605,7 @@ impl Metrics {
             ready,
             keys_max,
             owner_calls,
+            sync_hits,
             breach_longest,
             catalog,
         })

@@ -39,6 +39,25 @@ struct QueueSource {
     control: Receiver<Msg>,
     /// When the last repartition record came.
     last_routed: Option<Instant>,
+    /// The repartition partition's end when it was taken (see
+    /// [`Source::routed_end`]).
+    routed_end: Option<i64>,
+}
+
+/// The end offset of `partition` of the repartition topic now: every
+/// synchronous hit a previous owner answered lies below it.
+fn routed_end<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    match consumer.fetch_watermarks(topic, partition, SEEK_TIMEOUT) {
+        Ok((_, high)) => Some(high),
+        Err(e) => {
+            tracing::warn!(event = "routed_end_unknown", partition, error = %e, "could not read the repartition partition's end: synchronous checks are served before the hits a previous owner logged are read back");
+            None
+        }
+    }
 }
 
 /// Longest a worker waits on its queue before looking at its channel: the
@@ -52,6 +71,10 @@ const BATCH: usize = 128;
 const CONTROL_DEPTH: usize = 1;
 
 impl Source for QueueSource {
+    fn routed_end(&self) -> Option<i64> {
+        self.routed_end
+    }
+
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control {
         match self.control.try_recv() {
             Ok(Msg::Stop(req)) => return Control::Stop(req),
@@ -219,6 +242,7 @@ impl ConsumerCtx {
                     routed,
                     control,
                     last_routed: None,
+                    routed_end: routed_end(&me, &self.repartition_topic, t.partition),
                 })
             });
         for t in taken {
@@ -278,6 +302,7 @@ fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) 
                 routed,
                 control,
                 last_routed: None,
+                routed_end: routed_end(consumer, &ctx.repartition_topic, t.partition),
             })
         },
     );

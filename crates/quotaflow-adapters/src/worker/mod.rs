@@ -9,6 +9,7 @@
 //! snapshot (a copy of the state) and starts a new delivery generation.
 
 mod checkpointer;
+mod hit_log;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 use crate::avro::Codec;
 use crate::metrics::Metrics;
 use checkpointer::Checkpointer;
+use hit_log::HitLog;
 use quotaflow_core::limiter::Limiter;
+use quotaflow_core::pipeline::hits::{self, Charge, Side, SyncHit, HIT_FORMAT};
 use quotaflow_core::pipeline::partition::{InputRecord, Routed};
 use quotaflow_core::pipeline::records::{Action, RequestEvent};
 use quotaflow_core::pipeline::repartition::{append_to_batch, decode_batch};
@@ -98,6 +101,14 @@ pub enum Control {
 /// its own side of the partition).
 pub trait Source: Send + 'static {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control;
+
+    /// The repartition stream's end offset when the partition was taken:
+    /// the synchronous hits a previous owner answered all lie below it, so
+    /// `/check` is served here only once the home side has read that far.
+    /// `None`: unknown, or nothing to wait for (the embedded bus).
+    fn routed_end(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Records pushed through the worker's own channel (the embedded bus).
@@ -259,6 +270,8 @@ pub struct Worker {
     store: Arc<KeyedStore>,
     /// The home side's state: the unaligned limits' keys homed here.
     home_store: Arc<KeyedStore>,
+    hits: Arc<HitLog>,
+    sink: Arc<dyn OutputSink>,
     join: JoinHandle<()>,
 }
 
@@ -279,9 +292,12 @@ struct Progress {
 /// An owned partition's state as synchronous checks reach it.
 #[derive(Clone)]
 pub struct SyncTarget {
+    partition: i32,
     store: Arc<KeyedStore>,
     home_store: Arc<KeyedStore>,
     progress: Arc<Progress>,
+    hits: Arc<HitLog>,
+    sink: Arc<dyn OutputSink>,
 }
 
 impl SyncTarget {
@@ -301,6 +317,37 @@ impl SyncTarget {
     /// next checkpoint.
     pub fn counted(&self) {
         self.progress.sync_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Hold from before a synchronous hit is counted until it is logged
+    /// ([`SyncTarget::log_hit`]): no checkpoint is taken in between.
+    /// `None` once the worker is stopping: count nothing here then.
+    pub fn counting(&self) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+        self.hits.counting()
+    }
+
+    /// Number a hit just counted at `time_ms` on `charges` and keep it
+    /// pending until the worker reads its record back; the record to
+    /// [`SyncTarget::append`].
+    pub fn log_hit(&self, time_ms: u64, cost: u64, charges: Vec<Charge>) -> SyncHit {
+        self.hits.log(time_ms, cost, charges)
+    }
+
+    /// Append `hit` to the partition's log (its partition of the
+    /// repartition topic). `done(true)` once the broker has it; `done` is
+    /// dropped uncalled, or called with `false`, if it never will.
+    pub fn append(&self, hit: &SyncHit, done: impl FnOnce(bool) + Send + 'static) {
+        let delivery = Arc::new(Delivery::notifying(done));
+        if let Err(e) =
+            self.sink
+                .publish_repartition(self.partition, self.partition, &hit.encode(), &delivery)
+        {
+            tracing::error!(event = "sync_hit_not_appended", partition = self.partition, error = %e, "a synchronous hit could not be appended to its partition's log; it is answered by its limit's failure mode and stays counted");
+        }
     }
 }
 
@@ -332,9 +379,19 @@ impl Worker {
             ctx.processing.key_cap,
         ));
         let epoch = Arc::new(AtomicU64::new(epoch));
+        let hits = Arc::new(HitLog::new(
+            epoch.clone(),
+            restored.as_ref().map_or(&[][..], |c| &c.pending_hits),
+        ));
+        let sink = ctx.sink.clone();
         let checkpointer =
             Checkpointer::spawn(ctx.clone(), partition, epoch.clone(), progress.clone())?;
-        let (theirs, st, hst) = (progress.clone(), store.clone(), home_store.clone());
+        let (theirs, st, hst, hl) = (
+            progress.clone(),
+            store.clone(),
+            home_store.clone(),
+            hits.clone(),
+        );
         let owned = ctx.metrics.stream.partitions_owned.clone();
         // Counted here, and uncounted as the worker's thread ends.
         owned.inc();
@@ -344,7 +401,7 @@ impl Worker {
                 run(
                     ctx,
                     partition,
-                    [st, hst],
+                    ([st, hst], hl),
                     restored,
                     source,
                     &theirs,
@@ -359,6 +416,8 @@ impl Worker {
             progress,
             store,
             home_store,
+            hits,
+            sink,
             join,
         })
     }
@@ -384,9 +443,12 @@ impl Worker {
             .serving
             .load(Ordering::Acquire)
             .then(|| SyncTarget {
+                partition: self.partition,
                 store: self.store.clone(),
                 home_store: self.home_store.clone(),
                 progress: self.progress.clone(),
+                hits: self.hits.clone(),
+                sink: self.sink.clone(),
             })
     }
 
@@ -487,22 +549,33 @@ impl Drop for Counted<'_> {
     }
 }
 
-/// The checkpoint of both sides of a partition.
-fn both_sides(proc: &PartitionProcessor, home: &PartitionProcessor, version: u64) -> Checkpoint {
-    let mut cp = proc.checkpoint(version);
-    cp.home = home.home_state();
+/// The checkpoint of both sides of a partition, with the synchronous hits
+/// pending in its log.
+fn both_sides(
+    proc: &PartitionProcessor,
+    home: &PartitionProcessor,
+    hits: &HitLog,
+    version: u64,
+) -> Checkpoint {
+    let (mut cp, pending) = hits.snapshot(crate::clock::now_ms(), || {
+        let mut cp = proc.checkpoint(version);
+        cp.home = home.home_state();
+        cp
+    });
+    cp.pending_hits = pending;
     cp
 }
 
 fn run<S: Source>(
     ctx: Arc<WorkerContext>,
     partition: i32,
-    [store, home_store]: [Arc<KeyedStore>; 2],
+    ([store, home_store], hits): ([Arc<KeyedStore>; 2], Arc<HitLog>),
     restored: Option<Checkpoint>,
     mut source: S,
     progress: &Progress,
     checkpointer: Checkpointer,
 ) {
+    let hits = &*hits;
     let mut home = PartitionProcessor::home(
         ctx.processing.processor.clone(),
         partition,
@@ -563,7 +636,15 @@ fn run<S: Source>(
         }
         _ => i64::MIN,
     };
-    if replay_until <= proc.next_offset() {
+    // Hits a previous owner answered are in the repartition stream below
+    // its end at the take-over: read back before serving, so that a check
+    // never answers from a count that lacks them.
+    let routed_end = source.routed_end();
+    let home_until = routed_end.unwrap_or(i64::MIN);
+    let caught_up = |proc: &PartitionProcessor, home: &PartitionProcessor| {
+        proc.next_offset() >= replay_until && home.next_offset() >= home_until
+    };
+    if caught_up(&proc, &home) {
         progress.serving.store(true, Ordering::Release);
     }
     let mut out = Vec::new();
@@ -595,6 +676,14 @@ fn run<S: Source>(
         let control = source.poll(wait, &mut |stream, r| {
             if stream == Stream::Repartition {
                 if !home.start_routed(r.offset) {
+                    return;
+                }
+                if r.payload.first() == Some(&HIT_FORMAT) {
+                    read_hit(&ctx, partition, hits, [&proc, &home], r, routed_end);
+                    if caught_up(&proc, &home) {
+                        progress.serving.store(true, Ordering::Release);
+                    }
+                    dirty = true;
                     return;
                 }
                 let batch = decode_batch(r.payload).unwrap_or_else(|e| {
@@ -634,6 +723,9 @@ fn run<S: Source>(
                     publish(&ctx, partition, &out, &delivery);
                     out.clear();
                 }
+                if caught_up(&proc, &home) {
+                    progress.serving.store(true, Ordering::Release);
+                }
                 dirty = true;
                 return;
             }
@@ -663,7 +755,7 @@ fn run<S: Source>(
                 flush_routed(&ctx, partition, &mut routed_batches, &delivery);
             }
             progress.position.store(r.offset + 1, Ordering::Relaxed);
-            if r.offset + 1 >= replay_until {
+            if caught_up(&proc, &home) {
                 progress.serving.store(true, Ordering::Release);
             }
             consumed.inc();
@@ -702,7 +794,7 @@ fn run<S: Source>(
             if dirty && checkpointer.idle() {
                 let generation = std::mem::take(&mut delivery);
                 checkpointer.submit(
-                    both_sides(&proc, &home, ctx.processing.limiter.rules().version),
+                    both_sides(&proc, &home, hits, ctx.processing.limiter.rules().version),
                     generation,
                 );
                 dirty = false;
@@ -710,7 +802,7 @@ fn run<S: Source>(
         }
     };
     let snapshot = |proc: &PartitionProcessor, delivery: &mut Arc<Delivery>| {
-        let cp = both_sides(proc, &home, ctx.processing.limiter.rules().version);
+        let cp = both_sides(proc, &home, hits, ctx.processing.limiter.rules().version);
         (cp, std::mem::take(delivery))
     };
     let answer = match end {
@@ -730,11 +822,15 @@ fn run<S: Source>(
             None
         }
         End::Stop(req) => {
+            hits.close();
+            dirty |= progress.sync_hits.swap(0, Ordering::Relaxed) > 0;
             let last = (dirty && !checkpointer.stopped()).then(|| snapshot(&proc, &mut delivery));
             let outcome = checkpointer.finish(last);
             Some((req, outcome))
         }
         End::Closed => {
+            hits.close();
+            dirty |= progress.sync_hits.swap(0, Ordering::Relaxed) > 0;
             let last = (dirty && !checkpointer.stopped()).then(|| snapshot(&proc, &mut delivery));
             checkpointer.finish(last);
             None
@@ -746,6 +842,48 @@ fn run<S: Source>(
     if let Some((req, outcome)) = answer {
         let _ = req.ack.send(outcome);
     }
+}
+
+/// A synchronous hit read back from the partition's log: already counted
+/// if it is pending, else (its owner crashed before a checkpoint held it)
+/// counted now.
+///
+/// A hit of an earlier owner logged at or after the stream's end at the
+/// take-over (`routed_end`) comes from a fenced owner (paused past its
+/// session, then woken): it decided on a state no longer the partition's,
+/// and is not counted. A previous owner's hits that it answered are all
+/// below that end: it answers only once the broker has the record, and it
+/// counts nothing after its final snapshot.
+fn read_hit(
+    ctx: &WorkerContext,
+    partition: i32,
+    hits: &HitLog,
+    [proc, home]: [&PartitionProcessor; 2],
+    r: InputRecord<'_>,
+    routed_end: Option<i64>,
+) {
+    let outcome = match SyncHit::decode(r.payload) {
+        Ok(hit) if hits.read_back(hit.id) => "read_back",
+        Ok(hit) if hit.id.epoch < hits.epoch() && routed_end.is_some_and(|end| r.offset >= end) => {
+            "fenced"
+        }
+        Ok(hit) => {
+            let rules = ctx.processing.limiter.rules();
+            hits::replay(proc.store(), &rules, &hit, Side::Arrival);
+            hits::replay(home.store(), &rules, &hit, Side::Home);
+            "replayed"
+        }
+        Err(e) => {
+            tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %e, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+            ctx.metrics
+                .stream
+                .repartition_records
+                .with_label_values(&["invalid"])
+                .inc();
+            return;
+        }
+    };
+    ctx.metrics.sync_hits.with_label_values(&[outcome]).inc();
 }
 
 /// A worker's shadow processor: after the real one, on the same records.

@@ -37,17 +37,18 @@ impl FixedWindow {
     }
 }
 
-impl Algorithm for FixedWindow {
-    fn name(&self) -> &'static str {
-        "fixed_window"
-    }
-
-    fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+impl FixedWindow {
+    /// [`Algorithm::decide`], or with `force` [`Algorithm::charge`].
+    fn step(&self, state: &State, now_ms: u64, cost: u64, force: bool) -> Outcome {
         let now_ms = now_ms.max(state[0]);
         let start = now_ms - now_ms % self.window_ms;
         let count = if start == state[0] { state[1] } else { 0 };
         let allowed = count.saturating_add(cost) <= self.limit;
-        let count = if allowed { count + cost } else { count };
+        let count = if allowed || force {
+            count.saturating_add(cost)
+        } else {
+            count
+        };
         let end = start.saturating_add(self.window_ms);
         Outcome {
             verdict: Verdict {
@@ -62,6 +63,20 @@ impl Algorithm for FixedWindow {
             state: [start, count, 0],
             expires_at_ms: end,
         }
+    }
+}
+
+impl Algorithm for FixedWindow {
+    fn name(&self) -> &'static str {
+        "fixed_window"
+    }
+
+    fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+        self.step(state, now_ms, cost, false)
+    }
+
+    fn charge(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+        self.step(state, now_ms, cost, true)
     }
 
     fn shape(&self) -> PolicyShape {

@@ -98,6 +98,12 @@ pub trait Algorithm: Send + Sync + fmt::Debug + 'static {
     /// gives an outcome.
     fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome;
 
+    /// As [`Algorithm::decide`], but the units are counted whatever the
+    /// verdict: a synchronous hit admitted earlier and replayed from the
+    /// partition log after a crash, where the state it is replayed on may
+    /// hold events the live decision had not seen yet (docs/group.md).
+    fn charge(&self, state: &State, now_ms: u64, cost: u64) -> Outcome;
+
     /// The policy as advertised to clients.
     fn shape(&self) -> PolicyShape;
 

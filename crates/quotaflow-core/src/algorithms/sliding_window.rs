@@ -73,12 +73,9 @@ impl SlidingWindow {
     }
 }
 
-impl Algorithm for SlidingWindow {
-    fn name(&self) -> &'static str {
-        "sliding_window"
-    }
-
-    fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+impl SlidingWindow {
+    /// [`Algorithm::decide`], or with `force` [`Algorithm::charge`].
+    fn step(&self, state: &State, now_ms: u64, cost: u64, force: bool) -> Outcome {
         let w = self.window_ms;
         let now_ms = now_ms.max(state[0]);
         let start = now_ms - now_ms % w;
@@ -93,7 +90,11 @@ impl Algorithm for SlidingWindow {
         let allowed = cost <= self.limit
             && self.weighted(prev, curr.saturating_add(cost), elapsed)
                 <= u128::from(self.limit) * u128::from(w);
-        let curr = if allowed { curr + cost } else { curr };
+        let curr = if allowed || force {
+            curr.saturating_add(cost)
+        } else {
+            curr
+        };
         let used = self.weighted(prev, curr, elapsed).div_ceil(u128::from(w)) as u64;
         // Saturating: a clock (or a restored state) at the end of time
         // yields an answer, not an overflow.
@@ -123,6 +124,20 @@ impl Algorithm for SlidingWindow {
             state: [start, curr, prev],
             expires_at_ms: start.saturating_add(2 * w),
         }
+    }
+}
+
+impl Algorithm for SlidingWindow {
+    fn name(&self) -> &'static str {
+        "sliding_window"
+    }
+
+    fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+        self.step(state, now_ms, cost, false)
+    }
+
+    fn charge(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+        self.step(state, now_ms, cost, true)
     }
 
     fn shape(&self) -> PolicyShape {

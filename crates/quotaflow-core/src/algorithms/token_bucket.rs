@@ -70,18 +70,15 @@ impl TokenBucket {
     }
 }
 
-impl Algorithm for TokenBucket {
-    fn name(&self) -> &'static str {
-        "token_bucket"
-    }
-
-    fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+impl TokenBucket {
+    /// [`Algorithm::decide`], or with `force` [`Algorithm::charge`].
+    fn step(&self, state: &State, now_ms: u64, cost: u64, force: bool) -> Outcome {
         let now_ms = now_ms.max(state[1]);
         let now_ns = now_ms.saturating_mul(NS_PER_MS);
         let tat = state[0].max(now_ns);
         let new_tat = tat.saturating_add(cost.saturating_mul(self.interval_ns));
         let allowed = new_tat - now_ns <= self.burst_ns;
-        let kept_tat = if allowed { new_tat } else { tat };
+        let kept_tat = if allowed || force { new_tat } else { tat };
         let ahead = kept_tat - now_ns;
         let reset_ms = div_ceil(ahead, NS_PER_MS);
         let retry_after_ms = if allowed {
@@ -103,6 +100,20 @@ impl Algorithm for TokenBucket {
             state: [kept_tat, now_ms, 0],
             expires_at_ms: div_ceil(kept_tat, NS_PER_MS).max(now_ms),
         }
+    }
+}
+
+impl Algorithm for TokenBucket {
+    fn name(&self) -> &'static str {
+        "token_bucket"
+    }
+
+    fn decide(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+        self.step(state, now_ms, cost, false)
+    }
+
+    fn charge(&self, state: &State, now_ms: u64, cost: u64) -> Outcome {
+        self.step(state, now_ms, cost, true)
     }
 
     fn shape(&self) -> PolicyShape {

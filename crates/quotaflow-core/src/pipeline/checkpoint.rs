@@ -12,15 +12,19 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::alerts::AlertAgg;
+use super::hits::PendingHit;
 use crate::state::{KeyId, StoredKey};
 
 /// Format version of the encoded checkpoint, first byte of every blob.
+/// 4: adds the pending synchronous hits ([`PendingHit`]); format 3 is still
+/// read, with none pending.
 /// 3: adds the home side ([`HomeState`]: the repartition topic's position,
 /// the applied marks and the state of unaligned keys); format 2 is still
 /// read, as a checkpoint with an empty home side.
 /// 2: keys are 128-bit ids and the blob carries the secret's check value
 /// (format 1 held key texts).
-const FORMAT: u8 = 3;
+const FORMAT: u8 = 4;
+const FORMAT_3: u8 = 3;
 const FORMAT_2: u8 = 2;
 
 /// Everything needed to resume a partition exactly where it was.
@@ -43,6 +47,10 @@ pub struct Checkpoint {
     /// (unaligned limits), saved with the arrival side so that both
     /// positions move together under one epoch.
     pub home: HomeState,
+    /// Synchronous hits counted in `keys` or `home.keys` whose records in
+    /// the repartition topic lie at or after `home.next_offset`: a replay
+    /// skips them there (docs/group.md).
+    pub pending_hits: Vec<PendingHit>,
 }
 
 /// The home side of a partition: partition q of the repartition topic,
@@ -67,6 +75,20 @@ pub struct Applied {
     pub source_partition: i32,
     pub source_offset: i64,
     pub seq: u16,
+}
+
+/// A format-3 checkpoint, as it was written: read into a [`Checkpoint`]
+/// with no pending hits.
+#[derive(Deserialize)]
+struct CheckpointV3 {
+    next_offset: i64,
+    config_version: u64,
+    key_check: u64,
+    watermark_ms: u64,
+    horizon_ms: u64,
+    keys: Vec<StoredKey>,
+    alerts: Vec<(u64, KeyId, AlertAgg)>,
+    home: HomeState,
 }
 
 /// A format-2 checkpoint, as it was written: read into a [`Checkpoint`]
@@ -94,6 +116,21 @@ impl Checkpoint {
             Some((&FORMAT, body)) => {
                 postcard::from_bytes(body).map_err(|e| CheckpointError::Corrupt(e.to_string()))
             }
+            Some((&FORMAT_3, body)) => {
+                let v3: CheckpointV3 = postcard::from_bytes(body)
+                    .map_err(|e| CheckpointError::Corrupt(e.to_string()))?;
+                Ok(Checkpoint {
+                    next_offset: v3.next_offset,
+                    config_version: v3.config_version,
+                    key_check: v3.key_check,
+                    watermark_ms: v3.watermark_ms,
+                    horizon_ms: v3.horizon_ms,
+                    keys: v3.keys,
+                    alerts: v3.alerts,
+                    home: v3.home,
+                    pending_hits: Vec::new(),
+                })
+            }
             Some((&FORMAT_2, body)) => {
                 let v2: CheckpointV2 = postcard::from_bytes(body)
                     .map_err(|e| CheckpointError::Corrupt(e.to_string()))?;
@@ -106,6 +143,7 @@ impl Checkpoint {
                     keys: v2.keys,
                     alerts: v2.alerts,
                     home: HomeState::default(),
+                    pending_hits: Vec::new(),
                 })
             }
             Some((1, _)) => Err(CheckpointError::Corrupt(
@@ -396,6 +434,10 @@ mod tests {
                 }],
                 ..HomeState::default()
             },
+            pending_hits: vec![crate::pipeline::hits::PendingHit {
+                id: crate::pipeline::hits::HitId { epoch: 5, seq: 11 },
+                time_ms: 1_700_000_000_000,
+            }],
         };
         assert_eq!(Checkpoint::decode(&cp.encode().unwrap()).unwrap(), cp);
         assert!(Checkpoint::decode(&[FORMAT, 0xff, 0xff]).is_err());
@@ -451,7 +493,48 @@ mod tests {
                 keys: keys.to_vec(),
                 alerts: Vec::new(),
                 home: HomeState::default(),
+                pending_hits: Vec::new(),
             }
         );
+    }
+
+    /// A checkpoint written before synchronous hits were logged restores
+    /// with none pending.
+    #[test]
+    fn a_format_3_checkpoint_restores_with_no_pending_hits() {
+        #[derive(Serialize)]
+        struct V3 {
+            next_offset: i64,
+            config_version: u64,
+            key_check: u64,
+            watermark_ms: u64,
+            horizon_ms: u64,
+            keys: Vec<StoredKey>,
+            alerts: Vec<(u64, KeyId, AlertAgg)>,
+            home: HomeState,
+        }
+        let home = HomeState {
+            next_offset: 12,
+            ..HomeState::default()
+        };
+        let mut bytes = vec![FORMAT_3];
+        postcard::to_io(
+            &V3 {
+                next_offset: 7,
+                config_version: 2,
+                key_check: 1,
+                watermark_ms: 5,
+                horizon_ms: 4,
+                keys: Vec::new(),
+                alerts: Vec::new(),
+                home: home.clone(),
+            },
+            &mut bytes,
+        )
+        .unwrap();
+        let cp = Checkpoint::decode(&bytes).unwrap();
+        assert_eq!(cp.next_offset, 7);
+        assert_eq!(cp.home, home);
+        assert!(cp.pending_hits.is_empty());
     }
 }

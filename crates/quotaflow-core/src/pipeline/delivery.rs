@@ -23,6 +23,18 @@ struct Counts {
 pub struct Delivery {
     counts: Mutex<Counts>,
     settled: Condvar,
+    on_settled: Mutex<OnSettled>,
+}
+
+/// Called once, when every output queued so far is acknowledged (`true`)
+/// or one was given up on (`false`).
+#[derive(Default)]
+struct OnSettled(Option<Box<dyn FnOnce(bool) + Send>>);
+
+impl std::fmt::Debug for OnSettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 /// How a generation ended, as far as the checkpoint is concerned.
@@ -37,15 +49,31 @@ pub enum Settled {
 }
 
 impl Delivery {
+    /// A delivery that calls `f` when it settles, for a caller that cannot
+    /// block on [`Delivery::wait`] (an async handler awaiting one record).
+    pub fn notifying(f: impl FnOnce(bool) + Send + 'static) -> Self {
+        Self {
+            on_settled: Mutex::new(OnSettled(Some(Box::new(f)))),
+            ..Self::default()
+        }
+    }
+
     /// One output queued (call before handing it to the transport, so its
     /// acknowledgement can never arrive first).
     pub fn queued(&self) {
         self.counts.lock().pending += 1;
     }
 
-    /// An output counted by [`Delivery::queued`] was not queued after all.
+    /// An output counted by [`Delivery::queued`] was not queued after all
+    /// (the caller reports the error). A notifying delivery does not call
+    /// back for it: its callback is dropped with the delivery unless
+    /// another output settles it.
     pub fn cancelled(&self) {
-        self.done(true);
+        let mut c = self.counts.lock();
+        c.pending = c.pending.saturating_sub(1);
+        if c.pending == 0 {
+            self.settled.notify_all();
+        }
     }
 
     /// One queued output was acknowledged (`true`) or given up on.
@@ -55,8 +83,16 @@ impl Delivery {
         if !delivered {
             c.failed += 1;
         }
+        let settled = c.pending == 0 || c.failed > 0;
+        let ok = c.failed == 0;
         if c.pending == 0 {
             self.settled.notify_all();
+        }
+        drop(c);
+        if settled {
+            if let Some(f) = self.on_settled.lock().0.take() {
+                f(ok);
+            }
         }
     }
 
@@ -98,6 +134,26 @@ mod tests {
         };
         assert_eq!(d.wait(Duration::from_secs(10)), Settled::Delivered);
         acker.join().unwrap();
+    }
+
+    #[test]
+    fn a_notifying_delivery_calls_back_once_settled() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = Delivery::notifying(move |ok| tx.send(ok).unwrap());
+        d.queued();
+        d.queued();
+        d.done(true);
+        assert!(rx.try_recv().is_err(), "one output is still in flight");
+        d.done(true);
+        assert_eq!(rx.try_recv(), Ok(true));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = Delivery::notifying(move |ok| tx.send(ok).unwrap());
+        d.queued();
+        d.queued();
+        d.done(false);
+        assert_eq!(rx.try_recv(), Ok(false), "a failure settles at once");
+        d.done(true);
+        assert!(rx.try_recv().is_err(), "called once");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod backtest;
 pub mod checkpoint;
 pub mod delivery;
+pub mod hits;
 #[cfg(test)]
 mod home_tests;
 pub mod partition;

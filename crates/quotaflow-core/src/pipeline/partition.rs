@@ -209,6 +209,7 @@ impl PartitionProcessor {
             keys: cp.home.keys.clone(),
             alerts: cp.home.alerts.clone(),
             home: HomeState::default(),
+            pending_hits: Vec::new(),
         });
         let mut p = Self::new(cfg, partition, store, as_checkpoint);
         p.applied = Some(
@@ -288,6 +289,7 @@ impl PartitionProcessor {
             keys: self.store.export(),
             alerts,
             home: HomeState::default(),
+            pending_hits: Vec::new(),
         }
     }
 

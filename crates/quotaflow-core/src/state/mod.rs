@@ -285,6 +285,27 @@ impl KeyedStore {
         }
     }
 
+    /// Count `cost` on `probe`'s key whatever the verdict
+    /// ([`crate::algorithms::Algorithm::charge`]): a synchronous hit,
+    /// admitted when it was answered, replayed from the partition log. A
+    /// new key that does not fit in a full store is not counted.
+    pub fn charge(&self, probe: &Probe<'_>, now_ms: u64, cost: u64) {
+        let hash = probe.key.table_hash();
+        let mut table = self.shards[self.shard_of(hash)].0.lock();
+        match table.find_mut(hash, |s| s.key == probe.key) {
+            Some(slot) => {
+                let outcome = probe.algorithm.charge(&slot.state, now_ms, cost);
+                commit(slot, &outcome, true);
+            }
+            None => {
+                if self.room(&table) {
+                    let outcome = probe.algorithm.charge(&FRESH, now_ms, cost);
+                    insert(&mut table, probe.key, &outcome);
+                }
+            }
+        }
+    }
+
     fn apply_many(
         &self,
         probes: &[Probe<'_>],
