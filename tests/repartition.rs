@@ -9,9 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::services::read_until;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use common::stream::{event, Fixture, Sent, FINGERPRINT_KEY};
-use common::{client, metric, wait_for, Server};
+use common::{client, header, metric, wait_for, Server};
 use quotaflow_core::fingerprint::Fingerprinter;
+use quotaflow_core::pipeline::hits::{SyncHit, HIT_FORMAT};
 use quotaflow_core::pipeline::routing::Routing;
 use quotaflow_core::rules::{Dimension, Request, Rules, RulesDoc};
 use quotaflow_core::state::KeyId;
@@ -344,7 +348,13 @@ async fn kafka_kill_9_counts_every_unaligned_key_once_at_its_home() {
     assert!(c.terminate().success());
     // Still true after the final checkpoints.
     assert_eq!(differences(&f, &want), Vec::<String>::new());
+    assert_decisions_once(&f, &sent).await;
+}
 
+/// The decisions topic, deduplicated by id, holds exactly one decision per
+/// event and limit shape (every limit allows: `every_event` ALLOWs), and
+/// copies of one id agree byte for byte: what a run without a crash gives.
+async fn assert_decisions_once(f: &Fixture, sent: &[Sent]) {
     let ids: BTreeSet<String> = sent
         .iter()
         .flat_map(|s| {
@@ -406,4 +416,206 @@ async fn kafka_aligned_limits_leave_the_repartition_topic_empty() {
     let topic = format!("{}-repartition", f.requests);
     let records = read_until(&topic, Duration::from_secs(3), |_| false);
     assert!(records.is_empty(), "{} repartition records", records.len());
+}
+
+/// A partition's synchronous hits as its log holds them: each hit once
+/// (by id), every charge's key with the units it counts.
+fn logged_hits(f: &Fixture) -> (usize, BTreeMap<KeyId, u64>) {
+    let topic = format!("{}-repartition", f.requests);
+    let records = read_until(&topic, Duration::from_secs(5), |_| false);
+    let mut seen = BTreeSet::new();
+    let mut counts: BTreeMap<KeyId, u64> = BTreeMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.payload.first() == Some(&HIT_FORMAT))
+    {
+        let hit = SyncHit::decode(&r.payload).expect("a hit record decodes");
+        if !seen.insert(hit.id) {
+            continue;
+        }
+        for c in &hit.charges {
+            *counts.entry(c.key).or_default() += hit.cost;
+        }
+    }
+    (seen.len(), counts)
+}
+
+/// The proof that a group keeps one state (issue 11): a stream whose
+/// limits are per user, per IP, per API key and global, plus concurrent
+/// synchronous checks of the same keys through every instance, with one
+/// instance killed by `kill -9` mid-run and later replaced. Every key's
+/// final state equals an oracle that counts each event once and each hit
+/// of the partition logs once; every hit answered (200, not degraded) is
+/// in those logs; and the decisions, deduplicated by id, are exactly
+/// those of a run without the kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_kill_9_with_sync_checks_counts_every_event_and_answered_hit_once() {
+    let f = Fixture::new("proof", 6).await;
+    // Windows of a year: events (stamped now) and hits share one window.
+    let limits = FOUR_SHAPES.replace("window = \"1h\"", "window = \"366d\"");
+    let config = f.config(
+        &limits,
+        "[stream]\ncheckpoint_interval = \"300ms\"\n\
+         [cluster]\nbudget = \"1s\"\nregistry_interval = \"100ms\"\n",
+    );
+    let [mut a, b, mut c] = group_of_three(&config);
+    let up: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
+        [&a, &b, &c].iter().map(|s| s.url("/check")).collect(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered: Arc<Mutex<Vec<Request>>> = Arc::default();
+    let checkers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (up, stop, answered) = (up.clone(), stop.clone(), answered.clone());
+            tokio::spawn(async move {
+                let http = client();
+                let mut rng = StdRng::seed_from_u64(100 + t);
+                let mut n = t as usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let url = {
+                        let up = up.lock().unwrap();
+                        up[n % up.len()].clone()
+                    };
+                    n += 1;
+                    let req = Request {
+                        user_id: Some(format!("user-{}", rng.random_range(0..90))),
+                        api_key: Some(format!("sk_test_{}", rng.random_range(0..7))),
+                        client_ip: Some(
+                            format!("203.0.113.{}", rng.random_range(1..=200))
+                                .parse()
+                                .expect("ip"),
+                        ),
+                        method: Some("GET".into()),
+                        path: Some("/a".into()),
+                        ..Request::default()
+                    };
+                    let body = json!({
+                        "user_id": req.user_id, "api_key": req.api_key,
+                        "client_ip": req.client_ip.map(|ip| ip.to_string()),
+                        "method": "GET", "path": "/a",
+                    });
+                    // The killed instance refuses connections: not answered.
+                    if let Ok(r) = http.post(&url).json(&body).send().await {
+                        if r.status() == 200 && header(&r, "quotaflow-degraded").is_empty() {
+                            answered.lock().unwrap().push(req);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            })
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(29);
+    let mut sent = Vec::new();
+    produce_now(&f, &mut rng, 0..1500, &mut sent).await;
+    wait_for(
+        "b to route events and log hits",
+        Duration::from_secs(60),
+        || {
+            metric(
+                &b,
+                "quotaflow_repartition_records_total{outcome=\"applied\"}",
+            ) > 100.0
+                && metric(&b, "quotaflow_sync_hits_logged_total{outcome=\"appended\"}") > 20.0
+        },
+    );
+    up.lock().unwrap().retain(|u| *u != b.url("/check"));
+    drop(b); // SIGKILL: no final checkpoint, no leaving the group
+    produce_now(&f, &mut rng, 1500..2200, &mut sent).await;
+    let mut d = Server::start(Some(&config), &[]);
+    wait_for(
+        "the replacement to own partitions",
+        Duration::from_secs(60),
+        || metric(&d, "quotaflow_partitions_owned") >= 1.0,
+    );
+    up.lock().unwrap().push(d.url("/check"));
+    produce_now(&f, &mut rng, 2200..3000, &mut sent).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in checkers {
+        t.await.expect("checker");
+    }
+    f.wait_checkpointed(&sent, Duration::from_secs(120));
+
+    let fp = Fingerprinter::from_secret(FINGERPRINT_KEY);
+    let rules = Rules::compile(RulesDoc::from_json(LIMITS_JSON.as_bytes()).unwrap(), 1, &fp)
+        .expect("the test's limits");
+    let answered = std::mem::take(&mut *answered.lock().unwrap());
+    let mut want = expected(&sent, 6);
+    let (hits, logged) = logged_hits(&f);
+    for (id, units) in &logged {
+        want.counts
+            .get_mut(id)
+            .expect("a hit on a key events also touch")
+            .1 += units;
+    }
+    // Answered hits are a subset of the logged ones, key by key.
+    let mut answered_by_key: BTreeMap<KeyId, u64> = BTreeMap::new();
+    for req in &answered {
+        for limit in &rules.limits {
+            if let Some(id) = limit.key_id(req, &mut String::new()) {
+                *answered_by_key.entry(id).or_default() += 1;
+            }
+        }
+    }
+    let unlogged: Vec<_> = answered_by_key
+        .iter()
+        .filter(|(id, n)| logged.get(id).copied().unwrap_or(0) < **n)
+        .take(5)
+        .collect();
+    assert!(
+        unlogged.is_empty(),
+        "answered hits missing from the log: {unlogged:?}"
+    );
+    let replayed: f64 = [&a, &c, &d]
+        .iter()
+        .map(|s| metric(s, "quotaflow_sync_hits_logged_total{outcome=\"replayed\"}"))
+        .sum();
+    eprintln!(
+        "{} sync hits answered, {hits} logged, {replayed} replayed from the log after the kill",
+        answered.len()
+    );
+    assert!(
+        answered.len() > 100,
+        "too few hits answered: {}",
+        answered.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let diffs = differences(&f, &want);
+        if diffs.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} keys differ from the oracle, first {:?}",
+            diffs.len(),
+            &diffs[..diffs.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(a.terminate().success());
+    assert!(c.terminate().success());
+    assert!(d.terminate().success());
+    assert_eq!(differences(&f, &want), Vec::<String>::new());
+    assert_decisions_once(&f, &sent).await;
+}
+
+/// Events stamped with the wall clock now, as gateways publish them.
+async fn produce_now(
+    f: &Fixture,
+    rng: &mut StdRng,
+    range: std::ops::Range<usize>,
+    sent: &mut Vec<Sent>,
+) {
+    for n in range {
+        let user = format!("user-{}", rng.random_range(0..90));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        let mut e = event(&user, now, n);
+        e.api_key = Some(format!("sk_test_{}", rng.random_range(0..7)));
+        sent.push(f.send(e, now).await);
+    }
 }

@@ -277,6 +277,42 @@ mod tests {
         assert_eq!(fields, vec!["capcity", "capacity", "refill_per_sec"]);
     }
 
+    proptest::proptest! {
+        /// `charge` is `decide` when `decide` admits; when it refuses,
+        /// `charge` still counts: n charges leave no room for more than
+        /// the quota minus n.
+        #[test]
+        fn charge_counts_whatever_the_verdict(
+            which in 0usize..3, quota in 1u64..20, extra in 0u64..10,
+            now in 0u64..10_000_000, cost in 1u64..4,
+        ) {
+            let a = build(
+                ["token_bucket", "fixed_window", "sliding_window"][which],
+                &map(match which {
+                    0 => json!({"capacity": quota, "refill_per_sec": 0.001}),
+                    _ => json!({"limit": quota, "window": "1h"}),
+                }),
+            ).unwrap();
+            let mut decided = [0u64; 3];
+            let mut charged = [0u64; 3];
+            let n = quota / cost + extra;
+            for _ in 0..n {
+                let d = a.decide(&decided, now, cost);
+                let c = a.charge(&charged, now, cost);
+                proptest::prop_assert_eq!(c.verdict.allowed, a.decide(&charged, now, cost).verdict.allowed);
+                if d.verdict.allowed && decided == charged {
+                    proptest::prop_assert_eq!(c, d);
+                }
+                if d.verdict.allowed {
+                    decided = d.state;
+                }
+                charged = c.state;
+            }
+            // At least quota - cost + 1 units charged: one more is refused.
+            proptest::prop_assert!(!a.decide(&charged, now, cost).verdict.allowed);
+        }
+    }
+
     #[test]
     fn build_rejects_unknown_algorithm() {
         let err = build("leaky", &Map::new()).unwrap_err();

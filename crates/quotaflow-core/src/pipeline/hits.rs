@@ -210,6 +210,49 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_charges_this_sides_keys_of_known_limits_even_over_the_limit() {
+        let fp = crate::fingerprint::Fingerprinter::from_secret("t");
+        let doc = crate::rules::RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_user", "algorithm": "fixed_window", "key": ["user_id"], "limit": 2, "window": "1h"}]}"#,
+        )
+        .unwrap();
+        let rules = Rules::compile(doc, 1, &fp).unwrap();
+        let store = KeyedStore::new(1);
+        let key = KeyId(42);
+        let hit = |seq| SyncHit {
+            id: HitId { epoch: 1, seq },
+            time_ms: 1_000,
+            cost: 1,
+            charges: vec![
+                Charge {
+                    side: Side::Arrival,
+                    limit: "per_user".into(),
+                    key,
+                },
+                Charge {
+                    side: Side::Home,
+                    limit: "per_user".into(),
+                    key: KeyId(7),
+                },
+                Charge {
+                    side: Side::Arrival,
+                    limit: "gone".into(),
+                    key: KeyId(8),
+                },
+            ],
+        };
+        for seq in 0..3 {
+            assert_eq!(replay(&store, &rules, &hit(seq), Side::Arrival), 1);
+        }
+        assert_eq!(
+            store.get(key).map(|s| s[1]),
+            Some(3),
+            "counted past the limit of 2"
+        );
+        assert_eq!(store.len(), 1, "only this side's keys of known limits");
+    }
+
+    #[test]
     fn other_formats_are_refused() {
         assert_eq!(
             SyncHit::decode(&[1, 0, 0]),
