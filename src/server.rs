@@ -385,15 +385,18 @@ where
         .limiter
         .fingerprinter()
         .hex(b"quotaflow internal group token v1");
-    let cluster = Arc::new(crate::cluster::Cluster::new(
-        routing,
-        coordinator,
-        registry,
-        &token,
-        c.budget,
-        settings.state.failure_mode,
-        address.clone(),
-    )?);
+    let cluster = Arc::new(
+        crate::cluster::Cluster::new(
+            routing,
+            coordinator,
+            registry,
+            &token,
+            c.budget,
+            settings.state.failure_mode,
+            address.clone(),
+        )?
+        .with_sync_hits(c.sync_hits),
+    );
     state.cluster = Some(cluster.clone());
     if bound.ip().is_loopback() {
         tracing::warn!(

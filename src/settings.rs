@@ -296,6 +296,9 @@ pub struct ClusterSettings {
     /// How often owners are announced and the registry re-read.
     #[serde(deserialize_with = "duration")]
     pub registry_interval: Duration,
+    /// Whether a counted synchronous hit is in the partition's log before
+    /// it is answered (docs/group.md).
+    pub sync_hits: crate::cluster::SyncHits,
 }
 
 impl Default for ClusterSettings {
@@ -305,6 +308,7 @@ impl Default for ClusterSettings {
             advertise: String::new(),
             budget: Duration::from_millis(50),
             registry_interval: Duration::from_millis(200),
+            sync_hits: crate::cluster::SyncHits::Logged,
         }
     }
 }
@@ -618,6 +622,20 @@ mod tests {
         assert!(err.contains("security.fingerprint_key"), "{err}");
         s.security.fingerprint_key = "k".into();
         assert!(s.check_mode().is_ok());
+    }
+
+    #[test]
+    fn sync_hits_are_logged_by_default_and_may_be_checkpointed_only() {
+        let s = Settings::load_with_env(None, false).unwrap();
+        assert_eq!(s.cluster.sync_hits, crate::cluster::SyncHits::Logged);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[cluster]\nsync_hits = \"checkpointed\"\n").unwrap();
+        let s = Settings::load_with_env(Some(&path), false).unwrap();
+        assert_eq!(s.cluster.sync_hits, crate::cluster::SyncHits::Checkpointed);
+        std::fs::write(&path, "[cluster]\nsync_hits = \"sometimes\"\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), false).unwrap_err();
+        assert!(format!("{err:#}").contains("sync_hits"), "{err:#}");
     }
 
     #[test]

@@ -440,6 +440,16 @@ async fn an_owner_paused_or_killed_is_answered_by_failure_mode_within_the_budget
                     until_exact(&c, &members[0].server, user, path, Duration::from_secs(30)).await;
                 assert_eq!(v.2[&path[1..]], (true, 3), "after SIGCONT {path}: {v:?}");
             }
+            let mut fenced = 0.0;
+            for m in &members {
+                fenced += metric(
+                    &c,
+                    &m.server,
+                    "quotaflow_sync_hits_logged_total{outcome=\"fenced\"}",
+                )
+                .await;
+            }
+            eprintln!("hits the woken zombie logged after the take-over, not counted: {fenced}");
         }
     }
     // The killed member is replaced; the group spreads again.

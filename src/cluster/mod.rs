@@ -77,6 +77,19 @@ impl OwnerUnavailable {
     }
 }
 
+/// When a synchronous hit counted on an owner is answered
+/// (`cluster.sync_hits`, docs/group.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncHits {
+    /// Once it is in the partition's log: a crash of the owner loses no
+    /// answered hit. Costs one produce acknowledgement per hit.
+    Logged,
+    /// At once: a crash of the owner loses the hits answered since its
+    /// last checkpoint (at most `stream.checkpoint_interval` of them).
+    Checkpointed,
+}
+
 /// The group's parts a check needs.
 pub struct Cluster {
     routing: Routing,
@@ -89,6 +102,7 @@ pub struct Cluster {
     failure_mode: FailureMode,
     /// This instance's advertised internal address.
     address: String,
+    sync_hits: SyncHits,
 }
 
 /// An internal call within the budget: its answer, or `Elapsed`.
@@ -143,7 +157,13 @@ impl Cluster {
             budget,
             failure_mode,
             address,
+            sync_hits: SyncHits::Logged,
         })
+    }
+
+    pub fn with_sync_hits(mut self, sync_hits: SyncHits) -> Self {
+        self.sync_hits = sync_hits;
+        self
     }
 
     /// Per probe of `m`: whether its limit is aligned with the partition key.
@@ -319,6 +339,7 @@ impl Cluster {
                 Via::Here => {
                     let (decided, appends) = decide_here(
                         &self.coordinator,
+                        self.sync_hits,
                         rules,
                         &self.aligned(rules, m),
                         phase,
@@ -512,6 +533,7 @@ impl Cluster {
             .collect();
         let (decided, appends) = decide_here(
             &self.coordinator,
+            self.sync_hits,
             &rules,
             &self.aligned(&rules, &m),
             ask.phase,
@@ -573,6 +595,7 @@ enum Via {
 #[allow(clippy::too_many_arguments)]
 fn decide_here(
     coordinator: &Coordinator,
+    sync_hits: SyncHits,
     rules: &Rules,
     aligned: &[bool],
     phase: Phase,
@@ -621,7 +644,7 @@ fn decide_here(
             }
             let admitted = apply_across(&parts, now, cost, &mut out);
             // A check of cost 0 counts nothing: there is nothing to log.
-            if admitted && cost > 0 {
+            if admitted && cost > 0 && sync_hits == SyncHits::Logged {
                 for (home, t) in &targets {
                     let Some(t) = t else { continue };
                     let charges: Vec<Charge> = idx

@@ -16,9 +16,19 @@ use crate::avro::Codec;
 use crate::settings::KafkaSettings;
 use quotaflow_core::pipeline::{Delivery, Output, OutputSink, SinkError};
 
-struct SinkContext {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sends {
+    /// Decisions, alerts, dead letters and routed events: a failure stops
+    /// the partition's checkpoints.
+    Outputs,
     /// A shadow config's decisions: a failure costs those decisions only.
-    shadow: bool,
+    Shadow,
+    /// Synchronous hits: a failure is answered by the failure mode.
+    Hits,
+}
+
+struct SinkContext {
+    sends: Sends,
 }
 
 impl ClientContext for SinkContext {}
@@ -28,8 +38,11 @@ impl ProducerContext for SinkContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Arc<Delivery>) {
         match result {
-            Err((e, m)) if self.shadow => {
+            Err((e, m)) if self.sends == Sends::Shadow => {
                 tracing::warn!(event = "shadow_delivery_failed", topic = m.topic(), error = %e, "shadow decision not delivered; the real outputs are not affected");
+            }
+            Err((e, m)) if self.sends == Sends::Hits => {
+                tracing::error!(event = "sync_hit_not_appended", partition = m.partition(), error = %e, "a synchronous hit could not be appended to its partition's log; it is answered by its limit's failure mode and stays counted");
             }
             Err((e, m)) => {
                 tracing::error!(event = "delivery_failed", topic = m.topic(), error = %e, "output not delivered; its partition stops, and is taken over again from its last checkpoint and replayed");
@@ -43,6 +56,9 @@ impl ProducerContext for SinkContext {
 /// Publishes outputs to the decisions, alerts and dead-letter topics.
 pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
+    /// Synchronous hits, which a client waits for: sent at once (no
+    /// linger), apart from the batched outputs. Created on first use.
+    hits: std::sync::OnceLock<Option<ThreadedProducer<SinkContext>>>,
     codec: Arc<Codec>,
     settings: KafkaSettings,
     /// `settings.repartition_topic()`, resolved once.
@@ -59,10 +75,13 @@ impl KafkaSink {
             .set("linger.ms", "1")
             // Retry until delivered: a failed output is never dropped silently.
             .set("message.timeout.ms", "0")
-            .create_with_context(SinkContext { shadow: false })
+            .create_with_context(SinkContext {
+                sends: Sends::Outputs,
+            })
             .context("creating the Kafka producer")?;
         Ok(Self {
             producer,
+            hits: std::sync::OnceLock::new(),
             codec,
             settings: settings.clone(),
             repartition_topic: settings.repartition_topic(),
@@ -79,12 +98,15 @@ impl KafkaSink {
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000")
-            .create_with_context(SinkContext { shadow: true })
+            .create_with_context(SinkContext {
+                sends: Sends::Shadow,
+            })
             .context("creating the shadow decisions' Kafka producer")?;
         let mut settings = settings.clone();
         settings.decisions_topic = settings.shadow_decisions_topic.clone();
         Ok(Self {
             producer,
+            hits: std::sync::OnceLock::new(),
             codec,
             repartition_topic: settings.repartition_topic(),
             settings,
@@ -137,7 +159,45 @@ fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
     })
 }
 
+impl KafkaSink {
+    fn hits_producer(&self) -> Option<&ThreadedProducer<SinkContext>> {
+        self.hits
+            .get_or_init(|| {
+                client_config(&self.settings)
+                    .set("enable.idempotence", "true")
+                    .set("linger.ms", "0")
+                    .set("message.timeout.ms", "0")
+                    .create_with_context(SinkContext { sends: Sends::Hits })
+                    .inspect_err(|e| {
+                        tracing::error!(event = "sync_hit_not_appended", partition = -1, error = %e, "the synchronous hits' Kafka producer could not be created; hits are answered by their limits' failure mode");
+                    })
+                    .ok()
+            })
+            .as_ref()
+    }
+}
+
 impl OutputSink for KafkaSink {
+    fn append_hit(
+        &self,
+        partition: i32,
+        record: &[u8],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        let producer = self
+            .hits_producer()
+            .ok_or_else(|| SinkError("no producer for synchronous hits".into()))?;
+        delivery.queued();
+        let record = BaseRecord::with_opaque_to(&self.repartition_topic, delivery.clone())
+            .partition(partition)
+            .key(&[][..])
+            .payload(record);
+        producer.send(record).map_err(|(e, _)| {
+            delivery.cancelled();
+            SinkError(format!("producing to {}: {e}", self.repartition_topic))
+        })
+    }
+
     fn publish_repartition(
         &self,
         partition: i32,

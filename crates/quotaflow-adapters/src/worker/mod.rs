@@ -342,9 +342,9 @@ impl SyncTarget {
     /// dropped uncalled, or called with `false`, if it never will.
     pub fn append(&self, hit: &SyncHit, done: impl FnOnce(bool) + Send + 'static) {
         let delivery = Arc::new(Delivery::notifying(done));
-        if let Err(e) =
-            self.sink
-                .publish_repartition(self.partition, self.partition, &hit.encode(), &delivery)
+        if let Err(e) = self
+            .sink
+            .append_hit(self.partition, &hit.encode(), &delivery)
         {
             tracing::error!(event = "sync_hit_not_appended", partition = self.partition, error = %e, "a synchronous hit could not be appended to its partition's log; it is answered by its limit's failure mode and stays counted");
         }

@@ -54,6 +54,19 @@ pub trait OutputSink: Send + Sync {
             "no repartition topic for partition {partition}'s records to {home}"
         )))
     }
+
+    /// Queue `record`, a synchronous hit ([`hits::SyncHit`]), for
+    /// partition `partition` of the repartition topic, counted on
+    /// `delivery`. A client waits for it: a sink may send it sooner than
+    /// routed batches.
+    fn append_hit(
+        &self,
+        partition: i32,
+        record: &[u8],
+        delivery: &Arc<Delivery>,
+    ) -> Result<(), SinkError> {
+        self.publish_repartition(partition, partition, record, delivery)
+    }
 }
 
 /// An output that could not be queued or delivered.
