@@ -45,6 +45,9 @@
 #               root); with sched_autogroup_enabled the level is also set on
 #               this script's session, as scripts/bench-stream.sh does
 #   KEEP=1      keep topics and Redis keys
+#   SYNC_HITS=logged  cluster.sync_hits of A and B: "logged" (the default:
+#               a hit is answered once it is in its partition's log) or
+#               "checkpointed" (answered at once; docs/group.md)
 #   SERVER_THREADS=N  a diagnostic: the servers' tokio worker threads
 #               (TOKIO_WORKER_THREADS; default: one per core)
 #   PERF=1      also count each server's context switches per check
@@ -60,6 +63,7 @@ RATE="${RATE:-3000}"
 ROUNDS="${ROUNDS:-3}"
 EXTRA_RATES="${EXTRA_RATES-10000}"
 SERVER_THREADS="${SERVER_THREADS:-}"
+SYNC_HITS="${SYNC_HITS:-logged}"
 PERF="${PERF:-0}"
 USERS="${USERS:-10000}"
 CONNECTIONS="${CONNECTIONS:-32}"
@@ -78,6 +82,11 @@ TARGET_CPU_US=20
 TARGET_CPU_RATIO=2
 
 say() { printf '==> %s\n' "$*" >&2; }
+case "$SYNC_HITS" in logged | checkpointed) ;; *)
+  printf 'SYNC_HITS must be logged or checkpointed, not %s\n' "$SYNC_HITS" >&2
+  exit 2
+  ;;
+esac
 die() {
   printf 'bench-group: %s\n' "$*" >&2
   exit 1
@@ -202,7 +211,8 @@ start_quotaflow() {
         QUOTAFLOW__KAFKA__REQUESTS_TOPIC="$RUN-requests" \
         QUOTAFLOW__KAFKA__DECISIONS_TOPIC="$RUN-decisions" \
         QUOTAFLOW__KAFKA__ALERTS_TOPIC="$RUN-alerts" \
-        QUOTAFLOW__KAFKA__DEAD_LETTER_TOPIC="$RUN-dlq"
+        QUOTAFLOW__KAFKA__DEAD_LETTER_TOPIC="$RUN-dlq" \
+        QUOTAFLOW__CLUSTER__SYNC_HITS="$SYNC_HITS"
     fi
     exec nice -n "$NICE" "$QUOTAFLOW" serve --config "$CONFIG" --listen 127.0.0.1:0 >"$log" 2>"$log.stderr"
   ) &
@@ -243,7 +253,7 @@ scrape() {
   echo "nproc: $(nproc)"
   echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
   echo "loadavg before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "NICE: $NICE; autogroup: ${AUTOGROUP:-unchanged}; server threads: ${SERVER_THREADS:-one per core}"
+  echo "NICE: $NICE; autogroup: ${AUTOGROUP:-unchanged}; server threads: ${SERVER_THREADS:-one per core}; cluster.sync_hits: $SYNC_HITS"
   echo "kafka: $(scripts/services.sh status 2>/dev/null | head -n1)"
   echo "busiest processes at start:"
   ps -eo pcpu,comm --sort=-pcpu | head -n 8
