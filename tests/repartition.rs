@@ -418,8 +418,8 @@ async fn kafka_aligned_limits_leave_the_repartition_topic_empty() {
     assert!(records.is_empty(), "{} repartition records", records.len());
 }
 
-/// A partition's synchronous hits as its log holds them: each hit once
-/// (by id), every charge's key with the units it counts.
+/// The partitions' synchronous hits as their logs hold them: each hit once
+/// (by partition and id), every charge's key with the units it counts.
 fn logged_hits(f: &Fixture) -> (usize, BTreeMap<KeyId, u64>) {
     let topic = format!("{}-repartition", f.requests);
     let records = read_until(&topic, Duration::from_secs(5), |_| false);
@@ -430,7 +430,8 @@ fn logged_hits(f: &Fixture) -> (usize, BTreeMap<KeyId, u64>) {
         .filter(|r| r.payload.first() == Some(&HIT_FORMAT))
     {
         let hit = SyncHit::decode(&r.payload).expect("a hit record decodes");
-        if !seen.insert(hit.id) {
+        // Ids are unique per partition (an epoch is a partition's).
+        if !seen.insert((r.partition, hit.id)) {
             continue;
         }
         for c in &hit.charges {

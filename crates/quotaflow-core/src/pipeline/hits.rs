@@ -21,9 +21,10 @@ use crate::state::{KeyId, KeyedStore, Probe};
 /// batches (`super::repartition`).
 pub const HIT_FORMAT: u8 = 3;
 
-/// A hit's identity: the owner's fencing epoch of the partition and the
-/// hit's place among those that owner appended. Unique across owners
-/// because epochs are.
+/// A hit's identity within its partition: the owner's fencing epoch of
+/// the partition and the hit's place among those that owner appended.
+/// Unique across the partition's owners because its epochs are (another
+/// partition's epochs may repeat it).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
