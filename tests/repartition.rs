@@ -275,6 +275,24 @@ fn differences(f: &Fixture, want: &Expected) -> Vec<String> {
     diffs
 }
 
+/// Wait until the checkpoints count every key as the oracle does.
+fn until_as_the_oracle(f: &Fixture, want: &Expected) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let diffs = differences(f, want);
+        if diffs.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} keys differ from the oracle, first {:?}",
+            diffs.len(),
+            &diffs[..diffs.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 async fn produce(
     f: &Fixture,
     rng: &mut StdRng,
@@ -314,20 +332,7 @@ async fn kafka_kill_9_counts_every_unaligned_key_once_at_its_home() {
     produce(&f, &mut rng, 1500..3000, &mut sent).await;
     f.wait_checkpointed(&sent, Duration::from_secs(120));
     let want = expected(&sent, 6);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let diffs = differences(&f, &want);
-        if diffs.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} keys differ from the oracle, first {:?}",
-            diffs.len(),
-            &diffs[..diffs.len().min(5)]
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    until_as_the_oracle(&f, &want);
     let duplicates: f64 = [&a, &c]
         .iter()
         .map(|s| {
@@ -581,20 +586,7 @@ async fn kafka_kill_9_with_sync_checks_counts_every_event_and_answered_hit_once(
         "too few hits answered: {}",
         answered.len()
     );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let diffs = differences(&f, &want);
-        if diffs.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} keys differ from the oracle, first {:?}",
-            diffs.len(),
-            &diffs[..diffs.len().min(5)]
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    until_as_the_oracle(&f, &want);
     assert!(a.terminate().success());
     assert!(c.terminate().success());
     assert!(d.terminate().success());

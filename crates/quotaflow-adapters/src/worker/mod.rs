@@ -687,12 +687,7 @@ fn run<S: Source>(
                     return;
                 }
                 let batch = decode_batch(r.payload).unwrap_or_else(|e| {
-                    tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %e, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
-                    ctx.metrics
-                        .stream
-                        .repartition_records
-                        .with_label_values(&["invalid"])
-                        .inc();
+                    unreadable_routed(&ctx, partition, r.offset, &e);
                     Vec::new()
                 });
                 for routed in &batch {
@@ -873,17 +868,25 @@ fn read_hit(
             hits::replay(home.store(), &rules, &hit, Side::Home);
             "replayed"
         }
-        Err(e) => {
-            tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %e, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
-            ctx.metrics
-                .stream
-                .repartition_records
-                .with_label_values(&["invalid"])
-                .inc();
-            return;
-        }
+        Err(e) => return unreadable_routed(ctx, partition, r.offset, &e),
     };
     ctx.metrics.sync_hits.with_label_values(&[outcome]).inc();
+}
+
+/// A repartition-topic message that cannot be read: skipped, logged and
+/// counted.
+fn unreadable_routed(
+    ctx: &WorkerContext,
+    partition: i32,
+    offset: i64,
+    reason: &dyn std::fmt::Display,
+) {
+    tracing::error!(event = "repartition_record_invalid", partition, offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+    ctx.metrics
+        .stream
+        .repartition_records
+        .with_label_values(&["invalid"])
+        .inc();
 }
 
 /// A worker's shadow processor: after the real one, on the same records.
