@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,7 +39,20 @@ struct QueueSource {
     control: Receiver<Msg>,
     /// When the last repartition record came.
     last_routed: Option<Instant>,
+    /// Where the partition's high watermarks are asked (the takeover marks).
+    marks: Marks,
 }
+
+/// What a worker needs to read its partition's high watermarks.
+struct Marks {
+    consumer: Weak<BaseConsumer<ConsumerCtx>>,
+    requests_topic: String,
+    repartition_topic: String,
+    partition: i32,
+}
+
+/// Bound on each ask for a partition's high watermark.
+const MARKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest a worker waits on its queue before looking at its channel: the
 /// bound on how long a revoke waits for the worker to notice.
@@ -93,6 +106,35 @@ impl Source for QueueSource {
             wait = Duration::ZERO;
         }
         Control::Continue
+    }
+
+    fn control(&mut self, timeout: Duration) -> Control {
+        match self.control.recv_timeout(timeout) {
+            Ok(Msg::Stop(req)) => Control::Stop(req),
+            Ok(Msg::Record(_) | Msg::Wake) | Err(RecvTimeoutError::Timeout) => Control::Continue,
+            Err(RecvTimeoutError::Disconnected) => Control::Closed,
+        }
+    }
+
+    /// The log end offsets of both topics' partition, from the broker: a
+    /// previous owner decided nothing at or beyond them, since it could
+    /// not read it.
+    fn takeover_marks(&mut self) -> Result<Option<[i64; 2]>, String> {
+        let m = &self.marks;
+        let consumer = m
+            .consumer
+            .upgrade()
+            .ok_or_else(|| "the consumer is closing".to_string())?;
+        let high = |topic: &str| {
+            consumer
+                .fetch_watermarks(topic, m.partition, MARKS_TIMEOUT)
+                .map(|(_, high)| high)
+                .map_err(|e| format!("{topic}/{}: {e}", m.partition))
+        };
+        Ok(Some([
+            high(&m.requests_topic)?,
+            high(&m.repartition_topic)?,
+        ]))
     }
 }
 
@@ -197,6 +239,15 @@ impl ConsumerContext for ConsumerCtx {
 }
 
 impl ConsumerCtx {
+    fn marks(&self, consumer: &Arc<BaseConsumer<ConsumerCtx>>, partition: i32) -> Marks {
+        Marks {
+            consumer: Arc::downgrade(consumer),
+            requests_topic: self.topic.clone(),
+            repartition_topic: self.repartition_topic.clone(),
+            partition,
+        }
+    }
+
     /// Hand `partitions` to the coordinator, each with its own queue split
     /// off before it is assigned (so that no record of it is ever fetched
     /// into the group's queue), and list them at their checkpoints' offsets.
@@ -219,6 +270,7 @@ impl ConsumerCtx {
                     routed,
                     control,
                     last_routed: None,
+                    marks: self.marks(&me, t.partition),
                 })
             });
         for t in taken {
@@ -278,6 +330,7 @@ fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) 
                 routed,
                 control,
                 last_routed: None,
+                marks: ctx.marks(consumer, t.partition),
             })
         },
     );
