@@ -118,7 +118,9 @@ impl Source for QueueSource {
 
     /// The log end offsets of both topics' partition, from the broker: a
     /// previous owner decided nothing at or beyond them, since it could
-    /// not read it.
+    /// not read it. An empty partition (everything deleted, or never
+    /// written) holds nothing to replay: its mark is 0, passed at once,
+    /// since no record would ever move the position up to its end.
     fn takeover_marks(&mut self) -> Result<Option<[i64; 2]>, String> {
         let m = &self.marks;
         let consumer = m
@@ -128,7 +130,7 @@ impl Source for QueueSource {
         let high = |topic: &str| {
             consumer
                 .fetch_watermarks(topic, m.partition, MARKS_TIMEOUT)
-                .map(|(_, high)| high)
+                .map(|(low, high)| if low >= high { 0 } else { high })
                 .map_err(|e| format!("{topic}/{}: {e}", m.partition))
         };
         Ok(Some([
