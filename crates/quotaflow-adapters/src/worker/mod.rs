@@ -1321,6 +1321,34 @@ mod tests {
         assert_eq!(shadow.with_label_values(&["block"]).get(), 1);
     }
 
+    /// Records that come while the worker holds still for a version
+    /// switch are kept and handed over first; a stop request behind them
+    /// is answered once they are (the embedded bus loses nothing it took).
+    #[test]
+    fn a_channel_source_keeps_the_records_and_the_stop_seen_while_holding_still() {
+        let (tx, rx) = channel(8);
+        let mut source = ChannelSource::new(rx);
+        for offset in 0..2 {
+            let r = BusRecord {
+                offset,
+                broker_ts_ms: None,
+                key: None,
+                payload: vec![],
+            };
+            tx.send(Msg::Record(r)).unwrap();
+        }
+        let (ack, _ack_rx) = mpsc::sync_channel(1);
+        tx.send(Msg::Stop(StopRequest { ack })).unwrap();
+        assert!(matches!(
+            source.control(Duration::from_millis(50)),
+            Control::Continue
+        ));
+        let mut seen = Vec::new();
+        let control = source.poll(Duration::from_millis(50), &mut |_, r| seen.push(r.offset));
+        assert_eq!(seen, vec![0, 1]);
+        assert!(matches!(control, Control::Stop(_)));
+    }
+
     /// A channel source whose takeover marks are given.
     struct Marked {
         inner: ChannelSource,
