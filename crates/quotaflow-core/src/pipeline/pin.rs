@@ -129,3 +129,55 @@ impl ConfigPin {
         self.rules = rules;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprinter;
+    use crate::rules::RulesDoc;
+
+    fn limiter() -> Limiter {
+        let json = r#"{"limits": [{"name": "x", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1m"}]}"#;
+        let doc = RulesDoc::from_json(json.as_bytes()).unwrap();
+        Limiter::new(doc, Fingerprinter::from_secret("t"), 1).unwrap()
+    }
+
+    #[test]
+    fn a_restored_version_is_held_until_both_marks_are_passed() {
+        let l = limiter();
+        let two = l.rules().doc().clone();
+        l.replace_rules(two).unwrap();
+        let (mut pin, how) = ConfigPin::restore(Some(1), &l, Hold::Unknown);
+        assert_eq!((how, pin.version()), (Restored::Pinned { version: 1 }, 1));
+        let running = l.rules();
+        // Marks not read yet: the version stays, wherever the sides are.
+        assert!(!pin.due(&running, 1_000, 1_000));
+        pin.set_hold(Hold::Until {
+            requests: 10,
+            repartition: 4,
+        });
+        assert!(!pin.due(&running, 9, 4));
+        assert!(!pin.due(&running, 10, 3));
+        assert!(pin.due(&running, 10, 4));
+        // Passed once, passed for good.
+        assert_eq!(pin.hold(), Hold::Nothing);
+        pin.switch(running.clone());
+        assert!(!pin.due(&running, 10, 4));
+    }
+
+    #[test]
+    fn an_unknown_or_missing_version_decides_with_the_running_one() {
+        let l = limiter();
+        let (pin, how) = ConfigPin::restore(Some(7), &l, Hold::Nothing);
+        assert_eq!(
+            how,
+            Restored::Unknown {
+                version: 7,
+                running: 1
+            }
+        );
+        assert_eq!(pin.version(), 1);
+        let (pin, how) = ConfigPin::restore(None, &l, Hold::Nothing);
+        assert_eq!((how, pin.version()), (Restored::Fresh, 1));
+    }
+}
