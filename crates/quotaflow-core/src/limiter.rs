@@ -10,6 +10,7 @@ use smallvec::SmallVec;
 
 use crate::algorithms::Verdict;
 use crate::fingerprint::Fingerprinter;
+use crate::rules::history::RulesHistory;
 use crate::rules::{InvalidConfig, Limit, Request, Rules, RulesDoc};
 use crate::state::{KeyCap, KeyId, KeyedStore, Probe, Probed};
 
@@ -132,8 +133,10 @@ pub struct Limiter {
     rules: ArcSwap<Rules>,
     store: KeyedStore,
     fingerprinter: Fingerprinter,
-    /// Serialises config writes so versions increase without gaps or races.
-    writer: Mutex<()>,
+    /// Serialises config writes so versions increase without gaps or races,
+    /// and holds the last versions run: a stream partition decides with the
+    /// version pinned in its checkpoint, not always the running one.
+    writer: Mutex<RulesHistory>,
     check: Option<RulesCheck>,
 }
 
@@ -159,12 +162,14 @@ impl Limiter {
         shards: usize,
         cap: KeyCap,
     ) -> Result<Self, InvalidConfig> {
-        let rules = Rules::compile(doc, 1, &fingerprinter)?;
+        let rules = Arc::new(Rules::compile(doc, 1, &fingerprinter)?);
+        let mut history = RulesHistory::default();
+        history.record(rules.clone());
         Ok(Self {
-            rules: ArcSwap::from_pointee(rules),
+            rules: ArcSwap::new(rules),
             store: KeyedStore::with_cap(shards, cap),
             fingerprinter,
-            writer: Mutex::new(()),
+            writer: Mutex::new(history),
             check: None,
         })
     }
@@ -180,6 +185,22 @@ impl Limiter {
     /// The running rule set.
     pub fn rules(&self) -> Arc<Rules> {
         self.rules.load_full()
+    }
+
+    /// The rule set of `version`, if it is one of the last versions this
+    /// limiter ran ([`crate::rules::history::KEPT_VERSIONS`]): what a stream
+    /// partition restored from a checkpoint of that version decides with.
+    pub fn rules_at(&self, version: u64) -> Option<Arc<Rules>> {
+        let running = self.rules.load_full();
+        if running.version == version {
+            return Some(running);
+        }
+        self.writer.lock().get(version)
+    }
+
+    /// The oldest version [`Limiter::rules_at`] still knows.
+    pub fn oldest_kept_version(&self) -> Option<u64> {
+        self.writer.lock().oldest()
     }
 
     /// Bring `req`'s path to canonical form under the running rules, as
@@ -212,7 +233,7 @@ impl Limiter {
         expected: Option<u64>,
         doc: RulesDoc,
     ) -> Result<u64, ReplaceError> {
-        let _w = self.writer.lock();
+        let mut history = self.writer.lock();
         let current = self.rules.load().version;
         if let Some(expected) = expected.filter(|&e| e != current) {
             return Err(ReplaceError::Conflict { expected, current });
@@ -221,7 +242,9 @@ impl Limiter {
         if let Some(check) = &self.check {
             check(&rules)?;
         }
-        self.rules.store(Arc::new(rules));
+        let rules = Arc::new(rules);
+        history.record(rules.clone());
+        self.rules.store(rules);
         Ok(current + 1)
     }
 
@@ -256,7 +279,7 @@ impl Limiter {
         doc: RulesDoc,
         wanted: impl FnOnce(u64) -> bool,
     ) -> Result<bool, InvalidConfig> {
-        let _w = self.writer.lock();
+        let mut history = self.writer.lock();
         if !wanted(self.rules.load().version) {
             return Ok(false);
         }
@@ -264,7 +287,9 @@ impl Limiter {
         if let Some(check) = &self.check {
             check(&rules)?;
         }
-        self.rules.store(Arc::new(rules));
+        let rules = Arc::new(rules);
+        history.record(rules.clone());
+        self.rules.store(rules);
         Ok(true)
     }
 
@@ -310,11 +335,26 @@ impl Limiter {
         f: impl FnOnce(&Rules, &Decision) -> R,
     ) -> R {
         let rules = self.rules.load();
-        let matched = self.matched_only(&rules, req, only);
+        self.check_with_only(store, &rules, req, now_ms, only, f)
+    }
+
+    /// As [`Limiter::check_against_only`], under `rules` instead of the
+    /// running rule set: a stream partition decides with the version pinned
+    /// in its checkpoint, so that a replay decides as its first run did.
+    pub fn check_with_only<R>(
+        &self,
+        store: &KeyedStore,
+        rules: &Rules,
+        req: &Request,
+        now_ms: u64,
+        only: impl Fn(&Limit) -> bool,
+        f: impl FnOnce(&Rules, &Decision) -> R,
+    ) -> R {
+        let matched = self.matched_only(rules, req, only);
         let mut probed: SmallVec<[Probed; 4]> = SmallVec::new();
         store.apply(&matched.probes, now_ms, req.cost, &mut probed);
         let decision = matched.decision(rules.version, &probed);
-        f(&rules, &decision)
+        f(rules, &decision)
     }
 
     /// Decide `req` at `now_ms`.
@@ -503,6 +543,29 @@ mod tests {
         assert!(l.check(&user("u"), 0).allowed);
         assert!(!l.check(&user("u"), 0).allowed);
         assert!(!l.check(&user("ops"), 0).whitelisted);
+    }
+
+    #[test]
+    fn recent_versions_stay_at_hand_by_number() {
+        let l = limiter(json!({"limits": [
+            {"name": "x", "key": ["user_id"], "algorithm": "fixed_window", "limit": 1, "window": "1m"}]}));
+        let two = RulesDoc::from_json(br#"{"limits": [{"name": "x", "key": ["user_id"], "algorithm": "fixed_window", "limit": 2, "window": "1m"}]}"#).unwrap();
+        assert_eq!(l.replace_rules(two.clone()).unwrap(), 2);
+        let one = l.rules_at(1).expect("version 1 is kept");
+        assert_eq!(one.version, 1);
+        // Version 1 still decides as version 1, whatever runs now.
+        let store = KeyedStore::new(1);
+        let admitted = (0..3)
+            .filter(|_| l.check_with_only(&store, &one, &user("a"), 0, |_| true, |_, d| d.allowed))
+            .count();
+        assert_eq!(admitted, 1);
+        assert_eq!(l.rules_at(2).unwrap().version, 2);
+        assert!(l.rules_at(3).is_none());
+        for _ in 0..crate::rules::history::KEPT_VERSIONS {
+            l.replace_rules(two.clone()).unwrap();
+        }
+        assert!(l.rules_at(1).is_none());
+        assert_eq!(l.oldest_kept_version(), Some(3));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,26 +39,20 @@ struct QueueSource {
     control: Receiver<Msg>,
     /// When the last repartition record came.
     last_routed: Option<Instant>,
-    /// The repartition partition's end when it was taken (see
-    /// [`Source::routed_end`]).
-    routed_end: Option<i64>,
+    /// Where the partition's high watermarks are asked (the takeover marks).
+    marks: Marks,
 }
 
-/// The end offset of `partition` of the repartition topic now: every
-/// synchronous hit a previous owner answered lies below it.
-fn routed_end<C: rdkafka::consumer::ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
+/// What a worker needs to read its partition's high watermarks.
+struct Marks {
+    consumer: Weak<BaseConsumer<ConsumerCtx>>,
+    requests_topic: String,
+    repartition_topic: String,
     partition: i32,
-) -> Option<i64> {
-    match consumer.fetch_watermarks(topic, partition, SEEK_TIMEOUT) {
-        Ok((_, high)) => Some(high),
-        Err(e) => {
-            tracing::warn!(event = "routed_end_unknown", partition, error = %e, "could not read the repartition partition's end: synchronous checks are served before the hits a previous owner logged are read back");
-            None
-        }
-    }
 }
+
+/// Bound on each ask for a partition's high watermark.
+const MARKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest a worker waits on its queue before looking at its channel: the
 /// bound on how long a revoke waits for the worker to notice.
@@ -71,10 +65,6 @@ const BATCH: usize = 128;
 const CONTROL_DEPTH: usize = 1;
 
 impl Source for QueueSource {
-    fn routed_end(&self) -> Option<i64> {
-        self.routed_end
-    }
-
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control {
         match self.control.try_recv() {
             Ok(Msg::Stop(req)) => return Control::Stop(req),
@@ -116,6 +106,37 @@ impl Source for QueueSource {
             wait = Duration::ZERO;
         }
         Control::Continue
+    }
+
+    fn control(&mut self, timeout: Duration) -> Control {
+        match self.control.recv_timeout(timeout) {
+            Ok(Msg::Stop(req)) => Control::Stop(req),
+            Ok(Msg::Record(_) | Msg::Wake) | Err(RecvTimeoutError::Timeout) => Control::Continue,
+            Err(RecvTimeoutError::Disconnected) => Control::Closed,
+        }
+    }
+
+    /// The log end offsets of both topics' partition, from the broker: a
+    /// previous owner decided nothing at or beyond them, since it could
+    /// not read it. An empty partition (everything deleted, or never
+    /// written) holds nothing to replay: its mark is 0, passed at once,
+    /// since no record would ever move the position up to its end.
+    fn takeover_marks(&mut self) -> Result<Option<[i64; 2]>, String> {
+        let m = &self.marks;
+        let consumer = m
+            .consumer
+            .upgrade()
+            .ok_or_else(|| "the consumer is closing".to_string())?;
+        let high = |topic: &str| {
+            consumer
+                .fetch_watermarks(topic, m.partition, MARKS_TIMEOUT)
+                .map(|(low, high)| if low >= high { 0 } else { high })
+                .map_err(|e| format!("{topic}/{}: {e}", m.partition))
+        };
+        Ok(Some([
+            high(&m.requests_topic)?,
+            high(&m.repartition_topic)?,
+        ]))
     }
 }
 
@@ -220,6 +241,15 @@ impl ConsumerContext for ConsumerCtx {
 }
 
 impl ConsumerCtx {
+    fn marks(&self, consumer: &Arc<BaseConsumer<ConsumerCtx>>, partition: i32) -> Marks {
+        Marks {
+            consumer: Arc::downgrade(consumer),
+            requests_topic: self.topic.clone(),
+            repartition_topic: self.repartition_topic.clone(),
+            partition,
+        }
+    }
+
     /// Hand `partitions` to the coordinator, each with its own queue split
     /// off before it is assigned (so that no record of it is ever fetched
     /// into the group's queue), and list them at their checkpoints' offsets.
@@ -242,7 +272,7 @@ impl ConsumerCtx {
                     routed,
                     control,
                     last_routed: None,
-                    routed_end: routed_end(&me, &self.repartition_topic, t.partition),
+                    marks: self.marks(&me, t.partition),
                 })
             });
         for t in taken {
@@ -302,7 +332,7 @@ fn retake_stopped(consumer: &Arc<BaseConsumer<ConsumerCtx>>, ctx: &ConsumerCtx) 
                 routed,
                 control,
                 last_routed: None,
-                routed_end: routed_end(consumer, &ctx.repartition_topic, t.partition),
+                marks: ctx.marks(consumer, t.partition),
             })
         },
     );

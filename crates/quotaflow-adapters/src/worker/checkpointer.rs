@@ -22,7 +22,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const MARK_EVERY: Duration = Duration::from_millis(250);
 
 enum Job {
-    Save(Box<Checkpoint>, Arc<Delivery>),
+    /// Save this snapshot; its ticket says so once it is saved (or dropped).
+    Save(Box<Checkpoint>, Arc<Delivery>, u64),
     /// Save this last snapshot (or retry the one still pending), then stop.
     Final(Option<(Box<Checkpoint>, Arc<Delivery>)>),
     /// Stop without saving anything more.
@@ -33,6 +34,8 @@ enum Job {
 pub(super) struct Checkpointer {
     tx: Option<SyncSender<Job>>,
     flags: Arc<Flags>,
+    /// The ticket of the last snapshot submitted.
+    tickets: u64,
     join: Option<JoinHandle<StopOutcome>>,
 }
 
@@ -52,6 +55,7 @@ impl Checkpointer {
         Ok(Self {
             tx: Some(tx),
             flags,
+            tickets: 0,
             join: Some(join),
         })
     }
@@ -71,10 +75,27 @@ impl Checkpointer {
         self.flags.fenced.load(Ordering::SeqCst)
     }
 
-    pub(super) fn submit(&self, cp: Checkpoint, generation: Arc<Delivery>) {
+    /// Hand `cp` over to be saved once `generation` (and every earlier
+    /// one) is delivered; its ticket, for [`Checkpointer::fate`].
+    pub(super) fn submit(&mut self, cp: Checkpoint, generation: Arc<Delivery>) -> u64 {
+        self.tickets += 1;
         self.flags.busy.store(true, Ordering::SeqCst);
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Job::Save(Box::new(cp), generation));
+            let _ = tx.send(Job::Save(Box::new(cp), generation, self.tickets));
+        }
+        self.tickets
+    }
+
+    /// What became of the snapshot of `ticket`, if it is settled: saved,
+    /// or dropped (the store refused it for good). A snapshot being
+    /// retried (Redis unavailable, outputs not yet delivered) is neither.
+    pub(super) fn fate(&self, ticket: u64) -> Option<Fate> {
+        if self.flags.saved.load(Ordering::SeqCst) >= ticket {
+            Some(Fate::Saved)
+        } else if self.flags.dropped.load(Ordering::SeqCst) >= ticket {
+            Some(Fate::Dropped)
+        } else {
+            None
         }
     }
 
@@ -102,9 +123,21 @@ impl Checkpointer {
     }
 }
 
+/// What became of a snapshot handed to the checkpointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fate {
+    Saved,
+    Dropped,
+}
+
 /// What the checkpointer thread tells its worker.
 #[derive(Default)]
 struct Flags {
+    /// The ticket of the last snapshot saved: a worker moving to another
+    /// config version waits for its checkpoint to be saved first.
+    saved: AtomicU64,
+    /// The ticket of the last snapshot the store refused for good.
+    dropped: AtomicU64,
     /// A snapshot is being saved (or retried): take no new one.
     busy: AtomicBool,
     /// Another instance owns the partition now.
@@ -122,6 +155,8 @@ fn checkpoints(
     flags: &Flags,
 ) -> StopOutcome {
     let Flags {
+        saved,
+        dropped,
         busy,
         fenced,
         stopped,
@@ -132,6 +167,9 @@ fn checkpoints(
     // snapshot is saved only once all of them are, since it covers them all.
     let mut unsettled: Vec<Arc<Delivery>> = Vec::new();
     let mut pending: Option<Box<Checkpoint>> = None;
+    // The ticket of the snapshot in hand (0: a final one, which no worker
+    // waits for).
+    let mut ticket = 0;
     // Why the newest snapshot was not saved, when it was dropped: a final
     // job with nothing new must not report the state as saved.
     let mut unsaved: Option<String> = None;
@@ -160,12 +198,14 @@ fn checkpoints(
             },
         };
         let (cp, last) = match job {
-            Ok(Job::Save(cp, generation)) => {
+            Ok(Job::Save(cp, generation, t)) => {
                 unsettled.push(generation);
+                ticket = t;
                 (Some(cp), false)
             }
             Ok(Job::Final(Some((cp, generation)))) => {
                 unsettled.push(generation);
+                ticket = 0;
                 (Some(cp), true)
             }
             Ok(Job::Final(None)) => {
@@ -195,10 +235,12 @@ fn checkpoints(
             let next_offset = cp.next_offset;
             match save(&ctx, partition, epoch, reseeding, &cp, &mut unsettled) {
                 Saved::Yes => {
+                    saved.fetch_max(ticket, Ordering::SeqCst);
                     unsaved = None;
                     outcome = StopOutcome::Checkpointed { next_offset };
                 }
                 Saved::Dropped(reason) => {
+                    dropped.fetch_max(ticket, Ordering::SeqCst);
                     unsaved = Some(reason.clone());
                     outcome = StopOutcome::NotCheckpointed { reason };
                 }

@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 
 use crate::avro::Codec;
 use crate::metrics::Metrics;
-use checkpointer::Checkpointer;
+use checkpointer::{Checkpointer, Fate};
 use hit_log::HitLog;
 use quotaflow_core::limiter::Limiter;
 use quotaflow_core::pipeline::hits::{self, Charge, Side, SyncHit, HIT_FORMAT};
 use quotaflow_core::pipeline::partition::{InputRecord, Routed};
+use quotaflow_core::pipeline::pin::{ConfigPin, Hold, Restored};
 use quotaflow_core::pipeline::records::{Action, RequestEvent};
 use quotaflow_core::pipeline::repartition::{append_to_batch, decode_batch};
 use quotaflow_core::pipeline::{
@@ -102,18 +103,33 @@ pub enum Control {
 pub trait Source: Send + 'static {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control;
 
-    /// The repartition stream's end offset when the partition was taken:
-    /// the synchronous hits a previous owner answered all lie below it, so
-    /// `/check` is served here only once the home side has read that far.
-    /// `None`: unknown, or nothing to wait for (the embedded bus).
-    fn routed_end(&self) -> Option<i64> {
-        None
+    /// Wait at most `timeout` for a stop request, taking no record: the
+    /// worker holds its partition still while the checkpoint that moves it
+    /// to a new config version is saved.
+    fn control(&mut self, timeout: Duration) -> Control;
+
+    /// The offsets (requests, repartition) below which a previous owner
+    /// may have decided records: the partitions' high watermarks now, read
+    /// once when the worker starts. `Ok(None)`: no previous owner in
+    /// another process can have decided any (the embedded bus). A worker
+    /// resumed from a checkpoint keeps its config version up to them
+    /// (`quotaflow_core::pipeline::pin`), and serves `/check` only once its
+    /// home side has read to the repartition mark: the synchronous hits a
+    /// previous owner answered all lie below it (docs/group.md).
+    fn takeover_marks(&mut self) -> Result<Option<[i64; 2]>, String> {
+        Ok(None)
     }
 }
 
 /// Records pushed through the worker's own channel (the embedded bus).
 pub struct ChannelSource {
     rx: Receiver<Msg>,
+    /// Records that came while the worker only looked for a stop request
+    /// ([`Source::control`]): handed over first at the next poll.
+    held: std::collections::VecDeque<BusRecord>,
+    /// A stop request that came after held records: answered once they are
+    /// processed (the embedded bus processes everything it accepted).
+    stop: Option<StopRequest>,
     /// Repartition records: an unbounded queue of their own, so that a
     /// worker routing to another never blocks on it (two workers each
     /// blocked on the other's full channel would never wake); the bus's
@@ -127,7 +143,12 @@ const ROUTED_EVERY: usize = 256;
 
 impl ChannelSource {
     pub fn new(rx: Receiver<Msg>) -> Self {
-        Self { rx, routed: None }
+        Self {
+            rx,
+            held: Default::default(),
+            stop: None,
+            routed: None,
+        }
     }
 
     /// Also read repartition records from `routed`; a [`Msg::Wake`] on the
@@ -135,6 +156,8 @@ impl ChannelSource {
     pub fn with_routed(rx: Receiver<Msg>, routed: Receiver<BusRecord>) -> Self {
         Self {
             rx,
+            held: Default::default(),
+            stop: None,
             routed: Some(routed),
         }
     }
@@ -158,7 +181,32 @@ impl ChannelSource {
 impl Source for ChannelSource {
     fn poll(&mut self, timeout: Duration, f: &mut dyn FnMut(Stream, InputRecord<'_>)) -> Control {
         self.drain_routed(f);
-        let mut next = self.rx.recv_timeout(timeout);
+        let held = !self.held.is_empty();
+        while let Some(r) = self.held.pop_front() {
+            f(
+                Stream::Requests,
+                InputRecord {
+                    offset: r.offset,
+                    broker_ts_ms: r.broker_ts_ms,
+                    key: r.key.as_deref(),
+                    payload: &r.payload,
+                },
+            );
+        }
+        if let Some(req) = self.stop.take() {
+            self.drain_routed(f);
+            return Control::Stop(req);
+        }
+        let mut next = if held {
+            // Records were handed over: look for more without waiting.
+            match self.rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(TryRecvError::Empty) => return Control::Continue,
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            }
+        } else {
+            self.rx.recv_timeout(timeout)
+        };
         let mut taken = 0usize;
         loop {
             match next {
@@ -190,6 +238,25 @@ impl Source for ChannelSource {
                 Err(TryRecvError::Empty) => return Control::Continue,
                 Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
             };
+        }
+    }
+
+    fn control(&mut self, timeout: Duration) -> Control {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Msg::Record(r)) => self.held.push_back(r),
+                // The routed queue is looked at by the next poll.
+                Ok(Msg::Wake) => {}
+                Ok(Msg::Stop(req)) if self.held.is_empty() => return Control::Stop(req),
+                Ok(Msg::Stop(req)) => {
+                    self.stop = Some(req);
+                    return Control::Continue;
+                }
+                Err(RecvTimeoutError::Timeout) => return Control::Continue,
+                Err(RecvTimeoutError::Disconnected) => return Control::Closed,
+            }
         }
     }
 }
@@ -566,6 +633,98 @@ fn both_sides(
     cp
 }
 
+/// The repartition stream's takeover mark, for serving synchronous checks:
+/// `Ok(None)` nothing to wait for, `Err` not read yet.
+fn routed_mark(hold: Hold) -> Result<Option<i64>, ()> {
+    match hold {
+        Hold::Until { repartition, .. } => Ok(Some(repartition)),
+        Hold::Nothing => Ok(None),
+        Hold::Unknown => Err(()),
+    }
+}
+
+/// How often a worker asks again for the takeover marks it could not read.
+const MARKS_RETRY: Duration = Duration::from_secs(1);
+/// How often a worker looks for a stop request while it holds its
+/// partition still for a config version's checkpoint.
+const SWITCH_POLL: Duration = Duration::from_millis(5);
+
+/// Read the offsets a previous owner may have decided, for `pin`'s hold.
+fn ask_marks<S: Source>(source: &mut S, pin: &mut ConfigPin, partition: i32) {
+    match source.takeover_marks() {
+        Ok(None) => pin.set_hold(Hold::Nothing),
+        Ok(Some([requests, repartition])) => pin.set_hold(Hold::Until {
+            requests,
+            repartition,
+        }),
+        Err(e) => {
+            tracing::warn!(event = "takeover_marks_unavailable", partition, error = %e, "the partition's high watermarks could not be read: it keeps its checkpoint's config version until they can (asked again every second)");
+        }
+    }
+}
+
+/// How a move to a new config version ended.
+enum Switched {
+    Yes,
+    /// The store refused the checkpoint for good: the version stays.
+    No,
+    /// The worker must end while holding still.
+    End(End),
+}
+
+/// Move the partition to `running`: save a checkpoint that records its
+/// version at the current offsets, holding the partition still (taking no
+/// record) until it is saved, then decide with it. So the version in force
+/// from any saved checkpoint's offsets on is the one it names, and a new
+/// owner replaying from it decides as this one did.
+#[allow(clippy::too_many_arguments)]
+fn switch_version<S: Source>(
+    partition: i32,
+    hits: &HitLog,
+    running: &Arc<quotaflow_core::rules::Rules>,
+    source: &mut S,
+    checkpointer: &mut Checkpointer,
+    pin: &mut ConfigPin,
+    [proc, home]: [&mut PartitionProcessor; 2],
+    delivery: &mut Arc<Delivery>,
+) -> Switched {
+    let cp = both_sides(proc, home, hits, running.version);
+    let ticket = checkpointer.submit(cp, std::mem::take(delivery));
+    let started = Instant::now();
+    loop {
+        match checkpointer.fate(ticket) {
+            Some(Fate::Saved) => break,
+            Some(Fate::Dropped) => return Switched::No,
+            None => {}
+        }
+        if checkpointer.fenced() {
+            return Switched::End(End::Fenced);
+        }
+        if checkpointer.stopped() {
+            return Switched::End(End::CheckpointsStopped);
+        }
+        match source.control(SWITCH_POLL) {
+            Control::Continue => {}
+            Control::Stop(req) => return Switched::End(End::Stop(req)),
+            Control::Closed => return Switched::End(End::Closed),
+        }
+    }
+    tracing::info!(
+        event = "partition_config_switched",
+        partition,
+        from = pin.version(),
+        to = running.version,
+        next_offset = proc.next_offset(),
+        home_next_offset = home.next_offset(),
+        held_ms = started.elapsed().as_millis() as u64,
+        "the partition decides with the running config version from here on (its checkpoint recording it is saved)"
+    );
+    pin.switch(running.clone());
+    proc.pin(running.clone());
+    home.pin(running.clone());
+    Switched::Yes
+}
+
 fn run<S: Source>(
     ctx: Arc<WorkerContext>,
     partition: i32,
@@ -573,9 +732,31 @@ fn run<S: Source>(
     restored: Option<Checkpoint>,
     mut source: S,
     progress: &Progress,
-    checkpointer: Checkpointer,
+    mut checkpointer: Checkpointer,
 ) {
     let hits = &*hits;
+    // The config version this partition decides with: its checkpoint's,
+    // kept until the offsets a previous owner may have decided are passed
+    // (docs/stream.md, "Config versions and replays").
+    let limiter = &ctx.processing.limiter;
+    let (mut pin, how) = ConfigPin::restore(
+        restored.as_ref().map(|c| c.config_version),
+        limiter,
+        Hold::Unknown,
+    );
+    if let Restored::Unknown { version, running } = how {
+        tracing::warn!(
+            event = "config_version_unknown",
+            partition,
+            version,
+            running,
+            oldest_kept = limiter.oldest_kept_version(),
+            "the checkpoint's config version is not one this instance keeps: the events replayed from it are decided with the running version, and may be decided differently than before the takeover"
+        );
+    }
+    ask_marks(&mut source, &mut pin, partition);
+    let mut marks_asked = Instant::now();
+    let mut switch_tried: Option<Instant> = None;
     let mut home = PartitionProcessor::home(
         ctx.processing.processor.clone(),
         partition,
@@ -588,6 +769,8 @@ fn run<S: Source>(
         store.clone(),
         restored,
     );
+    proc.pin(pin.rules().clone());
+    home.pin(pin.rules().clone());
     let foreign = proc.foreign_keys() + home.foreign_keys();
     if foreign > 0 {
         tracing::error!(
@@ -639,9 +822,15 @@ fn run<S: Source>(
     // Hits a previous owner answered are in the repartition stream below
     // its end at the take-over: read back before serving, so that a check
     // never answers from a count that lacks them.
-    let routed_end = source.routed_end();
-    let home_until = routed_end.unwrap_or(i64::MIN);
+    // (The takeover marks: read above, for the config pin too.)
+    let routed_end = std::cell::Cell::new(routed_mark(pin.hold()));
     let caught_up = |proc: &PartitionProcessor, home: &PartitionProcessor| {
+        let home_until = match routed_end.get() {
+            Ok(Some(end)) => end,
+            Ok(None) => i64::MIN,
+            // Unknown yet: not served until it is read.
+            Err(()) => i64::MAX,
+        };
         proc.next_offset() >= replay_until && home.next_offset() >= home_until
     };
     if caught_up(&proc, &home) {
@@ -679,7 +868,8 @@ fn run<S: Source>(
                     return;
                 }
                 if r.payload.first() == Some(&HIT_FORMAT) {
-                    read_hit(&ctx, partition, hits, [&proc, &home], r, routed_end);
+                    let end = routed_end.get().ok().flatten();
+                    read_hit(&ctx, partition, hits, [&proc, &home], r, end);
                     if caught_up(&proc, &home) {
                         progress.serving.store(true, Ordering::Release);
                     }
@@ -697,8 +887,7 @@ fn run<S: Source>(
                         .decode_request_into(&routed.payload, &mut decoded)
                         .map(|()| &decoded)
                         .map_err(|e| format!("undecodable: {e}"));
-                    let outcome =
-                        home.process_routed(&ctx.processing.limiter, routed, event, &mut out);
+                    let outcome = home.process_routed(limiter, routed, event, &mut out);
                     let label = match &outcome {
                         Routed::Applied => "applied",
                         Routed::Duplicate => "duplicate",
@@ -741,7 +930,7 @@ fn run<S: Source>(
                 .map(|()| &decoded)
                 .map_err(|e| format!("undecodable: {e}"));
             let decided = event.as_ref().ok().copied();
-            proc.process(&ctx.processing.limiter, r, event, &mut out);
+            proc.process(limiter, r, event, &mut out);
             stage_routed(&ctx, &mut out, &mut routed_batches);
             if routed_batches
                 .iter()
@@ -788,16 +977,52 @@ fn run<S: Source>(
                 .inc_by(proc.take_expired() + home.take_expired());
             if dirty && checkpointer.idle() {
                 let generation = std::mem::take(&mut delivery);
-                checkpointer.submit(
-                    both_sides(&proc, &home, hits, ctx.processing.limiter.rules().version),
-                    generation,
-                );
+                checkpointer.submit(both_sides(&proc, &home, hits, pin.version()), generation);
                 dirty = false;
             }
         }
+        if pin.hold() == Hold::Unknown && marks_asked.elapsed() >= MARKS_RETRY {
+            marks_asked = Instant::now();
+            ask_marks(&mut source, &mut pin, partition);
+            routed_end.set(routed_mark(pin.hold()));
+            if caught_up(&proc, &home) {
+                progress.serving.store(true, Ordering::Release);
+            }
+        }
+        let running = limiter.rules();
+        if running.version != pin.version() {
+            // A checkpoint the store refused is not retried before the
+            // next interval: a refusal for good (the offset went
+            // backwards) comes with a fence soon after.
+            let retry_due = switch_tried.is_none_or(|t| t.elapsed() >= ctx.checkpoints.interval);
+            if retry_due
+                && checkpointer.idle()
+                && pin.due(&running, proc.next_offset(), home.next_offset())
+            {
+                switch_tried = Some(Instant::now());
+                match switch_version(
+                    partition,
+                    hits,
+                    &running,
+                    &mut source,
+                    &mut checkpointer,
+                    &mut pin,
+                    [&mut proc, &mut home],
+                    &mut delivery,
+                ) {
+                    Switched::Yes => {
+                        dirty = false;
+                        switch_tried = None;
+                    }
+                    Switched::No => dirty = true,
+                    Switched::End(end) => break end,
+                }
+            }
+        }
     };
+    let version = pin.version();
     let snapshot = |proc: &PartitionProcessor, delivery: &mut Arc<Delivery>| {
-        let cp = both_sides(proc, &home, hits, ctx.processing.limiter.rules().version);
+        let cp = both_sides(proc, &home, hits, version);
         (cp, std::mem::take(delivery))
     };
     let answer = match end {
@@ -1252,6 +1477,124 @@ mod tests {
         assert_eq!(held.held.lock().len(), 1);
         let shadow = &ctx.metrics.stream.shadow_decisions;
         assert_eq!(shadow.with_label_values(&["block"]).get(), 1);
+    }
+
+    /// Records that come while the worker holds still for a version
+    /// switch are kept and handed over first; a stop request behind them
+    /// is answered once they are (the embedded bus loses nothing it took).
+    #[test]
+    fn a_channel_source_keeps_the_records_and_the_stop_seen_while_holding_still() {
+        let (tx, rx) = channel(8);
+        let mut source = ChannelSource::new(rx);
+        for offset in 0..2 {
+            let r = BusRecord {
+                offset,
+                broker_ts_ms: None,
+                key: None,
+                payload: vec![],
+            };
+            tx.send(Msg::Record(r)).unwrap();
+        }
+        let (ack, _ack_rx) = mpsc::sync_channel(1);
+        tx.send(Msg::Stop(StopRequest { ack })).unwrap();
+        assert!(matches!(
+            source.control(Duration::from_millis(50)),
+            Control::Continue
+        ));
+        let mut seen = Vec::new();
+        let control = source.poll(Duration::from_millis(50), &mut |_, r| seen.push(r.offset));
+        assert_eq!(seen, vec![0, 1]);
+        assert!(matches!(control, Control::Stop(_)));
+    }
+
+    /// A channel source whose takeover marks are given.
+    struct Marked {
+        inner: ChannelSource,
+        marks: [i64; 2],
+    }
+
+    impl Source for Marked {
+        fn poll(
+            &mut self,
+            timeout: Duration,
+            f: &mut dyn FnMut(Stream, InputRecord<'_>),
+        ) -> Control {
+            self.inner.poll(timeout, f)
+        }
+
+        fn control(&mut self, timeout: Duration) -> Control {
+            self.inner.control(timeout)
+        }
+
+        fn takeover_marks(&mut self) -> Result<Option<[i64; 2]>, String> {
+            Ok(Some(self.marks))
+        }
+    }
+
+    /// A partition resumed from a checkpoint of version 1 while version 2
+    /// runs decides with version 1 up to the offsets its previous owner may
+    /// have decided (here 3), then saves a checkpoint of version 2 at its
+    /// offsets before deciding anything with it.
+    #[test]
+    fn a_resumed_partition_keeps_its_checkpoints_version_up_to_the_takeover_marks() {
+        let (sink, store) = (
+            Arc::new(Recording::default()),
+            Arc::new(MemoryCheckpoints::default()),
+        );
+        let ctx = ctx(sink.clone(), store.clone());
+        let (epoch, _) = store.acquire(0).unwrap();
+        let first = Checkpoint {
+            config_version: 1,
+            key_check: ctx.processing.processor.key_check,
+            ..Checkpoint::default()
+        };
+        store.save(0, epoch, &first).unwrap();
+        let three = RulesDoc::from_json(
+            br#"{"limits": [{"name": "per_user", "key": ["user_id"], "algorithm": "fixed_window", "limit": 3, "window": "10s"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ctx.processing.limiter.replace_rules(three).unwrap(), 2);
+        let (epoch, restored) = store.acquire(0).unwrap();
+        let (tx, rx) = channel(CHANNEL_DEPTH);
+        let source = Marked {
+            inner: ChannelSource::new(rx),
+            marks: [3, 0],
+        };
+        let worker = Worker::spawn(ctx.clone(), 0, epoch, restored, tx, source).unwrap();
+        feed(&ctx, &worker.sender(), "alice", 0..3);
+        wait_until("the switch to version 2", || {
+            store
+                .peek(0)
+                .unwrap()
+                .is_some_and(|cp| cp.config_version == 2)
+        });
+        assert_eq!(store.peek(0).unwrap().unwrap().next_offset, 3);
+        feed(&ctx, &worker.sender(), "alice", 3..6);
+        wait_until("the events", || worker.position() == 6);
+        assert!(matches!(
+            worker.stop(STOP_TIMEOUT),
+            StopOutcome::Checkpointed { next_offset: 6 } | StopOutcome::Clean
+        ));
+        let decided: Vec<(i64, Action, i64)> = sink
+            .0
+            .lock()
+            .iter()
+            .filter_map(|o| match o {
+                Output::Decision(d) => Some((d.source_offset, d.action, d.config_version)),
+                _ => None,
+            })
+            .collect();
+        // Version 1 (one per window) blocks alice at 1; version 2 (three)
+        // lets her through at 3 and blocks her at 5.
+        assert_eq!(
+            decided,
+            vec![
+                (1, Action::Block, 1),
+                (3, Action::Unblock, 2),
+                (5, Action::Block, 2)
+            ]
+        );
+        assert_eq!(store.peek(0).unwrap().unwrap().config_version, 2);
     }
 
     /// A shadow sink that refuses everything: its decisions are dropped and

@@ -12,6 +12,9 @@ pub mod hits;
 mod home_tests;
 pub mod partition;
 pub mod partitioner;
+pub mod pin;
+#[cfg(test)]
+mod pin_tests;
 pub mod records;
 pub mod repartition;
 pub mod routing;

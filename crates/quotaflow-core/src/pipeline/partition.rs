@@ -139,6 +139,10 @@ pub struct PartitionProcessor {
     applied: Option<BTreeMap<i32, (i64, u16)>>,
     /// Scratch for home partitions' keys.
     route_buf: Vec<u8>,
+    /// The rule set this processor decides with, when pinned (a stream
+    /// partition: see [`PartitionProcessor::pin`]); `None`: the limiter's
+    /// running rules at each record (the backtest, a shadow config).
+    pinned: Option<Arc<Rules>>,
 }
 
 impl PartitionProcessor {
@@ -165,6 +169,7 @@ impl PartitionProcessor {
             decision_kind: "decision",
             applied: None,
             route_buf: Vec::new(),
+            pinned: None,
         };
         if let Some(cp) = restored {
             p.next_offset = cp.next_offset;
@@ -257,6 +262,29 @@ impl PartitionProcessor {
 
     pub fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// Decide every record from now on with `rules`, whatever the limiter
+    /// runs. A replay decides exactly as the first run only if it uses the
+    /// same version for the same records: the stream worker pins the
+    /// version of the checkpoint it resumed from, and moves to a newer one
+    /// only at a checkpoint that records it (docs/stream.md, "Config
+    /// versions and replays").
+    pub fn pin(&mut self, rules: Arc<Rules>) {
+        self.pinned = Some(rules);
+    }
+
+    /// The version pinned, if any.
+    pub fn pinned_version(&self) -> Option<u64> {
+        self.pinned.as_ref().map(|r| r.version)
+    }
+
+    /// The rules the next record is decided with.
+    fn deciding_rules(&self, limiter: &Limiter) -> Arc<Rules> {
+        match &self.pinned {
+            Some(rules) => rules.clone(),
+            None => limiter.rules(),
+        }
     }
 
     /// The offset of the next event to process (where a restart resumes).
@@ -355,7 +383,8 @@ impl PartitionProcessor {
             self.scratch_req = req;
             return out.push(dead(reason));
         }
-        limiter.canonicalize_path(&mut req);
+        let rules = self.deciding_rules(limiter);
+        req.canonicalize_path(rules.path_case_sensitive);
         let now = self
             .event_time(timestamp_ms, rec.broker_ts_ms)
             .max(self.horizon_ms);
@@ -372,13 +401,21 @@ impl PartitionProcessor {
         let fp = limiter.fingerprinter();
         let cfg = self.cfg.clone();
         match &cfg.routing {
-            None => limiter.check_against(&store, &req, now, |rules, d| {
-                self.decisions(rules, d, &req, fp, now, &origin, out);
-                self.count_refusals(rules, d, &req, fp, now);
-                observe(rules, d, now);
-            }),
-            Some(routing) => limiter.check_against_only(
+            None => limiter.check_with_only(
                 &store,
+                &rules,
+                &req,
+                now,
+                |_| true,
+                |rules, d| {
+                    self.decisions(rules, d, &req, fp, now, &origin, out);
+                    self.count_refusals(rules, d, &req, fp, now);
+                    observe(rules, d, now);
+                },
+            ),
+            Some(routing) => limiter.check_with_only(
+                &store,
+                &rules,
                 &req,
                 now,
                 |l| routing.is_aligned(l),
@@ -474,7 +511,8 @@ impl PartitionProcessor {
             self.scratch_req = req;
             return Routed::Invalid(format!("invalid event: {reason}"));
         }
-        limiter.canonicalize_path(&mut req);
+        let rules = self.deciding_rules(limiter);
+        req.canonicalize_path(rules.path_case_sensitive);
         let now = r.event_time_ms.max(self.horizon_ms);
         self.watermark_ms = self.watermark_ms.max(now);
         let shape = Repartitioned::shape_name(&r.shape);
@@ -490,7 +528,7 @@ impl PartitionProcessor {
         let cfg = self.cfg.clone();
         let unaligned =
             |l: &Limit| l.key == r.shape && cfg.routing.as_ref().is_none_or(|rt| !rt.is_aligned(l));
-        limiter.check_against_only(&store, &req, now, unaligned, |rules, d| {
+        limiter.check_with_only(&store, &rules, &req, now, unaligned, |rules, d| {
             self.decisions(rules, d, &req, fp, now, &origin, out);
             self.count_refusals(rules, d, &req, fp, now);
         });

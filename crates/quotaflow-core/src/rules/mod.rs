@@ -7,6 +7,7 @@
 //! stopping at the first, because an operator fixing a config wants the
 //! whole list at once.
 
+pub mod history;
 pub mod path;
 mod request;
 
