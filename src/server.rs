@@ -370,10 +370,14 @@ where
         address.clone(),
         c.registry_interval,
         r.timeout,
+        // Only partitions that answer checks now: one still restoring or
+        // replaying is left to its previous entry (whose owner answers
+        // "not owned") until it can.
         Box::new(move || {
             owned_by
                 .owned()
                 .into_iter()
+                .filter(|&p| owned_by.sync_target(p).is_some())
                 .filter_map(|p| owned_by.owner_epoch(p).map(|e| (p, e)))
                 .collect()
         }),

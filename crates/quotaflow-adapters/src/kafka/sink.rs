@@ -57,8 +57,9 @@ impl ProducerContext for SinkContext {
 pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
     /// Synchronous hits, which a client waits for: sent at once (no
-    /// linger), apart from the batched outputs. Created on first use.
-    hits: std::sync::OnceLock<Option<ThreadedProducer<SinkContext>>>,
+    /// linger), apart from the batched outputs. Made at start, so that its
+    /// connection and idempotent-producer id are ready by the first hit.
+    hits: Option<ThreadedProducer<SinkContext>>,
     codec: Arc<Codec>,
     settings: KafkaSettings,
     /// `settings.repartition_topic()`, resolved once.
@@ -79,9 +80,15 @@ impl KafkaSink {
                 sends: Sends::Outputs,
             })
             .context("creating the Kafka producer")?;
+        let hits = client_config(settings)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "0")
+            .create_with_context(SinkContext { sends: Sends::Hits })
+            .context("creating the synchronous hits' Kafka producer")?;
         Ok(Self {
             producer,
-            hits: std::sync::OnceLock::new(),
+            hits: Some(hits),
             codec,
             settings: settings.clone(),
             repartition_topic: settings.repartition_topic(),
@@ -106,7 +113,8 @@ impl KafkaSink {
         settings.decisions_topic = settings.shadow_decisions_topic.clone();
         Ok(Self {
             producer,
-            hits: std::sync::OnceLock::new(),
+            // The shadow's decisions only: no hits go through it.
+            hits: None,
             codec,
             repartition_topic: settings.repartition_topic(),
             settings,
@@ -159,24 +167,6 @@ fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
     })
 }
 
-impl KafkaSink {
-    fn hits_producer(&self) -> Option<&ThreadedProducer<SinkContext>> {
-        self.hits
-            .get_or_init(|| {
-                client_config(&self.settings)
-                    .set("enable.idempotence", "true")
-                    .set("linger.ms", "0")
-                    .set("message.timeout.ms", "0")
-                    .create_with_context(SinkContext { sends: Sends::Hits })
-                    .inspect_err(|e| {
-                        tracing::error!(event = "sync_hit_not_appended", partition = -1, error = %e, "the synchronous hits' Kafka producer could not be created; hits are answered by their limits' failure mode");
-                    })
-                    .ok()
-            })
-            .as_ref()
-    }
-}
-
 impl OutputSink for KafkaSink {
     fn append_hit(
         &self,
@@ -185,7 +175,8 @@ impl OutputSink for KafkaSink {
         delivery: &Arc<Delivery>,
     ) -> Result<(), SinkError> {
         let producer = self
-            .hits_producer()
+            .hits
+            .as_ref()
             .ok_or_else(|| SinkError("no producer for synchronous hits".into()))?;
         delivery.queued();
         let record = BaseRecord::with_opaque_to(&self.repartition_topic, delivery.clone())
