@@ -42,6 +42,7 @@ $T/stream-bench fill --topic "$REQ" --count "$COUNT" --users 100000 --hot-users 
 metric() { awk -v m="$2" 'index($0,m)==1 {s+=$NF} END {printf "%d", s+0}' <<<"$1"; }
 one() {
   local bin=$1 config=$2 name=$3 log=$OUT/$3.log
+  rm -f "$log" # a new file: never an earlier run's address
   QUOTAFLOW__KAFKA__BOOTSTRAP_SERVERS="$KAFKA_BOOTSTRAP_SERVERS" QUOTAFLOW__REDIS__URL="$REDIS_URL" \
   QUOTAFLOW__KAFKA__GROUP_ID="$RUN-$name" QUOTAFLOW__REDIS__KEY_PREFIX="$RUN-$name" \
   QUOTAFLOW__KAFKA__REQUESTS_TOPIC="$REQ" QUOTAFLOW__KAFKA__REPARTITION_TOPIC="$RUN-$name-rep" \
