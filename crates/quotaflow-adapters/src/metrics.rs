@@ -386,7 +386,7 @@ impl StreamMetrics {
             repartition_records: IntCounterVec::new(
                 Opts::new(
                     "repartition_records_total",
-                    "Events of unaligned limits routed to their key's home partition, by outcome: routed (sent where the event arrived), applied (counted at the home), duplicate (a copy a replaying source sent again, skipped), invalid (unreadable, skipped).",
+                    "Events of unaligned limits routed to their key's home partition, one per event and key shape, by outcome: routed (sent where the event arrived), applied (counted at the home), duplicate (a copy a replaying source sent again, skipped), invalid (unreadable, skipped).",
                 ),
                 &["outcome"],
             )?,

@@ -244,14 +244,15 @@ impl OutputSink for KafkaSink {
                     )?;
                 }
                 Output::Repartition { home, record } => {
-                    // Named by the source event and its place among that
-                    // event's records: a replaying source sends the same id.
+                    // Named by the source event and the place of the first
+                    // of its key shapes in the record: a replaying source
+                    // sends the same id.
                     let id = format!(
                         "{}:{}:{}:repartition:{}",
                         self.settings.requests_topic,
                         record.source_partition,
                         record.source_offset,
-                        record.seq
+                        record.shapes.first().map_or(0, |s| s.seq)
                     );
                     self.send(
                         &self.repartition_topic,

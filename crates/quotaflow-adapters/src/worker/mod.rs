@@ -23,10 +23,10 @@ use checkpointer::{Checkpointer, Fate};
 use hit_log::HitLog;
 use quotaflow_core::limiter::Limiter;
 use quotaflow_core::pipeline::hits::{self, Charge, Side, SyncHit, HIT_FORMAT};
-use quotaflow_core::pipeline::partition::{InputRecord, Routed};
+use quotaflow_core::pipeline::partition::{InputRecord, RoutedEvent};
 use quotaflow_core::pipeline::pin::{ConfigPin, Hold, Restored};
 use quotaflow_core::pipeline::records::{Action, RequestEvent};
-use quotaflow_core::pipeline::repartition::{append_to_batch, decode_batch};
+use quotaflow_core::pipeline::repartition::{append_to_batch, decode_batch, BodyRef};
 use quotaflow_core::pipeline::{
     Checkpoint, CheckpointStore, Delivery, Output, OutputSink, PartitionProcessor, ProcessorConfig,
 };
@@ -843,6 +843,18 @@ fn run<S: Source>(
         .map(|s| ShadowRun::new(&ctx, s, partition));
     // Every record is decoded into this one event, reusing its strings.
     let mut decoded = RequestEvent::default();
+    // Looked up once, not per repartition record.
+    let routed_counter = |outcome| {
+        ctx.metrics
+            .stream
+            .repartition_records
+            .with_label_values(&[outcome])
+    };
+    let (routed_applied, routed_duplicate, routed_invalid) = (
+        routed_counter("applied"),
+        routed_counter("duplicate"),
+        routed_counter("invalid"),
+    );
     let mut delivery = Arc::new(Delivery::default());
     // Repartition records of this poll, one batch per home partition.
     let mut routed_batches: Vec<(i32, Vec<u8>)> = Vec::new();
@@ -877,30 +889,36 @@ fn run<S: Source>(
                     return;
                 }
                 let batch = decode_batch(r.payload).unwrap_or_else(|e| {
-                    unreadable_routed(&ctx, partition, r.offset, &e);
+                    unreadable_routed(partition, r.offset, &e, &routed_invalid);
                     Vec::new()
                 });
                 for routed in &batch {
-                    let event = ctx
-                        .processing
-                        .codec
-                        .decode_request_into(&routed.payload, &mut decoded)
-                        .map(|()| &decoded)
-                        .map_err(|e| format!("undecodable: {e}"));
-                    let outcome = home.process_routed(limiter, routed, event, &mut out);
-                    let label = match &outcome {
-                        Routed::Applied => "applied",
-                        Routed::Duplicate => "duplicate",
-                        Routed::Invalid(reason) => {
-                            tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
-                            "invalid"
+                    let decoded_payload;
+                    let event = match &routed.body {
+                        BodyRef::Request(q) => RoutedEvent::Request(q),
+                        // A record of the first format (written by a
+                        // version before the request travelled decoded).
+                        BodyRef::Payload(p) => {
+                            decoded_payload = ctx
+                                .processing
+                                .codec
+                                .decode_request_into(p, &mut decoded)
+                                .map_err(|e| format!("undecodable: {e}"));
+                            RoutedEvent::Decoded(
+                                decoded_payload
+                                    .as_ref()
+                                    .map(|()| &decoded)
+                                    .map_err(String::as_str),
+                            )
                         }
                     };
-                    ctx.metrics
-                        .stream
-                        .repartition_records
-                        .with_label_values(&[label])
-                        .inc();
+                    let outcome = home.process_routed(limiter, routed, event, &mut out);
+                    if let Some(reason) = &outcome.reason {
+                        tracing::error!(event = "repartition_record_invalid", partition, offset = r.offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
+                    }
+                    routed_applied.inc_by(outcome.applied);
+                    routed_duplicate.inc_by(outcome.duplicate);
+                    routed_invalid.inc_by(outcome.invalid);
                 }
                 if !out.is_empty() {
                     count_outputs(&ctx.metrics, &out, false);
@@ -1093,7 +1111,14 @@ fn read_hit(
             hits::replay(home.store(), &rules, &hit, Side::Home);
             "replayed"
         }
-        Err(e) => return unreadable_routed(ctx, partition, r.offset, &e),
+        Err(e) => {
+            let invalid = ctx
+                .metrics
+                .stream
+                .repartition_records
+                .with_label_values(&["invalid"]);
+            return unreadable_routed(partition, r.offset, &e, &invalid);
+        }
     };
     ctx.metrics.sync_hits.with_label_values(&[outcome]).inc();
 }
@@ -1101,17 +1126,13 @@ fn read_hit(
 /// A repartition-topic message that cannot be read: skipped, logged and
 /// counted.
 fn unreadable_routed(
-    ctx: &WorkerContext,
     partition: i32,
     offset: i64,
     reason: &dyn std::fmt::Display,
+    invalid: &prometheus::IntCounter,
 ) {
     tracing::error!(event = "repartition_record_invalid", partition, offset, reason = %reason, "a repartition record could not be read; skipped (only quotaflow should write to the repartition topic)");
-    ctx.metrics
-        .stream
-        .repartition_records
-        .with_label_values(&["invalid"])
-        .inc();
+    invalid.inc();
 }
 
 /// A worker's shadow processor: after the real one, on the same records.
@@ -1224,7 +1245,8 @@ fn stage_routed(ctx: &WorkerContext, out: &mut Vec<Output>, batches: &mut Vec<(i
         if let Some((_, batch)) = batches.get_mut(at) {
             append_to_batch(batch, record);
         }
-        routed.inc();
+        // Counted per key shape, as the home counts what it applies.
+        routed.inc_by(record.shapes.len() as u64);
         false
     });
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::checkpoint::Checkpoint;
-use super::partition::{InputRecord, Output, PartitionProcessor, ProcessorConfig, Routed};
+use super::partition::{InputRecord, Output, PartitionProcessor, ProcessorConfig, RoutedEvent};
 use super::records::RequestEvent;
-use super::repartition::Repartitioned;
+use super::repartition::{append_to_batch, decode_batch, Body, BodyRef, Repartitioned};
 use super::routing::Routing;
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::Limiter;
@@ -74,7 +74,10 @@ struct Group {
     parts: Vec<Part>,
     /// Every output except repartition records, in emission order.
     outputs: Vec<Output>,
-    duplicates: usize,
+    duplicates: u64,
+    /// Write repartition records as a version before format 4 did: one
+    /// per key shape, with the original payload.
+    legacy: bool,
 }
 
 impl Group {
@@ -94,6 +97,7 @@ impl Group {
             parts,
             outputs: Vec::new(),
             duplicates: 0,
+            legacy: false,
         }
     }
 
@@ -128,6 +132,13 @@ impl Group {
             self.parts[p]
                 .arrival
                 .process(&self.limiter, rec, Ok(&e), &mut out);
+            if self.legacy {
+                for o in &mut out {
+                    if let Output::Repartition { record, .. } = o {
+                        record.body = Body::Payload(payload.clone());
+                    }
+                }
+            }
             self.deliver(out);
         }
     }
@@ -136,7 +147,9 @@ impl Group {
         for o in out {
             match o {
                 Output::Repartition { home, record } => {
-                    self.parts[home as usize].rep_log.push(record.encode())
+                    let mut batch = Vec::new();
+                    append_to_batch(&mut batch, &record);
+                    self.parts[home as usize].rep_log.push(batch)
                 }
                 other => self.outputs.push(other),
             }
@@ -147,20 +160,26 @@ impl Group {
     fn settle(&mut self, q: usize) {
         let from = self.parts[q].home.next_offset() as usize;
         for offset in from..self.parts[q].rep_log.len() {
-            let r = Repartitioned::decode(&self.parts[q].rep_log[offset]).unwrap();
-            let e: RequestEvent = serde_json::from_slice(&r.payload).unwrap();
-            let mut out = Vec::new();
-            let part = &mut self.parts[q];
-            assert!(part.home.start_routed(offset as i64));
-            match part
-                .home
-                .process_routed(&self.limiter, &r, Ok(&e), &mut out)
-            {
-                Routed::Applied => {}
-                Routed::Duplicate => self.duplicates += 1,
-                other => panic!("{other:?}"),
+            let bytes = self.parts[q].rep_log[offset].clone();
+            let records = decode_batch(&bytes).unwrap();
+            assert!(self.parts[q].home.start_routed(offset as i64));
+            for r in &records {
+                let decoded: RequestEvent;
+                let event = match &r.body {
+                    BodyRef::Request(req) => RoutedEvent::Request(req),
+                    BodyRef::Payload(p) => {
+                        decoded = serde_json::from_slice(p).unwrap();
+                        RoutedEvent::Decoded(Ok(&decoded))
+                    }
+                };
+                let mut out = Vec::new();
+                let outcome = self.parts[q]
+                    .home
+                    .process_routed(&self.limiter, r, event, &mut out);
+                assert_eq!((outcome.invalid, outcome.reason), (0, None));
+                self.duplicates += outcome.duplicate;
+                self.deliver(out);
             }
-            self.deliver(out);
         }
     }
 
@@ -304,42 +323,114 @@ fn a_global_limit_admits_its_limit_once_across_partitions() {
 
 /// A source that crashes after delivering repartition records replays
 /// them (same coordinates): the home skips the copies, and every output
-/// id and final count is that of a run without the crash.
-#[test]
-fn a_replayed_source_is_counted_once() {
+/// id and final count is that of a run without the crash. `legacy`: the
+/// source wrote the first format (one record per key shape, the payload)
+/// before the crash and the current one after it, as in a rolling upgrade.
+fn replayed_source(partitions: u32, legacy: bool) -> Group {
     let events: Vec<RequestEvent> = (0..90).map(|n| event(n, n % 5, n % 4, n % 3)).collect();
-    let mut g = Group::new(3, LIMITS);
+    let mut g = Group::new(partitions, LIMITS);
     for e in &events {
         g.produce(e.clone());
     }
-    let busiest = (0..3).max_by_key(|&p| g.parts[p].log.len()).unwrap();
+    let p = partitions as usize;
+    let busiest = (0..p).max_by_key(|&q| g.parts[q].log.len()).unwrap();
     let n = g.parts[busiest].log.len();
     // The same records in the same order, without the crash: which event
     // crosses a limit depends on the order, so that order is kept.
-    let mut whole = Group::new(3, LIMITS);
+    let mut whole = Group::new(partitions, LIMITS);
     for e in &events {
         whole.produce(e.clone());
     }
     whole.arrive(busiest, 0..2 * n / 3);
-    for q in 0..3 {
+    for q in 0..p {
         whole.settle(q);
     }
     whole.run_all();
 
+    g.legacy = legacy;
     g.arrive(busiest, 0..n / 3);
     let cp = g.checkpoint(busiest);
     // Processed further, its outputs delivered, then a crash before the
     // next checkpoint; the homes applied part of what it routed.
     g.arrive(busiest, n / 3..2 * n / 3);
-    for q in 0..3 {
+    for q in 0..p {
         g.settle(q);
     }
+    g.legacy = false;
     g.restore(busiest, &cp);
     g.run_all();
     assert!(g.duplicates > 0, "the replay routed copies");
     assert_eq!(g.state(), whole.state());
     assert_eq!(g.state(), oracle(&events));
     assert_eq!(ids(&g.outputs), ids(&whole.outputs));
+    g
+}
+
+#[test]
+fn a_replayed_source_is_counted_once() {
+    replayed_source(3, false);
+}
+
+/// With one partition every key shape of an event is homed alike and
+/// travels in one record; its copies are recognised shape by shape.
+#[test]
+fn a_replayed_source_of_merged_records_is_counted_once() {
+    let g = replayed_source(1, false);
+    let merged = decode_batch(&g.parts[0].rep_log[0]).unwrap();
+    assert_eq!(merged.len(), 1);
+    assert_eq!(merged[0].shapes.len(), 3, "per_ip, per_key and global");
+}
+
+/// Records of the first format before the crash, of the current one in
+/// the replay: each shape is still counted once.
+#[test]
+fn a_source_upgraded_between_crash_and_replay_is_counted_once() {
+    for partitions in [1, 3] {
+        replayed_source(partitions, true);
+    }
+}
+
+/// A merged record some of whose shapes a first-format record already
+/// applied (its writer upgraded mid-event's replay): only the rest count.
+#[test]
+fn a_merged_record_skips_only_the_shapes_already_applied() {
+    let mut g = Group::new(1, LIMITS);
+    g.produce(event(0, 0, 0, 0));
+    g.legacy = true;
+    g.arrive(0, 0..1);
+    let legacy = decode_batch(&g.parts[0].rep_log[0]).unwrap();
+    assert_eq!(legacy.len(), 3, "one first-format record per shape");
+    // The home applies the first of them only.
+    let first_only = {
+        let mut b = vec![2u8];
+        let whole = &g.parts[0].rep_log[0];
+        let len = u32::from_be_bytes(whole[1..5].try_into().unwrap()) as usize;
+        b.extend_from_slice(&whole[1..5 + len]);
+        b
+    };
+    g.parts[0].rep_log[0] = first_only;
+    g.settle(0);
+    // The source replays, upgraded: one record of three shapes.
+    g.parts[0].arrival = PartitionProcessor::new(g.cfg.clone(), 0, store(), None);
+    g.legacy = false;
+    g.arrive(0, 0..1);
+    assert_eq!(
+        decode_batch(&g.parts[0].rep_log[1]).unwrap()[0]
+            .shapes
+            .len(),
+        3
+    );
+    g.settle(0);
+    assert_eq!(g.duplicates, 1);
+    let counted: Vec<(u64, u64)> = g.parts[0]
+        .home
+        .store()
+        .export()
+        .iter()
+        .map(|k| (k.state[0], k.state[1]))
+        .collect();
+    assert_eq!(counted.len(), 3);
+    assert!(counted.iter().all(|&(_, n)| n == 1), "{counted:?}");
 }
 
 /// A home restored from a checkpoint taken mid-stream replays its
@@ -417,18 +508,16 @@ fn one_record_per_shape() {
     let p = g.produce(event(0, 0, 1, 1));
     g.produce(event(1, 0, 1, 1));
     g.arrive(p, 0..2);
-    let records: Vec<Repartitioned> = g
-        .parts
+    let batches: Vec<Vec<u8>> = g.parts.iter().flat_map(|p| p.rep_log.clone()).collect();
+    let mut shapes: Vec<(i64, u16, String)> = batches
         .iter()
-        .flat_map(|part| {
-            part.rep_log
+        .flat_map(|b| decode_batch(b).unwrap())
+        .flat_map(|r| {
+            r.shapes
                 .iter()
-                .map(|b| Repartitioned::decode(b).unwrap())
+                .map(|s| (r.source_offset, s.seq, Repartitioned::shape_name(&s.dims)))
+                .collect::<Vec<_>>()
         })
-        .collect();
-    let mut shapes: Vec<(i64, u16, String)> = records
-        .iter()
-        .map(|r| (r.source_offset, r.seq, Repartitioned::shape_name(&r.shape)))
         .collect();
     shapes.sort();
     assert_eq!(

@@ -17,7 +17,9 @@ use super::checkpoint::{Applied, Checkpoint, HomeState};
 use super::records::{
     Action, BreachAlert, DecisionRecord, KeyPart, Offender, RequestEvent, Severity,
 };
-use super::repartition::Repartitioned;
+use super::repartition::{
+    Body, EncodedRequest, Repartitioned, RequestRef, RoutedRecord, RoutedShape,
+};
 use super::routing::Routing;
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::{BreachEvent, Decision, Limiter};
@@ -74,24 +76,36 @@ pub enum Output {
         payload: Vec<u8>,
         reason: String,
     },
-    /// An event for the home partition `home` of one of its unaligned key
-    /// shapes (to the repartition topic's partition `home`).
+    /// An event for the home partition `home` of its unaligned key shapes
+    /// homed there (to the repartition topic's partition `home`).
     Repartition {
         home: i32,
         record: Repartitioned,
     },
 }
 
-/// What the home side did with one repartition record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Routed {
-    /// Counted.
-    Applied,
-    /// A copy of a record already applied (its source replayed): skipped.
-    Duplicate,
-    /// Its event could not be read; skipped (the arrival partition read it,
-    /// so only a foreign writer to the repartition topic gets here).
-    Invalid(String),
+/// What the home side did with the key shapes of one repartition record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Shapes counted.
+    pub applied: u64,
+    /// Shapes already applied (their source replayed): skipped.
+    pub duplicate: u64,
+    /// Shapes whose event could not be read, skipped, and why (the arrival
+    /// partition read it, so only a foreign writer to the repartition topic
+    /// gets here).
+    pub invalid: u64,
+    pub reason: Option<String>,
+}
+
+/// The request of a repartition record, as the home's caller has it.
+#[derive(Debug, Clone, Copy)]
+pub enum RoutedEvent<'a> {
+    /// A record carrying the validated request ([`super::repartition::BodyRef::Request`]).
+    Request(&'a RequestRef<'a>),
+    /// A record carrying the payload ([`super::repartition::BodyRef::Payload`], the first
+    /// format): the payload decoded, or why it could not be.
+    Decoded(Result<&'a RequestEvent, &'a str>),
 }
 
 /// Where an output comes from, for its id and source fields: the arrival
@@ -101,7 +115,7 @@ pub enum Routed {
 struct Origin<'a> {
     partition: i32,
     offset: i64,
-    shape: Option<&'a str>,
+    shape: Option<&'a [Dimension]>,
 }
 
 /// The state and logic of one owned partition.
@@ -424,7 +438,8 @@ impl PartitionProcessor {
                     self.count_refusals(rules, d, &req, fp, now);
                     observe(rules, d, now);
                     if !d.whitelisted {
-                        self.route(rules, routing, &req, fp, rec, now, out);
+                        let path = event.path.as_deref();
+                        self.route(rules, routing, &req, path, fp, rec, now, out);
                     }
                 },
             ),
@@ -433,15 +448,18 @@ impl PartitionProcessor {
     }
 
     /// Send the event to the home partition of each key shape of the
-    /// unaligned limits it falls under: one record per shape (every limit
-    /// of a shape shares its home), numbered in the rules' order, at the
-    /// event time applied here.
+    /// unaligned limits it falls under, numbered in the rules' order (every
+    /// limit of a shape shares its home), at the event time applied here:
+    /// one record per home, holding every shape homed there and the
+    /// validated request (`path` as the event sent it), so the home
+    /// neither decodes nor validates the event again.
     #[allow(clippy::too_many_arguments)]
     fn route(
         &mut self,
         rules: &Rules,
         routing: &Routing,
         req: &Request,
+        path: Option<&str>,
         fp: &Fingerprinter,
         rec: InputRecord<'_>,
         now: u64,
@@ -456,18 +474,33 @@ impl PartitionProcessor {
                 shapes.push(&limit.key);
             }
         }
+        if shapes.is_empty() {
+            return;
+        }
+        let mut homes: smallvec::SmallVec<[(i32, smallvec::SmallVec<[RoutedShape; 2]>); 4]> =
+            smallvec::SmallVec::new();
         for (seq, shape) in shapes.into_iter().enumerate() {
             let home = routing.shape_home(shape, req, fp, &mut self.route_buf);
+            let shape = RoutedShape {
+                // At most one per distinct key shape: far below u16::MAX.
+                seq: u16::try_from(seq).unwrap_or(u16::MAX),
+                dims: shape.iter().copied().collect(),
+            };
+            match homes.iter_mut().find(|(h, _)| *h == home) {
+                Some((_, of_home)) => of_home.push(shape),
+                None => homes.push((home, smallvec::smallvec![shape])),
+            }
+        }
+        let body = EncodedRequest::new(req, path);
+        for (home, shapes) in homes {
             out.push(Output::Repartition {
                 home,
                 record: Repartitioned {
                     source_partition: self.partition,
                     source_offset: rec.offset,
-                    // At most one per distinct key shape: far below u16::MAX.
-                    seq: u16::try_from(seq).unwrap_or(u16::MAX),
                     event_time_ms: now,
-                    shape: shape.to_vec(),
-                    payload: rec.payload.to_vec(),
+                    shapes,
+                    body: Body::Request(body.clone()),
                 },
             });
         }
@@ -485,55 +518,77 @@ impl PartitionProcessor {
         true
     }
 
-    /// Count one repartition record on this home side: against the
-    /// unaligned limits of its shape, at the event time the arrival
-    /// partition applied (never before this side's sweep horizon). `event`
-    /// is its payload decoded.
+    /// Count one repartition record on this home side: each of its key
+    /// shapes not applied yet, in order, against the unaligned limits of
+    /// that shape, at the event time the arrival partition applied (never
+    /// before this side's sweep horizon), exactly as if each shape had come
+    /// in a record of its own (the first format): same order, same outputs,
+    /// same ids. `event` is its request.
     pub fn process_routed(
         &mut self,
         limiter: &Limiter,
-        r: &Repartitioned,
-        event: Result<&RequestEvent, String>,
+        r: &RoutedRecord<'_>,
+        event: RoutedEvent<'_>,
         out: &mut Vec<Output>,
     ) -> Routed {
-        let mark = (r.source_offset, r.seq);
+        let mut outcome = Routed::default();
         let applied = self.applied.get_or_insert_with(BTreeMap::new);
-        if applied.get(&r.source_partition).is_some_and(|&m| mark <= m) {
-            return Routed::Duplicate;
+        let last = applied.get(&r.source_partition).copied();
+        let mut fresh: smallvec::SmallVec<[&RoutedShape; 2]> = smallvec::SmallVec::new();
+        for s in &r.shapes {
+            if last.is_some_and(|m| (r.source_offset, s.seq) <= m) {
+                outcome.duplicate += 1;
+            } else {
+                fresh.push(s);
+            }
         }
-        applied.insert(r.source_partition, mark);
-        let event = match event {
-            Ok(e) => e,
-            Err(reason) => return Routed::Invalid(reason),
+        let Some(mark) = fresh.iter().map(|s| (r.source_offset, s.seq)).max() else {
+            return outcome;
         };
+        applied.insert(r.source_partition, mark);
         let mut req = std::mem::take(&mut self.scratch_req);
-        if let Err(reason) = event.request_into(&mut req) {
+        let read = match event {
+            RoutedEvent::Request(q) => {
+                q.fill(&mut req);
+                Ok(())
+            }
+            RoutedEvent::Decoded(Ok(e)) => e
+                .request_into(&mut req)
+                .map_err(|reason| format!("invalid event: {reason}")),
+            RoutedEvent::Decoded(Err(reason)) => Err(reason.to_owned()),
+        };
+        if let Err(reason) = read {
             self.scratch_req = req;
-            return Routed::Invalid(format!("invalid event: {reason}"));
+            outcome.invalid = fresh.len() as u64;
+            outcome.reason = Some(reason);
+            return outcome;
         }
         let rules = self.deciding_rules(limiter);
         req.canonicalize_path(rules.path_case_sensitive);
-        let now = r.event_time_ms.max(self.horizon_ms);
-        self.watermark_ms = self.watermark_ms.max(now);
-        let shape = Repartitioned::shape_name(&r.shape);
-        let origin = Origin {
-            partition: r.source_partition,
-            offset: r.source_offset,
-            shape: Some(&shape),
-        };
-        self.close_alert_windows(&origin, out);
-        self.sweep_if_due();
         let store = self.store.clone();
         let fp = limiter.fingerprinter();
         let cfg = self.cfg.clone();
-        let unaligned =
-            |l: &Limit| l.key == r.shape && cfg.routing.as_ref().is_none_or(|rt| !rt.is_aligned(l));
-        limiter.check_with_only(&store, &rules, &req, now, unaligned, |rules, d| {
-            self.decisions(rules, d, &req, fp, now, &origin, out);
-            self.count_refusals(rules, d, &req, fp, now);
-        });
+        for s in fresh {
+            let now = r.event_time_ms.max(self.horizon_ms);
+            self.watermark_ms = self.watermark_ms.max(now);
+            let origin = Origin {
+                partition: r.source_partition,
+                offset: r.source_offset,
+                shape: Some(&s.dims),
+            };
+            self.close_alert_windows(&origin, out);
+            self.sweep_if_due();
+            let unaligned = |l: &Limit| {
+                l.key[..] == s.dims[..] && cfg.routing.as_ref().is_none_or(|rt| !rt.is_aligned(l))
+            };
+            limiter.check_with_only(&store, &rules, &req, now, unaligned, |rules, d| {
+                self.decisions(rules, d, &req, fp, now, &origin, out);
+                self.count_refusals(rules, d, &req, fp, now);
+            });
+            outcome.applied += 1;
+        }
         self.scratch_req = req;
-        Routed::Applied
+        outcome
     }
 
     /// Expiry runs at event-time boundaries, not on a wall-clock timer, so
@@ -782,8 +837,10 @@ fn output_id(topic: &str, origin: &Origin<'_>, kind: &str, n: usize) -> String {
     match origin.shape {
         None => format!("{topic}:{}:{}:{kind}:{n}", origin.partition, origin.offset),
         Some(shape) => format!(
-            "{topic}:{}:{}:{kind}/{shape}:{n}",
-            origin.partition, origin.offset
+            "{topic}:{}:{}:{kind}/{}:{n}",
+            origin.partition,
+            origin.offset,
+            Repartitioned::shape_name(shape)
         ),
     }
 }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::checkpoint::Checkpoint;
-use super::partition::{InputRecord, Output, PartitionProcessor, ProcessorConfig, Routed};
+use super::partition::{InputRecord, Output, PartitionProcessor, ProcessorConfig, RoutedEvent};
 use super::pin::{ConfigPin, Hold};
 use super::records::RequestEvent;
-use super::repartition::Repartitioned;
+use super::repartition::{decode_batch, BodyRef};
 use super::routing::Routing;
 use crate::fingerprint::Fingerprinter;
 use crate::limiter::Limiter;
@@ -184,15 +184,26 @@ impl World {
     fn settle(&mut self, o: &mut Owner, below: usize) {
         let from = o.home.next_offset() as usize;
         for offset in from..self.rep_log.len() {
-            let r = Repartitioned::decode(&self.rep_log[offset]).unwrap();
+            let bytes = self.rep_log[offset].clone();
+            let records = decode_batch(&bytes).unwrap();
+            let [r] = records.as_slice() else {
+                panic!("one record a message here")
+            };
             if r.source_offset >= i64::try_from(below).unwrap_or(i64::MAX) {
                 return;
             }
-            let e: RequestEvent = serde_json::from_slice(&r.payload).unwrap();
+            let decoded: RequestEvent;
+            let event = match &r.body {
+                BodyRef::Request(req) => RoutedEvent::Request(req),
+                BodyRef::Payload(p) => {
+                    decoded = serde_json::from_slice(p).unwrap();
+                    RoutedEvent::Decoded(Ok(&decoded))
+                }
+            };
             let mut out = Vec::new();
             assert!(o.home.start_routed(offset as i64));
-            let routed = o.home.process_routed(&self.limiter, &r, Ok(&e), &mut out);
-            assert!(matches!(routed, Routed::Applied | Routed::Duplicate));
+            let routed = o.home.process_routed(&self.limiter, r, event, &mut out);
+            assert_eq!((routed.invalid, routed.reason), (0, None));
             self.publish(out);
         }
     }
