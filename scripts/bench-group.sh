@@ -45,9 +45,9 @@
 #               root); with sched_autogroup_enabled the level is also set on
 #               this script's session, as scripts/bench-stream.sh does
 #   KEEP=1      keep topics and Redis keys
-#   SYNC_HITS=logged  cluster.sync_hits of A and B: "logged" (the default:
-#               a hit is answered once it is in its partition's log) or
-#               "checkpointed" (answered at once; docs/group.md)
+#   SYNC_HITS=checkpointed  cluster.sync_hits of A and B: "checkpointed"
+#               (the default: answered at once) or "logged" (a hit is
+#               answered once it is in its partition's log; docs/group.md)
 #   SERVER_THREADS=N  a diagnostic: the servers' tokio worker threads
 #               (TOKIO_WORKER_THREADS; default: one per core)
 #   PERF=1      also count each server's context switches per check
@@ -63,7 +63,7 @@ RATE="${RATE:-3000}"
 ROUNDS="${ROUNDS:-3}"
 EXTRA_RATES="${EXTRA_RATES-10000}"
 SERVER_THREADS="${SERVER_THREADS:-}"
-SYNC_HITS="${SYNC_HITS:-logged}"
+SYNC_HITS="${SYNC_HITS:-checkpointed}"
 PERF="${PERF:-0}"
 USERS="${USERS:-10000}"
 CONNECTIONS="${CONNECTIONS:-32}"

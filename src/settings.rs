@@ -308,7 +308,7 @@ impl Default for ClusterSettings {
             advertise: String::new(),
             budget: Duration::from_millis(50),
             registry_interval: Duration::from_millis(200),
-            sync_hits: crate::cluster::SyncHits::Logged,
+            sync_hits: crate::cluster::SyncHits::Checkpointed,
         }
     }
 }
@@ -625,14 +625,14 @@ mod tests {
     }
 
     #[test]
-    fn sync_hits_are_logged_by_default_and_may_be_checkpointed_only() {
+    fn sync_hits_are_checkpointed_by_default_and_may_be_logged() {
         let s = Settings::load_with_env(None, false).unwrap();
-        assert_eq!(s.cluster.sync_hits, crate::cluster::SyncHits::Logged);
+        assert_eq!(s.cluster.sync_hits, crate::cluster::SyncHits::Checkpointed);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[cluster]\nsync_hits = \"checkpointed\"\n").unwrap();
+        std::fs::write(&path, "[cluster]\nsync_hits = \"logged\"\n").unwrap();
         let s = Settings::load_with_env(Some(&path), false).unwrap();
-        assert_eq!(s.cluster.sync_hits, crate::cluster::SyncHits::Checkpointed);
+        assert_eq!(s.cluster.sync_hits, crate::cluster::SyncHits::Logged);
         std::fs::write(&path, "[cluster]\nsync_hits = \"sometimes\"\n").unwrap();
         let err = Settings::load_with_env(Some(&path), false).unwrap_err();
         assert!(format!("{err:#}").contains("sync_hits"), "{err:#}");

@@ -462,7 +462,7 @@ async fn kafka_kill_9_with_sync_checks_counts_every_event_and_answered_hit_once(
     let config = f.config(
         &limits,
         "[stream]\ncheckpoint_interval = \"300ms\"\n\
-         [cluster]\nbudget = \"1s\"\nregistry_interval = \"100ms\"\n",
+         [cluster]\nbudget = \"1s\"\nregistry_interval = \"100ms\"\nsync_hits = \"logged\"\n",
     );
     let [mut a, b, mut c] = group_of_three(&config);
     let up: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(

@@ -85,8 +85,9 @@ pub enum SyncHits {
     /// Once it is in the partition's log: a crash of the owner loses no
     /// answered hit. Costs one produce acknowledgement per hit.
     Logged,
-    /// At once: a crash of the owner loses the hits answered since its
-    /// last checkpoint (at most `stream.checkpoint_interval` of them).
+    /// At once (the default): a crash of the owner loses the hits answered
+    /// since its last checkpoint (at most `stream.checkpoint_interval` of
+    /// them); none is counted twice.
     Checkpointed,
 }
 
@@ -157,7 +158,7 @@ impl Cluster {
             budget,
             failure_mode,
             address,
-            sync_hits: SyncHits::Logged,
+            sync_hits: SyncHits::Checkpointed,
         })
     }
 

@@ -82,7 +82,7 @@ impl KafkaSink {
             .context("creating the Kafka producer")?;
         let hits = client_config(settings)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "0")
+            .set("linger.ms", "1")
             .set("message.timeout.ms", "0")
             .create_with_context(SinkContext { sends: Sends::Hits })
             .context("creating the synchronous hits' Kafka producer")?;
