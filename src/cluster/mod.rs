@@ -633,9 +633,14 @@ fn decide_here(
                 .filter_map(|&i| Some((side(target_of(homes[i])?, aligned[i]), m.probes[i])))
                 .collect();
             // In partition order, so that two checks and a snapshot never
-            // wait on each other's gates in a circle.
+            // wait on each other's gates in a circle. Only logged hits
+            // need them (a snapshot must hold a hit's count and its
+            // pending id together); without, a check never waits for a
+            // snapshot (41.6 ms for a million keys, benchmarks.md §4).
+            let logged = sync_hits == SyncHits::Logged;
             let gates: SmallVec<[_; 4]> = targets
                 .iter()
+                .filter(|_| logged)
                 .filter_map(|(_, t)| t.as_ref().map(|t| t.counting()))
                 .collect();
             if gates.iter().any(Option::is_none) {
@@ -645,7 +650,7 @@ fn decide_here(
             }
             let admitted = apply_across(&parts, now, cost, &mut out);
             // A check of cost 0 counts nothing: there is nothing to log.
-            if admitted && cost > 0 && sync_hits == SyncHits::Logged {
+            if admitted && cost > 0 && logged {
                 for (home, t) in &targets {
                     let Some(t) = t else { continue };
                     let charges: Vec<Charge> = idx
