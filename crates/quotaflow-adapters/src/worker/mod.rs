@@ -43,6 +43,18 @@ pub struct BusRecord {
     pub payload: Vec<u8>,
 }
 
+impl BusRecord {
+    /// Lent to the worker as the Kafka records are.
+    fn input(&self) -> InputRecord<'_> {
+        InputRecord {
+            offset: self.offset,
+            broker_ts_ms: self.broker_ts_ms,
+            key: self.key.as_deref(),
+            payload: &self.payload,
+        }
+    }
+}
+
 /// What reaches a worker through its channel: records (the embedded bus)
 /// and the stop request (every source).
 pub enum Msg {
@@ -165,15 +177,7 @@ impl ChannelSource {
     fn drain_routed(&mut self, f: &mut dyn FnMut(Stream, InputRecord<'_>)) {
         let Some(routed) = &self.routed else { return };
         while let Ok(r) = routed.try_recv() {
-            f(
-                Stream::Repartition,
-                InputRecord {
-                    offset: r.offset,
-                    broker_ts_ms: r.broker_ts_ms,
-                    key: r.key.as_deref(),
-                    payload: &r.payload,
-                },
-            );
+            f(Stream::Repartition, r.input());
         }
     }
 }
@@ -183,15 +187,7 @@ impl Source for ChannelSource {
         self.drain_routed(f);
         let held = !self.held.is_empty();
         while let Some(r) = self.held.pop_front() {
-            f(
-                Stream::Requests,
-                InputRecord {
-                    offset: r.offset,
-                    broker_ts_ms: r.broker_ts_ms,
-                    key: r.key.as_deref(),
-                    payload: &r.payload,
-                },
-            );
+            f(Stream::Requests, r.input());
         }
         if let Some(req) = self.stop.take() {
             self.drain_routed(f);
@@ -211,15 +207,7 @@ impl Source for ChannelSource {
         loop {
             match next {
                 Ok(Msg::Record(r)) => {
-                    f(
-                        Stream::Requests,
-                        InputRecord {
-                            offset: r.offset,
-                            broker_ts_ms: r.broker_ts_ms,
-                            key: r.key.as_deref(),
-                            payload: &r.payload,
-                        },
-                    );
+                    f(Stream::Requests, r.input());
                     taken += 1;
                     if taken % ROUTED_EVERY == 0 {
                         self.drain_routed(f);
