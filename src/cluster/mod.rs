@@ -638,11 +638,14 @@ fn decide_here(
             // pending id together); without, a check never waits for a
             // snapshot (41.6 ms for a million keys, benchmarks.md §4).
             let logged = sync_hits == SyncHits::Logged;
-            let gates: SmallVec<[_; 4]> = targets
-                .iter()
-                .filter(|_| logged)
-                .filter_map(|(_, t)| t.as_ref().map(|t| t.counting()))
-                .collect();
+            let gates: SmallVec<[_; 4]> = if logged {
+                targets
+                    .iter()
+                    .filter_map(|(_, t)| t.as_ref().map(|t| t.counting()))
+                    .collect()
+            } else {
+                SmallVec::new()
+            };
             if gates.iter().any(Option::is_none) {
                 // A partition is being handed back: counted nowhere here.
                 let moving = idx.iter().map(|_| Err(OwnerUnavailable::Moving)).collect();
