@@ -18,8 +18,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use super::client_config;
 use crate::settings::KafkaSettings;
 
-/// How long start-up waits for the requests topic to appear.
+/// How long start-up waits for the requests topic to appear (and for the
+/// broker to answer).
 const REQUESTS_TOPIC_WAIT: Duration = Duration::from_secs(30);
+/// Bound on one ask for the topics' metadata.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The requests topic's partition count, once the repartition topic
 /// exists with the same count (created, if missing, with the broker's
@@ -32,9 +35,16 @@ pub fn prepare(settings: &KafkaSettings) -> anyhow::Result<u32> {
     let repartition = settings.repartition_topic();
     let started = std::time::Instant::now();
     let counts = loop {
-        let md = client
-            .fetch_metadata(None, Duration::from_secs(10))
-            .context("reading the topics' metadata")?;
+        // A broker slow to answer (starting, overloaded) is asked again
+        // until the wait is over, as a missing topic is.
+        let md = match client.fetch_metadata(None, METADATA_TIMEOUT) {
+            Ok(md) => md,
+            Err(e) if started.elapsed() < REQUESTS_TOPIC_WAIT => {
+                tracing::warn!(event = "consumer_error", error = %e);
+                continue;
+            }
+            Err(e) => return Err(e).context("reading the topics' metadata"),
+        };
         let count = |name: &str| {
             md.topics()
                 .iter()
