@@ -12,7 +12,7 @@ use common::services::read_until;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::stream::{event, Fixture, Sent, FINGERPRINT_KEY};
+use common::stream::{event, group_of_three, Fixture, Sent, FINGERPRINT_KEY};
 use common::{client, header, metric, wait_for, Server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::pipeline::hits::{SyncHit, HIT_FORMAT};
@@ -182,27 +182,6 @@ const LIMITS_JSON: &str = r#"{"limits": [
 
 const HOUR: i64 = 3_600_000;
 
-/// Three processors of `f`'s six partitions, once all three own some.
-fn group_of_three(config: &str) -> [Server; 3] {
-    let group = [
-        Server::start(Some(config), &[]),
-        Server::start(Some(config), &[]),
-        Server::start(Some(config), &[]),
-    ];
-    wait_for(
-        "6 partitions owned by 3 processors",
-        Duration::from_secs(60),
-        || {
-            let owned: Vec<f64> = group
-                .iter()
-                .map(|s| metric(s, "quotaflow_partitions_owned"))
-                .collect();
-            owned.iter().sum::<f64>() == 6.0 && owned.iter().all(|&n| n >= 1.0)
-        },
-    );
-    group
-}
-
 /// Each key of each limit: (limit index, the key's id) -> events counted,
 /// and where it must be counted.
 struct Expected {
@@ -318,7 +297,7 @@ async fn produce(
 async fn kafka_kill_9_counts_every_unaligned_key_once_at_its_home() {
     let f = Fixture::new("repart", 6).await;
     let config = f.config(FOUR_SHAPES, "[stream]\ncheckpoint_interval = \"300ms\"\n");
-    let [mut a, b, mut c] = group_of_three(&config);
+    let [mut a, b, mut c] = group_of_three(&f, &config);
     let mut rng = StdRng::seed_from_u64(23);
     let mut sent = Vec::new();
     produce(&f, &mut rng, 0..1500, &mut sent).await;
@@ -464,7 +443,7 @@ async fn kafka_kill_9_with_sync_checks_counts_every_event_and_answered_hit_once(
         "[stream]\ncheckpoint_interval = \"300ms\"\n\
          [cluster]\nbudget = \"1s\"\nregistry_interval = \"100ms\"\nsync_hits = \"logged\"\n",
     );
-    let [mut a, b, mut c] = group_of_three(&config);
+    let [mut a, b, mut c] = group_of_three(&f, &config);
     let up: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         [&a, &b, &c].iter().map(|s| s.url("/check")).collect(),
     ));

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::services::read_until;
-use common::stream::{event, Fixture, Oracle, Sent, FINGERPRINT_KEY};
+use common::stream::{event, group_of_three, Fixture, Oracle, Sent, FINGERPRINT_KEY};
 use common::{metric, scrape, wait_for, Server};
 use quotaflow_core::fingerprint::Fingerprinter;
 use quotaflow_core::pipeline::partitioner::partition_for;
@@ -816,29 +816,6 @@ async fn a_paused_zombie_cannot_overwrite_the_new_owner_after_a_store_loss() {
         0.0
     );
     drop(owner);
-}
-
-/// Three processors of `f`'s group, started with `config`, once the six
-/// partitions are spread over all three.
-fn group_of_three(f: &Fixture, config: &str) -> [Server; 3] {
-    assert_eq!(f.partitions, 6);
-    let group = [
-        Server::start(Some(config), &[]),
-        Server::start(Some(config), &[]),
-        Server::start(Some(config), &[]),
-    ];
-    wait_for(
-        "6 partitions owned by 3 processors",
-        Duration::from_secs(60),
-        || {
-            let owned: Vec<f64> = group
-                .iter()
-                .map(|s| metric(s, "quotaflow_partitions_owned"))
-                .collect();
-            owned.iter().sum::<f64>() == 6.0 && owned.iter().all(|&n| n >= 1.0)
-        },
-    );
-    group
 }
 
 /// Events of 120 users (`user-0` …), drawn with a fixed seed, 100 ms of

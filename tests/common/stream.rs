@@ -357,3 +357,26 @@ impl Oracle {
         out
     }
 }
+
+/// Three processors of `f`'s group, started with `config`, once the six
+/// partitions are spread over all three.
+pub fn group_of_three(f: &Fixture, config: &str) -> [super::Server; 3] {
+    assert_eq!(f.partitions, 6);
+    let group = [
+        super::Server::start(Some(config), &[]),
+        super::Server::start(Some(config), &[]),
+        super::Server::start(Some(config), &[]),
+    ];
+    super::wait_for(
+        "6 partitions owned by 3 processors",
+        Duration::from_secs(60),
+        || {
+            let owned: Vec<f64> = group
+                .iter()
+                .map(|s| super::metric(s, "quotaflow_partitions_owned"))
+                .collect();
+            owned.iter().sum::<f64>() == 6.0 && owned.iter().all(|&n| n >= 1.0)
+        },
+    );
+    group
+}
