@@ -704,17 +704,76 @@ async fn a_redis_that_lost_the_config_gets_the_running_one_back_and_versions_go_
         .get_connection()
         .expect("connection");
     wait_stored_version(&mut conn, &prefix, 2, Duration::from_secs(3)).await;
+    // Whichever instance stored its config first (`b` may not have run
+    // version 2 yet), the newest wins and reaches every instance.
+    wait_running_version(&c, &b, 2, Duration::from_secs(1)).await;
     // The version a client reads is the one a write must name.
     let v = running_version(&c, &b).await;
-    assert_eq!(v, 2);
     let r = post_config(&c, &b, one_limit(5, v)).await;
     assert_eq!(r.status(), 200);
+    wait_running_version(&c, &a, 3, Duration::from_secs(1)).await;
+}
+
+/// A Redis restored from an old copy holds an older version than the group
+/// runs: the instances store their newest again, and no write can be made
+/// against the old version (which would fork the group's version 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_old_copy_gets_the_newest_running_version_back() {
+    let redis = PrivateRedis::start();
+    let prefix = unique("qftest-behind");
+    let cfg = config(&prefix, &redis.url(), STACKED, EXACT);
+    let (a, b) = (
+        Server::start(Some(&cfg), &[]),
+        Server::start(Some(&cfg), &[]),
+    );
+    let c = client();
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    wait_stored_version(&mut conn, &prefix, 1, Duration::from_secs(3)).await;
+    let old_doc: String = redis::cmd("GET")
+        .arg(format!("{prefix}:config:doc"))
+        .query(&mut conn)
+        .expect("stored doc");
+    assert_eq!(post_config(&c, &a, one_limit(3, 1)).await.status(), 200);
+    wait_running_version(&c, &b, 2, Duration::from_secs(1)).await;
+    // The old copy comes back.
+    let () = redis::pipe()
+        .cmd("SET")
+        .arg(format!("{prefix}:config:doc"))
+        .arg(&old_doc)
+        .ignore()
+        .cmd("SET")
+        .arg(format!("{prefix}:config:version"))
+        .arg(1)
+        .ignore()
+        .query(&mut conn)
+        .expect("restore the old copy");
+    wait_stored_version(&mut conn, &prefix, 2, Duration::from_secs(2)).await;
+    for s in [&a, &b] {
+        assert_eq!(running_version(&c, s).await, 2, "nobody went back");
+    }
+    let stale = post_config(&c, &b, one_limit(5, 1)).await;
+    assert_eq!(stale.status(), 409, "a write against the old copy is stale");
+    let doc: Value = serde_json::from_str(
+        &redis::cmd("GET")
+            .arg(format!("{prefix}:config:doc"))
+            .query::<String>(&mut conn)
+            .expect("stored doc"),
+    )
+    .expect("json doc");
+    assert_eq!(doc["limits"][0]["limit"], 3, "version 2's document is back");
+}
+
+async fn wait_running_version(c: &reqwest::Client, s: &Server, want: u64, within: Duration) {
     let t = Instant::now();
-    while running_version(&c, &a).await != 3 {
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "version 3 not on the other instance"
-        );
+    loop {
+        let v = running_version(c, s).await;
+        if v == want {
+            return;
+        }
+        assert!(t.elapsed() < within, "version {v} runs, not {want}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

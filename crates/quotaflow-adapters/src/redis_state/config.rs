@@ -26,15 +26,20 @@ redis.call('PUBLISH', ARGV[3], new)
 return {1, new}
 ";
 
-/// KEYS: version, document. ARGV: this instance's document and version.
-/// The group's config, seeded with this instance's when the group has none
-/// (its first instance, or a Redis that lost its data: the group's running
-/// version is kept, so versions never go back).
+/// KEYS: version, document. ARGV: this instance's document and version,
+/// whether to refill, the channel. Returns the group's version and document.
+///
+/// Joining seeds the group with this instance's config only when the group
+/// has none (its first instance). Refilling (a Redis that lost its data, or
+/// holds an older version than this instance runs) also replaces an older
+/// stored version, so whichever instance gets there first, the newest
+/// running version wins and versions never go back.
 const JOIN: &str = r"
 local v = redis.call('GET', KEYS[1])
-if not v then
+if not v or (ARGV[3] == '1' and tonumber(v) < tonumber(ARGV[2])) then
   redis.call('SET', KEYS[2], ARGV[1])
   redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', ARGV[4], ARGV[2])
   return {tonumber(ARGV[2]), ARGV[1]}
 end
 return {tonumber(v), redis.call('GET', KEYS[2])}
@@ -118,10 +123,10 @@ impl SharedConfig {
 
     fn join(&self) -> redis::RedisResult<()> {
         let mut c = self.connection()?;
-        self.join_on(&mut c)
+        self.join_on(&mut c, Seed::IfEmpty)
     }
 
-    fn join_on(&self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+    fn join_on(&self, c: &mut redis::Connection, seed: Seed) -> redis::RedisResult<()> {
         let running = self.limiter.rules();
         let own = serde_json::to_string(running.doc())
             .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
@@ -130,8 +135,12 @@ impl SharedConfig {
             .key(&self.doc_key)
             .arg(own)
             .arg(running.version)
+            .arg(u8::from(seed == Seed::IfOlder))
+            .arg(&self.channel)
             .invoke(c)?;
-        self.run(version, &text, true);
+        // A first join adopts the group's config whatever its version; a
+        // refill only ever moves forward.
+        self.run(version, &text, seed == Seed::IfEmpty);
         self.joined.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -166,24 +175,34 @@ impl SharedConfig {
     /// the group if this instance has not yet, or if the store is empty.
     fn sync(&self, c: &mut redis::Connection) -> redis::RedisResult<()> {
         if !self.joined.load(Ordering::Relaxed) {
-            return self.join_on(c);
+            return self.join_on(c, Seed::IfEmpty);
         }
         let (version, text): (Option<u64>, Option<String>) = redis::cmd("MGET")
             .arg(&self.version_key)
             .arg(&self.doc_key)
             .query(c)?;
+        let running = self.limiter.rules().version;
         match (version, text) {
-            (Some(v), Some(text)) => {
-                if v > self.limiter.rules().version {
+            (Some(v), Some(text)) if v >= running => {
+                if v > running {
                     self.run(v, &text, false);
                 }
+            }
+            (Some(v), Some(_)) => {
+                tracing::warn!(
+                    event = "config_store_behind",
+                    stored = v,
+                    running,
+                    "the group's config in Redis is older than the one running here (restored from an old copy?): storing the running one again"
+                );
+                self.join_on(c, Seed::IfOlder)?;
             }
             _ => {
                 tracing::warn!(
                     event = "config_store_empty",
                     "the group's config is gone from Redis (restarted without data?): storing the running one again"
                 );
-                self.join_on(c)?;
+                self.join_on(c, Seed::IfOlder)?;
             }
         }
         Ok(())
@@ -228,6 +247,16 @@ impl SharedConfig {
             }
         }
     }
+}
+
+/// When `JOIN` stores this instance's config as the group's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seed {
+    /// Only into an empty store: the group's config wins at a first join.
+    IfEmpty,
+    /// Also over an older stored version: a store that lost data is refilled
+    /// with the newest version any instance still runs.
+    IfOlder,
 }
 
 /// Follow the channel, and read the stored version whenever a notice comes
