@@ -44,6 +44,12 @@
 #   KAFKA_STOP_TIMEOUT     seconds after TERM before KILL (60)
 #   REDIS_STOP_TIMEOUT     seconds after TERM before KILL (15)
 #   KAFKA_HEAP_OPTS        broker heap              (-Xms256m -Xmx512m)
+#   KAFKA_PRUNE_ABOVE      `up` deletes the tests' topics (names with a
+#                          `-<12 hex digits>` part, see tests/common) once the
+#                          broker holds more partitions than this (4000): tests
+#                          never delete theirs, and about 12,000 exhaust the
+#                          heap above. Do not `up` while another test run uses
+#                          the broker then. 0: never
 #   KAFKA_JVM_PERFORMANCE_OPTS  broker JIT/GC flags; the default runs the C1
 #                          JIT only (-XX:TieredStopAtLevel=1): about twice
 #                          as fast a start, slower peak; set this to
@@ -85,6 +91,7 @@ REDIS_START_TIMEOUT=${REDIS_START_TIMEOUT:-30}
 KAFKA_STOP_TIMEOUT=${KAFKA_STOP_TIMEOUT:-60}
 REDIS_STOP_TIMEOUT=${REDIS_STOP_TIMEOUT:-15}
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}
+KAFKA_PRUNE_ABOVE=${KAFKA_PRUNE_ABOVE:-4000}
 KAFKA_JVM_PERFORMANCE_OPTS=${KAFKA_JVM_PERFORMANCE_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:TieredStopAtLevel=1}
 KAFKA_CDS=${QUOTAFLOW_KAFKA_CDS:-1}
 TOOLS_JVM_OPTS="-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto"
@@ -543,6 +550,20 @@ kafka_up() {
   esac
 }
 
+# Deletes the topics earlier test runs left, once there are too many (see
+# KAFKA_PRUNE_ABOVE). Partitions are counted as the broker's data dirs.
+kafka_prune_test_topics() {
+  local n
+  ((KAFKA_PRUNE_ABOVE > 0)) || return 0
+  n=$(find "$KAFKA_RUN/data" -mindepth 1 -maxdepth 1 -type d -name '*-[0-9]*' 2>/dev/null | wc -l)
+  ((n > KAFKA_PRUNE_ABOVE)) || return 0
+  log "Kafka holds $n partitions (more than KAFKA_PRUNE_ABOVE=$KAFKA_PRUNE_ABOVE): deleting the topics earlier test runs left"
+  kafka_tool "$(kafka_classpath)" org.apache.kafka.tools.TopicCommand \
+    --bootstrap-server "$HOST:$KAFKA_PORT" --delete --if-exists \
+    --topic '.*-[0-9a-f]{12}(-.*)?' >&2 ||
+    log "deleting the old test topics failed; 'scripts/services.sh clean' starts an empty broker"
+}
+
 # The broker's class-data sharing archive for this JVM; with an argument,
 # the one that the broker with that pid writes when it exits.
 kafka_cds_archive() {
@@ -732,7 +753,10 @@ cmd_up() {
   fi
   if ((WANT_KAFKA)); then need_java; fi
   if ((WANT_REDIS)); then redis_up; fi
-  if ((WANT_KAFKA)); then kafka_up; fi
+  if ((WANT_KAFKA)); then
+    kafka_up
+    kafka_prune_test_topics
+  fi
   # Not services, but what the test command needs beside them: only for a
   # full `up` (`up redis` stays a Redis, not a browser download).
   if ((WANT_KAFKA && WANT_REDIS)); then
