@@ -638,15 +638,33 @@ const MARKS_RETRY: Duration = Duration::from_secs(1);
 const SWITCH_POLL: Duration = Duration::from_millis(5);
 
 /// Read the offsets a previous owner may have decided, for `pin`'s hold.
-fn ask_marks<S: Source>(source: &mut S, pin: &mut ConfigPin, partition: i32) {
+/// `failed` counts the reads that failed so far: the first failure is
+/// logged, then one a minute, not one a second.
+fn ask_marks<S: Source>(source: &mut S, pin: &mut ConfigPin, partition: i32, failed: &mut u32) {
     match source.takeover_marks() {
-        Ok(None) => pin.set_hold(Hold::Nothing),
-        Ok(Some([requests, repartition])) => pin.set_hold(Hold::Until {
-            requests,
-            repartition,
-        }),
+        Ok(marks) => {
+            pin.set_hold(match marks {
+                None => Hold::Nothing,
+                Some([requests, repartition]) => Hold::Until {
+                    requests,
+                    repartition,
+                },
+            });
+            if *failed > 0 {
+                tracing::info!(
+                    event = "takeover_marks_read",
+                    partition,
+                    failed = *failed,
+                    "the partition's high watermarks could be read again"
+                );
+            }
+            *failed = 0;
+        }
         Err(e) => {
-            tracing::warn!(event = "takeover_marks_unavailable", partition, error = %e, "the partition's high watermarks could not be read: it keeps its checkpoint's config version until they can (asked again every second)");
+            if *failed % 60 == 0 {
+                tracing::warn!(event = "takeover_marks_unavailable", partition, failed = *failed, error = %e, "the partition's high watermarks could not be read: it keeps its checkpoint's config version until they can (asked again every second, logged once a minute)");
+            }
+            *failed = failed.saturating_add(1);
         }
     }
 }
@@ -742,7 +760,8 @@ fn run<S: Source>(
             "the checkpoint's config version is not one this instance keeps: the events replayed from it are decided with the running version, and may be decided differently than before the takeover"
         );
     }
-    ask_marks(&mut source, &mut pin, partition);
+    let mut marks_failed = 0;
+    ask_marks(&mut source, &mut pin, partition, &mut marks_failed);
     let mut marks_asked = Instant::now();
     let mut switch_tried: Option<Instant> = None;
     let mut home = PartitionProcessor::home(
@@ -989,7 +1008,7 @@ fn run<S: Source>(
         }
         if pin.hold() == Hold::Unknown && marks_asked.elapsed() >= MARKS_RETRY {
             marks_asked = Instant::now();
-            ask_marks(&mut source, &mut pin, partition);
+            ask_marks(&mut source, &mut pin, partition, &mut marks_failed);
             routed_end.set(routed_mark(pin.hold()));
             if caught_up(&proc, &home) {
                 progress.serving.store(true, Ordering::Release);
