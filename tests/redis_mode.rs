@@ -441,10 +441,7 @@ refill_per_sec = 100
         let body = json!({"user_id": format!("u{u}"), "client_ip": format!("10.0.0.{u}")});
         check(&c, &s, body).await;
     }
-    let mut conn = redis::Client::open(redis().as_str())
-        .expect("client")
-        .get_connection()
-        .expect("connection");
+    let mut conn = connect(&redis());
     let count = |conn: &mut redis::Connection| -> usize {
         redis::cmd("KEYS")
             .arg(format!("{prefix}:s:*"))
@@ -603,6 +600,13 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn connect(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .expect("client")
+        .get_connection()
+        .expect("connection")
+}
+
 /// Wait until the group's config version stored in Redis is `want`.
 async fn wait_stored_version(
     conn: &mut redis::Connection,
@@ -680,10 +684,7 @@ async fn an_instance_started_before_its_redis_joins_it_when_it_comes() {
         .status();
     assert_eq!(ready, 200);
     // It stored its config for the group.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_connection()
-        .expect("connection");
+    let mut conn = connect(&redis.url());
     wait_stored_version(&mut conn, &prefix, 1, Duration::from_secs(2)).await;
 }
 
@@ -699,10 +700,7 @@ async fn a_redis_that_lost_the_config_gets_the_running_one_back_and_versions_go_
     let c = client();
     assert_eq!(post_config(&c, &a, one_limit(3, 1)).await.status(), 200);
     redis.restart_empty();
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_connection()
-        .expect("connection");
+    let mut conn = connect(&redis.url());
     wait_stored_version(&mut conn, &prefix, 2, Duration::from_secs(3)).await;
     // Whichever instance stored its config first (`b` may not have run
     // version 2 yet), the newest wins and reaches every instance.
@@ -727,10 +725,7 @@ async fn a_redis_restored_from_an_old_copy_gets_the_newest_running_version_back(
         Server::start(Some(&cfg), &[]),
     );
     let c = client();
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_connection()
-        .expect("connection");
+    let mut conn = connect(&redis.url());
     wait_stored_version(&mut conn, &prefix, 1, Duration::from_secs(3)).await;
     let old_doc: String = redis::cmd("GET")
         .arg(format!("{prefix}:config:doc"))
