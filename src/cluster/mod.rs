@@ -17,6 +17,7 @@
 //!   `open`, `closed`, or `local` (this instance's own state), and the
 //!   answer is marked degraded.
 
+mod link;
 mod wire;
 
 use std::sync::Arc;
@@ -28,12 +29,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use http_body_util::Full;
 use smallvec::SmallVec;
 
 use crate::api::AppState;
+use link::Links;
 use quotaflow_adapters::clock::now_ms;
 use quotaflow_adapters::coordinator::Coordinator;
 use quotaflow_adapters::owners::OwnerRegistry;
@@ -48,6 +48,9 @@ pub use wire::{Ask, Phase, Reply, WireOutcome};
 
 /// The header carrying the group token on internal calls.
 pub const TOKEN_HEADER: &str = "x-quotaflow-group-token";
+
+/// How long a connection to another instance is kept idle for reuse.
+const LINK_IDLE: Duration = Duration::from_secs(2);
 
 /// The internal endpoint's path.
 pub const DECIDE_PATH: &str = "/internal/v1/decide";
@@ -96,7 +99,7 @@ pub struct Cluster {
     routing: Routing,
     coordinator: Arc<Coordinator>,
     registry: OwnerRegistry,
-    client: Client<HttpConnector, Full<Bytes>>,
+    links: Arc<Links>,
     token: HeaderValue,
     budget: Duration,
     /// For limits without their own `failure_mode`.
@@ -142,18 +145,13 @@ impl Cluster {
         failure_mode: FailureMode,
         address: String,
     ) -> anyhow::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(budget));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(connector);
         Ok(Self {
             routing,
             coordinator,
             registry,
-            client,
+            // Kept idle well under the listener's `server.header_timeout`
+            // (10 s by default), after which it closes them.
+            links: Arc::new(Links::new(64, LINK_IDLE)),
             token: HeaderValue::from_str(token)?,
             budget,
             failure_mode,
@@ -459,28 +457,23 @@ impl Cluster {
         address: &str,
         body: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<Reply, OwnerUnavailable>> + Send + 'static {
-        let client = self.client.clone();
-        let uri = format!("http://{address}{DECIDE_PATH}");
+        let links = self.links.clone();
+        let address = address.to_owned();
         let token = self.token.clone();
         async move {
-            let req = hyper::Request::post(uri)
+            let req = hyper::Request::post(DECIDE_PATH)
+                .header(header::HOST, &address)
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(TOKEN_HEADER, token)
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|_| OwnerUnavailable::Unreachable)?;
-            let resp = client
-                .request(req)
+            let (status, bytes) = links
+                .exchange(&address, req)
                 .await
                 .map_err(|_| OwnerUnavailable::Unreachable)?;
-            if resp.status() != StatusCode::OK {
+            if status != StatusCode::OK {
                 return Err(OwnerUnavailable::Unreachable);
             }
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|_| OwnerUnavailable::Unreachable)?
-                .to_bytes();
             let reply: Reply =
                 serde_json::from_slice(&bytes).map_err(|_| OwnerUnavailable::Unreachable)?;
             if reply.outcomes.is_empty() && !reply.not_owned.is_empty() {
