@@ -113,13 +113,22 @@ impl Links {
             return;
         }
         link.idle_since = Instant::now();
+        let max_idle_for = self.max_idle_for;
+        let expired = |l: &Link| l.idle_since.elapsed() >= max_idle_for;
         let mut idle = self.idle.lock();
         if let Some(links) = idle.get_mut(address) {
+            // Oldest first (calls take the newest): close the expired ones.
+            while links.first().is_some_and(expired) {
+                links.remove(0);
+            }
             if links.len() < self.max_idle_per_address {
                 links.push(link);
             }
             return;
         }
+        // A new address (an owner restarted elsewhere): forget the
+        // addresses nobody called lately, and close their connections.
+        idle.retain(|_, links| links.last().is_some_and(|l| !expired(l)));
         idle.insert(address.to_owned(), vec![link]);
     }
 
@@ -312,6 +321,24 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_to_an_address_nobody_calls_any_more_are_closed() {
+        let (gone, _) = echo_server(false).await;
+        let (new, _) = echo_server(false).await;
+        let links = Links::new(4, Duration::from_millis(30));
+        links
+            .exchange(&gone, post_to(&gone, "1"))
+            .await
+            .expect("answer");
+        assert_eq!(links.idle_count(&gone), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        links
+            .exchange(&new, post_to(&new, "2"))
+            .await
+            .expect("answer");
+        assert_eq!((links.idle_count(&gone), links.idle_count(&new)), (0, 1));
     }
 
     #[tokio::test]
