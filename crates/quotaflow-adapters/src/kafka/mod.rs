@@ -7,7 +7,8 @@
 //!   librdkafka queue ([`partition_queue`]), polled by that partition's
 //!   worker. Partitions are assigned at their checkpoint's offset: offsets
 //!   live in Redis with the state, never in Kafka's group offsets.
-//! - [`sink`]: the output producer (also of repartition records).
+//! - [`sink`]: the output producer (also of repartition records), polled
+//!   by a thread of its own ([`polled`]).
 //! - [`repartition`]: the repartition topic, created at start if missing.
 //! - [`config`]: the group's rate-limit config, a log of proposals in a
 //!   compacted topic that every instance follows and rules on alike.
@@ -17,6 +18,7 @@
 pub mod config;
 pub mod group;
 mod partition_queue;
+mod polled;
 pub mod repartition;
 pub mod replay;
 pub mod sink;

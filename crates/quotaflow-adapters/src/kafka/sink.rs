@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
 
+use super::polled::PolledProducer;
 use super::{client_config, ERROR_HEADER, ID_HEADER, SOURCE_HEADER};
 use crate::avro::Codec;
 use crate::settings::KafkaSettings;
@@ -55,11 +56,11 @@ impl ProducerContext for SinkContext {
 
 /// Publishes outputs to the decisions, alerts and dead-letter topics.
 pub struct KafkaSink {
-    producer: ThreadedProducer<SinkContext>,
+    producer: PolledProducer<SinkContext>,
     /// Synchronous hits, which a client waits for: sent at once (no
     /// linger), apart from the batched outputs. Made at start, so that its
     /// connection and idempotent-producer id are ready by the first hit.
-    hits: Option<ThreadedProducer<SinkContext>>,
+    hits: Option<PolledProducer<SinkContext>>,
     codec: Arc<Codec>,
     settings: KafkaSettings,
     /// `settings.repartition_topic()`, resolved once.
@@ -70,22 +71,28 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
-        let producer = client_config(settings)
-            .set("enable.idempotence", "true")
-            // Block decisions are what gateways wait for: batch briefly.
-            .set("linger.ms", "1")
-            // Retry until delivered: a failed output is never dropped silently.
-            .set("message.timeout.ms", "0")
-            .create_with_context(SinkContext {
+        let producer = PolledProducer::new(
+            client_config(settings)
+                .set("enable.idempotence", "true")
+                // Block decisions are what gateways wait for: batch briefly.
+                .set("linger.ms", "1")
+                // Retry until delivered: a failed output is never dropped silently.
+                .set("message.timeout.ms", "0"),
+            SinkContext {
                 sends: Sends::Outputs,
-            })
-            .context("creating the Kafka producer")?;
-        let hits = client_config(settings)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "1")
-            .set("message.timeout.ms", "0")
-            .create_with_context(SinkContext { sends: Sends::Hits })
-            .context("creating the synchronous hits' Kafka producer")?;
+            },
+            "kafka-outputs",
+        )
+        .context("creating the Kafka producer")?;
+        let hits = PolledProducer::new(
+            client_config(settings)
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "1")
+                .set("message.timeout.ms", "0"),
+            SinkContext { sends: Sends::Hits },
+            "kafka-hits",
+        )
+        .context("creating the synchronous hits' Kafka producer")?;
         Ok(Self {
             producer,
             hits: Some(hits),
@@ -101,14 +108,17 @@ impl KafkaSink {
     /// waits for queue room, so the shadow can neither hold up nor fail
     /// the real outputs (nor their checkpoints).
     pub fn shadow(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
-        let producer = client_config(settings)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000")
-            .create_with_context(SinkContext {
+        let producer = PolledProducer::new(
+            client_config(settings)
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .set("message.timeout.ms", "60000"),
+            SinkContext {
                 sends: Sends::Shadow,
-            })
-            .context("creating the shadow decisions' Kafka producer")?;
+            },
+            "kafka-shadow",
+        )
+        .context("creating the shadow decisions' Kafka producer")?;
         let mut settings = settings.clone();
         settings.decisions_topic = settings.shadow_decisions_topic.clone();
         Ok(Self {
