@@ -259,6 +259,13 @@ mod tests {
             .expect("request")
     }
 
+    async fn answer(links: &Links, address: &str, body: &'static str) -> (StatusCode, Bytes) {
+        links
+            .exchange(address, post_to(address, body))
+            .await
+            .expect("answer")
+    }
+
     #[tokio::test]
     async fn answers_as_the_pooled_client_does_and_reuses_one_connection() {
         let (address, accepted) = echo_server(false).await;
@@ -266,10 +273,7 @@ mod tests {
         let reference: Client<HttpConnector, Body> =
             Client::builder(hyper_util::rt::TokioExecutor::new()).build(HttpConnector::new());
         for body in ["a", "", "ünïcode", "x"] {
-            let ours = links
-                .exchange(&address, post_to(&address, body))
-                .await
-                .expect("answer");
+            let ours = answer(&links, &address, body).await;
             let theirs = reference
                 .request(post_to(&address, body))
                 .await
@@ -293,10 +297,7 @@ mod tests {
         let (address, accepted) = echo_server(true).await;
         let links = Links::new(4, Duration::from_secs(5));
         for _ in 0..3 {
-            let (status, body) = links
-                .exchange(&address, post_to(&address, "hi"))
-                .await
-                .expect("answer");
+            let (status, body) = answer(&links, &address, "hi").await;
             assert_eq!(
                 (status, body.as_ref()),
                 (StatusCode::OK, b"echo:hi".as_slice())
@@ -311,15 +312,9 @@ mod tests {
     async fn an_idle_connection_past_its_age_is_not_reused() {
         let (address, accepted) = echo_server(false).await;
         let links = Links::new(4, Duration::from_millis(30));
-        links
-            .exchange(&address, post_to(&address, "1"))
-            .await
-            .expect("answer");
+        answer(&links, &address, "1").await;
         tokio::time::sleep(Duration::from_millis(60)).await;
-        links
-            .exchange(&address, post_to(&address, "2"))
-            .await
-            .expect("answer");
+        answer(&links, &address, "2").await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -328,16 +323,10 @@ mod tests {
         let (gone, _) = echo_server(false).await;
         let (new, _) = echo_server(false).await;
         let links = Links::new(4, Duration::from_millis(30));
-        links
-            .exchange(&gone, post_to(&gone, "1"))
-            .await
-            .expect("answer");
+        answer(&links, &gone, "1").await;
         assert_eq!(links.idle_count(&gone), 1);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        links
-            .exchange(&new, post_to(&new, "2"))
-            .await
-            .expect("answer");
+        answer(&links, &new, "2").await;
         assert_eq!((links.idle_count(&gone), links.idle_count(&new)), (0, 1));
     }
 

@@ -71,28 +71,13 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
-        let producer = PolledProducer::new(
-            client_config(settings)
-                .set("enable.idempotence", "true")
-                // Block decisions are what gateways wait for: batch briefly.
-                .set("linger.ms", "1")
-                // Retry until delivered: a failed output is never dropped silently.
-                .set("message.timeout.ms", "0"),
-            SinkContext {
-                sends: Sends::Outputs,
-            },
-            "kafka-outputs",
-        )
-        .context("creating the Kafka producer")?;
-        let hits = PolledProducer::new(
-            client_config(settings)
-                .set("enable.idempotence", "true")
-                .set("linger.ms", "1")
-                .set("message.timeout.ms", "0"),
-            SinkContext { sends: Sends::Hits },
-            "kafka-hits",
-        )
-        .context("creating the synchronous hits' Kafka producer")?;
+        // Block decisions are what gateways wait for: batch briefly. Retry
+        // until delivered (no message timeout): a failed output is never
+        // dropped silently.
+        let producer = sink_producer(settings, Sends::Outputs, "1", "0")
+            .context("creating the Kafka producer")?;
+        let hits = sink_producer(settings, Sends::Hits, "1", "0")
+            .context("creating the synchronous hits' Kafka producer")?;
         Ok(Self {
             producer,
             hits: Some(hits),
@@ -108,17 +93,8 @@ impl KafkaSink {
     /// waits for queue room, so the shadow can neither hold up nor fail
     /// the real outputs (nor their checkpoints).
     pub fn shadow(settings: &KafkaSettings, codec: Arc<Codec>) -> anyhow::Result<Self> {
-        let producer = PolledProducer::new(
-            client_config(settings)
-                .set("enable.idempotence", "true")
-                .set("linger.ms", "5")
-                .set("message.timeout.ms", "60000"),
-            SinkContext {
-                sends: Sends::Shadow,
-            },
-            "kafka-shadow",
-        )
-        .context("creating the shadow decisions' Kafka producer")?;
+        let producer = sink_producer(settings, Sends::Shadow, "5", "60000")
+            .context("creating the shadow decisions' Kafka producer")?;
         let mut settings = settings.clone();
         settings.decisions_topic = settings.shadow_decisions_topic.clone();
         Ok(Self {
@@ -166,6 +142,29 @@ impl KafkaSink {
             }
         }
     }
+}
+
+/// An idempotent producer for `sends`, with its `linger.ms` and
+/// `message.timeout.ms`.
+fn sink_producer(
+    settings: &KafkaSettings,
+    sends: Sends,
+    linger_ms: &str,
+    timeout_ms: &str,
+) -> rdkafka::error::KafkaResult<PolledProducer<SinkContext>> {
+    let name = match sends {
+        Sends::Outputs => "kafka-outputs",
+        Sends::Shadow => "kafka-shadow",
+        Sends::Hits => "kafka-hits",
+    };
+    PolledProducer::new(
+        client_config(settings)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", linger_ms)
+            .set("message.timeout.ms", timeout_ms),
+        SinkContext { sends },
+        name,
+    )
 }
 
 fn headers(pairs: &[(&str, &str)]) -> OwnedHeaders {
