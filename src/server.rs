@@ -399,6 +399,7 @@ where
             settings.state.failure_mode,
             address.clone(),
         )?
+        .with_header_timeout(settings.server.header_timeout)
         .with_sync_hits(c.sync_hits),
     );
     state.cluster = Some(cluster.clone());

@@ -49,8 +49,13 @@ pub use wire::{Ask, Phase, Reply, WireOutcome};
 /// The header carrying the group token on internal calls.
 pub const TOKEN_HEADER: &str = "x-quotaflow-group-token";
 
-/// How long a connection to another instance is kept idle for reuse.
+/// How long a connection to another instance is kept idle for reuse, at
+/// most: half the listener's `server.header_timeout` when that is shorter,
+/// since the other side closes idle connections after it.
 const LINK_IDLE: Duration = Duration::from_secs(2);
+
+/// Idle connections kept to each other instance.
+const MAX_IDLE_LINKS: usize = 64;
 
 /// The internal endpoint's path.
 pub const DECIDE_PATH: &str = "/internal/v1/decide";
@@ -149,15 +154,23 @@ impl Cluster {
             routing,
             coordinator,
             registry,
-            // Kept idle well under the listener's `server.header_timeout`
-            // (10 s by default), after which it closes them.
-            links: Arc::new(Links::new(64, LINK_IDLE)),
+            links: Arc::new(Links::new(MAX_IDLE_LINKS, LINK_IDLE)),
             token: HeaderValue::from_str(token)?,
             budget,
             failure_mode,
             address,
             sync_hits: SyncHits::Checkpointed,
         })
+    }
+
+    /// Keep idle connections to the group's listeners, which close them
+    /// after `header_timeout`, for half of that when under `LINK_IDLE`.
+    pub fn with_header_timeout(mut self, header_timeout: Duration) -> Self {
+        self.links = Arc::new(Links::new(
+            MAX_IDLE_LINKS,
+            LINK_IDLE.min(header_timeout / 2),
+        ));
+        self
     }
 
     pub fn with_sync_hits(mut self, sync_hits: SyncHits) -> Self {
