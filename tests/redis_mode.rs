@@ -693,23 +693,21 @@ async fn a_redis_that_lost_the_config_gets_the_running_one_back_and_versions_go_
     let mut redis = PrivateRedis::start();
     let prefix = unique("qftest-refill");
     let cfg = config(&prefix, &redis.url(), STACKED, EXACT);
-    let (a, b) = (
-        Server::start(Some(&cfg), &[]),
-        Server::start(Some(&cfg), &[]),
-    );
+    let g = group(2, &cfg);
+    let (a, b) = (&g[0], &g[1]);
     let c = client();
-    assert_eq!(post_config(&c, &a, one_limit(3, 1)).await.status(), 200);
+    assert_eq!(post_config(&c, a, one_limit(3, 1)).await.status(), 200);
     redis.restart_empty();
     let mut conn = connect(&redis.url());
     wait_stored_version(&mut conn, &prefix, 2, Duration::from_secs(3)).await;
     // Whichever instance stored its config first (`b` may not have run
     // version 2 yet), the newest wins and reaches every instance.
-    wait_running_version(&c, &b, 2, Duration::from_secs(1)).await;
+    wait_running_version(&c, b, 2, Duration::from_secs(1)).await;
     // The version a client reads is the one a write must name.
-    let v = running_version(&c, &b).await;
-    let r = post_config(&c, &b, one_limit(5, v)).await;
+    let v = running_version(&c, b).await;
+    let r = post_config(&c, b, one_limit(5, v)).await;
     assert_eq!(r.status(), 200);
-    wait_running_version(&c, &a, 3, Duration::from_secs(1)).await;
+    wait_running_version(&c, a, 3, Duration::from_secs(1)).await;
 }
 
 /// A Redis restored from an old copy holds an older version than the group
@@ -720,10 +718,8 @@ async fn a_redis_restored_from_an_old_copy_gets_the_newest_running_version_back(
     let redis = PrivateRedis::start();
     let prefix = unique("qftest-behind");
     let cfg = config(&prefix, &redis.url(), STACKED, EXACT);
-    let (a, b) = (
-        Server::start(Some(&cfg), &[]),
-        Server::start(Some(&cfg), &[]),
-    );
+    let g = group(2, &cfg);
+    let (a, b) = (&g[0], &g[1]);
     let c = client();
     let mut conn = connect(&redis.url());
     wait_stored_version(&mut conn, &prefix, 1, Duration::from_secs(3)).await;
@@ -731,8 +727,8 @@ async fn a_redis_restored_from_an_old_copy_gets_the_newest_running_version_back(
         .arg(format!("{prefix}:config:doc"))
         .query(&mut conn)
         .expect("stored doc");
-    assert_eq!(post_config(&c, &a, one_limit(3, 1)).await.status(), 200);
-    wait_running_version(&c, &b, 2, Duration::from_secs(1)).await;
+    assert_eq!(post_config(&c, a, one_limit(3, 1)).await.status(), 200);
+    wait_running_version(&c, b, 2, Duration::from_secs(1)).await;
     // The old copy comes back.
     let () = redis::pipe()
         .cmd("SET")
@@ -746,10 +742,10 @@ async fn a_redis_restored_from_an_old_copy_gets_the_newest_running_version_back(
         .query(&mut conn)
         .expect("restore the old copy");
     wait_stored_version(&mut conn, &prefix, 2, Duration::from_secs(2)).await;
-    for s in [&a, &b] {
+    for s in [a, b] {
         assert_eq!(running_version(&c, s).await, 2, "nobody went back");
     }
-    let stale = post_config(&c, &b, one_limit(5, 1)).await;
+    let stale = post_config(&c, b, one_limit(5, 1)).await;
     assert_eq!(stale.status(), 409, "a write against the old copy is stale");
     let doc: Value = serde_json::from_str(
         &redis::cmd("GET")
