@@ -101,7 +101,7 @@ impl Links {
         let mut idle = self.idle.lock();
         let links = idle.get_mut(address)?;
         while let Some(mut link) = links.pop() {
-            if link.idle_since.elapsed() < self.max_idle_for && link.is_open() {
+            if !link.idle_longer_than(self.max_idle_for) && link.is_open() {
                 return Some(link);
             }
         }
@@ -113,8 +113,7 @@ impl Links {
             return;
         }
         link.idle_since = Instant::now();
-        let max_idle_for = self.max_idle_for;
-        let expired = |l: &Link| l.idle_since.elapsed() >= max_idle_for;
+        let expired = |l: &Link| l.idle_longer_than(self.max_idle_for);
         let mut idle = self.idle.lock();
         if let Some(links) = idle.get_mut(address) {
             // Oldest first (calls take the newest): close the expired ones.
@@ -152,6 +151,10 @@ impl Link {
             idle_since: Instant::now(),
             ended: false,
         })
+    }
+
+    fn idle_longer_than(&self, max: Duration) -> bool {
+        self.idle_since.elapsed() >= max
     }
 
     /// Whether the idle connection can be used: one poll reads a close the
